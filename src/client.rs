@@ -1,0 +1,192 @@
+//! One connected WebSocket client as every thread sees it: its socket, its outbox, and the
+//! clocks the heartbeat and the slow-client policy read.
+//!
+//! A `Client` lives in an `Arc`, shared by its connection thread (which reads the socket), the
+//! hub (which lists it in its room) and, briefly, the broadcaster (which queues frames to it).
+//! It dies when the last of those drops it, and with it the file descriptor.
+
+use std::fmt;
+use std::net::{Shutdown as Both, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use parking_lot::Mutex;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::{CloseFrame, Frame};
+use tungstenite::Bytes;
+
+use crate::outbox::{Flush, Outbox, Push};
+use crate::stats::{Eviction, Stats};
+
+/// Why a client is being removed by someone other than itself.
+pub type EvictReason = Eviction;
+
+/// A connected, upgraded client.
+pub struct Client {
+    pub id: u64,
+    pub room: Arc<str>,
+    pub peer: SocketAddr,
+    /// Read only by the connection thread; written only through `outbox` (see outbox.rs).
+    socket: Arc<TcpStream>,
+    /// The one path to the socket. Locked by the broadcaster to queue and flush, and by the
+    /// connection thread for its protocol replies; never held across anything but the
+    /// non-blocking `sendmsg` itself.
+    outbox: Mutex<Outbox>,
+    /// Byte bound of `outbox`, fixed at start-up.
+    outbox_limit: usize,
+    /// Set when the broadcaster has added this client to its retry list, so it is added once.
+    pub(crate) is_backlog_tracked: AtomicBool,
+    /// Milliseconds since `epoch` when the connection thread last read anything from the
+    /// client. Written by the connection thread, read by the broadcaster's heartbeat.
+    last_heard_ms: AtomicU64,
+    /// Milliseconds since `epoch` of the last ping the broadcaster sent.
+    last_ping_ms: AtomicU64,
+    /// Set once, by whoever evicts; the connection thread reads it to log the right reason.
+    evicted: Mutex<Option<EvictReason>>,
+    epoch: Instant,
+    stats: Arc<Stats>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client").field("id", &self.id).field("room", &self.room).field("peer", &self.peer).finish()
+    }
+}
+
+impl Client {
+    pub fn new(
+        id: u64,
+        room: Arc<str>,
+        peer: SocketAddr,
+        socket: Arc<TcpStream>,
+        outbox_limit: usize,
+        stats: Arc<Stats>,
+    ) -> Client {
+        Client {
+            id,
+            room,
+            peer,
+            socket,
+            outbox: Mutex::new(Outbox::new()),
+            outbox_limit,
+            is_backlog_tracked: AtomicBool::new(false),
+            last_heard_ms: AtomicU64::new(0),
+            last_ping_ms: AtomicU64::new(0),
+            evicted: Mutex::new(None),
+            epoch: Instant::now(),
+            stats,
+        }
+    }
+
+    pub fn socket(&self) -> &TcpStream {
+        &self.socket
+    }
+
+    /// Queues a frame and reports whether the client now has something to flush.
+    /// Evicts the client when the frame would overflow its outbox.
+    pub fn queue(&self, frame: Bytes) -> Push {
+        let pushed = self.outbox.lock().push(frame, self.outbox_limit);
+        if pushed == Push::Overflow {
+            self.evict(Eviction::Slow);
+        }
+        pushed
+    }
+
+    /// Queues a close frame; nothing is sent after it.
+    pub fn queue_close(&self, code: CloseCode, reason: &'static str) {
+        let frame = encode(Frame::close(Some(CloseFrame { code, reason: reason.into() })));
+        self.outbox.lock().push_close(frame);
+    }
+
+    /// Sends what the kernel will take now, without blocking.
+    ///
+    /// A send error means the peer is gone: the socket is shut down so the connection thread
+    /// wakes from its `read` and cleans up.
+    pub fn flush(&self) -> Flush {
+        let mut outbox = self.outbox.lock();
+        let before = outbox.queued_bytes();
+        let result = outbox.send_to(&*self.socket);
+        let sent = before - outbox.queued_bytes();
+        drop(outbox);
+        self.stats.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+        match result {
+            Ok(flush) => flush,
+            Err(err) => {
+                debug!("client {} send failed: {err}", self.id);
+                self.outbox.lock().clear();
+                let _ = self.socket.shutdown(Both::Both);
+                Flush::Drained
+            }
+        }
+    }
+
+    /// How long the client has had unsent bytes, if it has any.
+    pub fn backlog_age(&self, now: Instant) -> Option<Duration> {
+        self.outbox.lock().backlog_since().map(|since| now.saturating_duration_since(since))
+    }
+
+    pub fn has_backlog(&self) -> bool {
+        self.outbox.lock().queued_bytes() > 0
+    }
+
+    /// Removes a client that broke a rule it cannot be told about in-band (it is not reading).
+    ///
+    /// Shutting the socket down is what makes this safe from any thread: the connection
+    /// thread, blocked in `read`, wakes with end-of-file and does the real clean-up
+    /// (deregistration, thread exit). Only the first eviction counts.
+    pub fn evict(&self, reason: EvictReason) {
+        {
+            let mut evicted = self.evicted.lock();
+            if evicted.is_some() {
+                return;
+            }
+            *evicted = Some(reason);
+        }
+        self.outbox.lock().clear();
+        let _ = self.socket.shutdown(Both::Both);
+        self.note_eviction(reason);
+    }
+
+    /// Counts and logs a removal the server decided on, whether by `evict` or by the
+    /// connection thread closing the client with a code.
+    pub fn note_eviction(&self, reason: EvictReason) {
+        self.stats.count_eviction(reason);
+        warn!("removed client {} ({}) from room {}: {}", self.id, self.peer, self.room, reason);
+    }
+
+    pub fn eviction(&self) -> Option<EvictReason> {
+        *self.evicted.lock()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Called by the connection thread whenever bytes arrive from the client.
+    pub fn mark_heard(&self) {
+        self.last_heard_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// True when the client has been quiet, and unpinged, for at least `interval`; records
+    /// the ping as sent. Only the broadcaster calls this.
+    pub fn is_due_for_ping(&self, interval: Duration) -> bool {
+        let now = self.now_ms();
+        let interval = interval.as_millis() as u64;
+        let quiet = now.saturating_sub(self.last_heard_ms.load(Ordering::Relaxed)) >= interval;
+        let unpinged = now.saturating_sub(self.last_ping_ms.load(Ordering::Relaxed)) >= interval;
+        if quiet && unpinged {
+            self.last_ping_ms.store(now, Ordering::Relaxed);
+        }
+        quiet && unpinged
+    }
+}
+
+/// Encodes a server frame. Server frames are unmasked (RFC 6455 §5.1), so the same bytes serve
+/// every receiver: this is what lets the broadcaster encode a room message exactly once.
+pub fn encode(frame: Frame) -> Bytes {
+    let mut buf = Vec::with_capacity(frame.len());
+    frame.format(&mut buf).expect("writing into a Vec cannot fail");
+    Bytes::from(buf)
+}

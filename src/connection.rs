@@ -1,0 +1,399 @@
+//! A connection thread: one per accepted socket, and the only thread that reads it.
+//!
+//! Its life, in order:
+//! 1. read the HTTP request head under the handshake deadline (http.rs);
+//! 2. route it: upgrade `/ws/<room>`, or answer a plain status and close;
+//! 3. queue the `101` in a fresh outbox, join the room, flush (so the client is a member the
+//!    moment it sees the `101`, and no room message can overtake the `101`);
+//! 4. loop: block in `read` until a whole message arrives, hand it to the broadcaster;
+//! 5. on close, error, timeout or eviction: leave the room, send a close frame if one is
+//!    owed, and end.
+//!
+//! It never writes the socket itself after step 3. Tungstenite believes it writes to a
+//! `ClientStream`, whose `Write` queues into the client's outbox; that is how the automatic
+//! pong and close replies join the same single path as the broadcaster's frames.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown as Both, SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, trace};
+use tungstenite::error::{Error as WsError, ProtocolError};
+use tungstenite::handshake::derive_accept_key;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Bytes, Message, WebSocket};
+
+use crate::broadcaster::{Event, MessageKind};
+use crate::client::Client;
+use crate::hub::is_valid_room_name;
+use crate::http::{self, HeadError, Request, Response};
+use crate::outbox::{Flush, Push};
+use crate::ratelimit::TokenBucket;
+use crate::server::Shared;
+use crate::stats::Eviction;
+
+/// Tungstenite's read buffer per connection. Its default (128 KiB, allocated eagerly and
+/// zero-filled on first read) would make 15,000 idle viewers cost 2 GiB. Chat messages are
+/// small; a larger message simply takes more `read` calls.
+pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// The room of a bare `/ws`.
+pub const DEFAULT_ROOM: &str = "lobby";
+/// How long a closing connection waits for its close frame to leave and for the peer to
+/// answer with its own close and FIN. Bounded, because the peer may be dead.
+const LINGER: Duration = Duration::from_millis(1000);
+/// Poll step while waiting for a backlogged close frame to leave during `LINGER`.
+const LINGER_STEP: Duration = Duration::from_millis(10);
+/// What a refused upgrade asks the client to wait before retrying, in seconds.
+pub const RETRY_AFTER_SECS: u32 = 2;
+
+/// Serves one accepted connection from its first byte to its end.
+pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, id: u64) {
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let (request, leftover) = match http::read_request(&socket, deadline) {
+        Ok(read) => read,
+        Err(error) => {
+            debug!("connection {id} ({peer}): no request: {error:?}");
+            let status = match error {
+                HeadError::Timeout => 408,
+                HeadError::TooLarge => 431,
+                HeadError::Malformed => 400,
+                HeadError::Disconnected | HeadError::Io(_) => return,
+            };
+            respond_and_close(&socket, &Response::status(status), deadline);
+            return;
+        }
+    };
+    let upgrade = match route(&request, &shared.config.allowed_origins) {
+        Ok(upgrade) => upgrade,
+        Err(response) => {
+            debug!("connection {id} ({peer}): {} {} -> {}", request.method, request.path, response.status);
+            respond_and_close(&socket, &response, deadline);
+            return;
+        }
+    };
+
+    let room: Arc<str> = Arc::from(upgrade.room.as_str());
+    let client = Arc::new(Client::new(
+        id,
+        room,
+        peer,
+        socket,
+        shared.config.effective_outbox_bytes(),
+        shared.stats.clone(),
+    ));
+    client.mark_heard();
+    // Order matters: queue the 101 first, then become visible to the broadcaster, then flush.
+    // Anything the broadcaster queues from now on lands behind the 101.
+    client.queue(Bytes::from(upgrade.response));
+    shared.hub.join(client.clone());
+    shared.stats.clients_served.fetch_add(1, Ordering::Relaxed);
+    client.flush();
+    debug!("client {id} ({peer}) joined room {}", client.room);
+
+    let ending = session(shared, &client, leftover);
+
+    shared.hub.leave(&client);
+    debug!("client {id} ({peer}) left room {}: {ending:?}", client.room);
+    finish(&client, ending);
+}
+
+/// The upgrade a valid request asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Upgrade {
+    pub room: String,
+    /// The complete `101 Switching Protocols` response.
+    pub response: Vec<u8>,
+}
+
+/// Decides what a request gets: an upgrade, or a plain HTTP status.
+///
+/// Checks run from the most general to the most specific (path, method, upgrade headers,
+/// version, key, origin), so each status names the first thing wrong with the request.
+pub fn route(request: &Request, allowed_origins: &[String]) -> Result<Upgrade, Response> {
+    let room = match request.path.as_str() {
+        "/ws" => DEFAULT_ROOM,
+        path => match path.strip_prefix("/ws/") {
+            Some(room) => room,
+            None => return Err(Response::status(404)),
+        },
+    };
+    if !is_valid_room_name(room) {
+        return Err(Response::status(400).with_body("bad room name: use 1-64 of A-Z a-z 0-9 _ . -\n"));
+    }
+    if request.method != "GET" {
+        return Err(Response::status(405).with_header("Allow", "GET"));
+    }
+    let is_upgrade = request.header("Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+        && request.header_has_token("Connection", "upgrade");
+    if !is_upgrade {
+        return Err(Response::status(426)
+            .with_header("Upgrade", "websocket")
+            .with_header("Connection", "Upgrade")
+            .with_body("this is a WebSocket endpoint: connect with a WebSocket client\n"));
+    }
+    if request.header("Sec-WebSocket-Version") != Some("13") {
+        return Err(Response::status(426).with_header("Sec-WebSocket-Version", "13"));
+    }
+    let key = match request.header("Sec-WebSocket-Key") {
+        Some(key) if is_valid_key(key) => key,
+        _ => return Err(Response::status(400).with_body("missing or malformed Sec-WebSocket-Key\n")),
+    };
+    // Browsers always send Origin; the allow-list exists to stop other sites' pages from
+    // connecting with a visitor's cookies. Non-browser clients may omit it (and could forge
+    // it anyway), so a missing Origin is not a reason to refuse.
+    if let Some(origin) = request.header("Origin") {
+        if !allowed_origins.is_empty() && !allowed_origins.iter().any(|o| o == origin) {
+            return Err(Response::status(403).with_body("origin not allowed\n"));
+        }
+    }
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        derive_accept_key(key.as_bytes())
+    );
+    Ok(Upgrade { room: room.to_string(), response: response.into_bytes() })
+}
+
+/// A key is the base64 encoding of 16 bytes: 22 significant characters and `==` (RFC 6455 §4.1).
+fn is_valid_key(key: &str) -> bool {
+    key.len() == 24
+        && key.ends_with("==")
+        && key[..22].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+/// How a WebSocket session ended, and so what the client is owed.
+#[derive(Debug)]
+enum Ending {
+    /// The client sent a close frame; tungstenite and we have answered it.
+    ClosedByClient,
+    /// The TCP connection went away (FIN without close, RST), or we were evicted: nothing to
+    /// send.
+    Gone,
+    /// We end it, with this close code and reason.
+    Close(CloseCode, &'static str, Option<Eviction>),
+}
+
+/// Reads messages until the session ends. This is where the connection thread spends its life,
+/// almost all of it blocked in `read`.
+fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
+    let config = &shared.config;
+    // The read deadline is the idle timeout: every byte received restarts it (it bounds each
+    // read call), so it fires only when the client has been silent, pongs included, that long.
+    if let Err(err) = client.socket().set_read_timeout(Some(config.idle_timeout)) {
+        debug!("client {}: cannot set read timeout: {err}", client.id);
+        return Ending::Gone;
+    }
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_message_size(Some(config.max_message_bytes))
+        // Tungstenite reserves a frame's announced length before reading its payload, so the
+        // frame limit must not exceed the message limit or a lying header costs that much.
+        .max_frame_size(Some(config.max_message_bytes));
+    let stream = ClientStream { client: client.clone() };
+    let mut ws = WebSocket::from_partially_read(stream, leftover, Role::Server, Some(ws_config));
+    let mut bucket = TokenBucket::new(config.rate, config.burst, Instant::now());
+
+    loop {
+        let message = match ws.read() {
+            Ok(message) => message,
+            Err(error) => return ending_for(client, error),
+        };
+        let (kind, payload) = match message {
+            Message::Text(text) => (MessageKind::Text, Bytes::from(text)),
+            Message::Binary(data) => (MessageKind::Binary, data),
+            // Tungstenite has queued the pong; it is flushed at the top of the next `read`.
+            // Pings still count against the rate, so a ping flood is a rate violation.
+            Message::Ping(_) => {
+                if !bucket.try_take(Instant::now()) {
+                    return Ending::Close(CloseCode::Policy, "rate limit exceeded", Some(Eviction::Rate));
+                }
+                continue;
+            }
+            Message::Pong(_) => continue,
+            Message::Close(frame) => {
+                // Answer with the client's own code (tungstenite has already replaced a code
+                // that is not allowed on the wire by 1002). Queuing it ourselves seals the
+                // outbox, so no room message can follow our close; tungstenite's identical
+                // reply is then dropped by the sealed outbox.
+                let code = frame.map_or(CloseCode::Normal, |f| f.code);
+                client.queue_close(code, "");
+                client.flush();
+                continue;
+            }
+            Message::Frame(_) => continue,
+        };
+        if !bucket.try_take(Instant::now()) {
+            return Ending::Close(CloseCode::Policy, "rate limit exceeded", Some(Eviction::Rate));
+        }
+        trace!("client {} sent {} bytes to room {}", client.id, payload.len(), client.room);
+        shared.stats.messages_received.fetch_add(1, Ordering::Relaxed);
+        // A bounded channel: when the broadcaster is behind, this blocks, which stops this
+        // thread reading, which lets TCP flow control push back on the sender. The send fails
+        // only when the broadcaster has stopped, i.e. during shutdown.
+        let event = Event::Message { room: client.room.clone(), kind, payload };
+        if shared.events.send(event).is_err() {
+            return Ending::Close(CloseCode::Away, "server shutting down", None);
+        }
+    }
+}
+
+/// Maps what ended `read` to what the client is owed.
+fn ending_for(client: &Client, error: WsError) -> Ending {
+    if client.eviction().is_some() {
+        return Ending::Gone;
+    }
+    match error {
+        WsError::ConnectionClosed | WsError::AlreadyClosed => Ending::ClosedByClient,
+        WsError::Io(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Ending::Close(CloseCode::Away, "idle timeout", Some(Eviction::Idle))
+        }
+        WsError::Io(_) | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Ending::Gone,
+        WsError::Capacity(_) => Ending::Close(CloseCode::Size, "message too big", Some(Eviction::Size)),
+        WsError::Utf8(_) => Ending::Close(CloseCode::Invalid, "invalid UTF-8 in text message", None),
+        WsError::Protocol(_) => Ending::Close(CloseCode::Protocol, "protocol error", None),
+        _ => Ending::Close(CloseCode::Error, "internal error", None),
+    }
+}
+
+/// Sends what the ending owes the client, then closes the TCP connection.
+///
+/// The server closes TCP first after a close handshake (RFC 6455 §7.1.1). Before that, the
+/// close frame must actually leave: we flush it (bounded by `LINGER`), half-close, and read
+/// until the peer's FIN, so that unread bytes in our receive buffer do not turn our close
+/// into an RST that could destroy the close frame in flight.
+fn finish(client: &Client, ending: Ending) {
+    match ending {
+        Ending::Gone => {
+            let _ = client.socket().shutdown(Both::Both);
+            return;
+        }
+        Ending::ClosedByClient => {}
+        Ending::Close(code, reason, eviction) => {
+            if let Some(eviction) = eviction {
+                client.note_eviction(eviction);
+            }
+            client.queue_close(code, reason);
+        }
+    }
+    let deadline = Instant::now() + LINGER;
+    while client.flush() == Flush::Backlogged && Instant::now() < deadline {
+        std::thread::sleep(LINGER_STEP);
+    }
+    let socket = client.socket();
+    let _ = socket.shutdown(Both::Write);
+    drain_until(socket, deadline);
+    let _ = socket.shutdown(Both::Both);
+}
+
+/// Writes a plain HTTP response and closes, with the same lingering as `finish`.
+fn respond_and_close(socket: &TcpStream, response: &Response, deadline: Instant) {
+    let timeout = deadline.saturating_duration_since(Instant::now()).max(LINGER_STEP);
+    if response.write_to(socket, timeout).is_ok() {
+        let _ = socket.shutdown(Both::Write);
+        drain_until(socket, Instant::now() + LINGER.min(timeout));
+    }
+    let _ = socket.shutdown(Both::Both);
+}
+
+/// Reads and discards until end-of-file or `deadline`.
+fn drain_until(socket: &TcpStream, deadline: Instant) {
+    let mut sink = [0u8; 1024];
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() || socket.set_read_timeout(Some(remaining)).is_err() {
+            return;
+        }
+        match (&*socket).read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// What tungstenite reads from and writes to: reads come from the socket, writes go to the
+/// outbox (and are flushed without blocking).
+struct ClientStream {
+    client: Arc<Client>,
+}
+
+impl Read for ClientStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (&*self.client.socket()).read(buf)?;
+        if n > 0 {
+            self.client.mark_heard();
+        }
+        Ok(n)
+    }
+}
+
+impl Write for ClientStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Tungstenite hands over whole frames (pong or close replies), so queuing `buf` as one
+        // entry keeps frames intact in the shared stream. A sealed outbox drops it, which is
+        // the point: nothing may follow our close frame. An overflow evicts the client.
+        match self.client.queue(Bytes::copy_from_slice(buf)) {
+            Push::Queued { .. } | Push::Closed | Push::Overflow => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.client.flush();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            headers: headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    const UPGRADE: &[(&str, &str)] = &[
+        ("Upgrade", "WebSocket"),
+        ("Connection", "keep-alive, Upgrade"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+
+    #[test]
+    fn upgrades_to_the_named_room_with_the_rfc_accept_key() {
+        let upgrade = route(&request("GET", "/ws/stream-1", UPGRADE), &[]).unwrap();
+        assert_eq!(upgrade.room, "stream-1");
+        let text = String::from_utf8(upgrade.response).unwrap();
+        // The worked example of RFC 6455 §1.3.
+        assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert_eq!(route(&request("GET", "/ws", UPGRADE), &[]).unwrap().room, "lobby");
+    }
+
+    #[test]
+    fn statuses_for_bad_requests() {
+        let status = |r: Request| route(&r, &["https://ok.example".into()]).unwrap_err().status;
+        assert_eq!(status(request("GET", "/", UPGRADE)), 404);
+        assert_eq!(status(request("GET", "/wsx", UPGRADE)), 404);
+        assert_eq!(status(request("GET", "/ws/", UPGRADE)), 400);
+        assert_eq!(status(request("GET", "/ws/a/b", UPGRADE)), 400);
+        assert_eq!(status(request("POST", "/ws/a", UPGRADE)), 405);
+        assert_eq!(status(request("GET", "/ws/a", &[])), 426);
+        let mut old_version = UPGRADE.to_vec();
+        old_version[2] = ("Sec-WebSocket-Version", "8");
+        assert_eq!(status(request("GET", "/ws/a", &old_version)), 426);
+        let mut bad_key = UPGRADE.to_vec();
+        bad_key[3] = ("Sec-WebSocket-Key", "short");
+        assert_eq!(status(request("GET", "/ws/a", &bad_key)), 400);
+        let mut foreign = UPGRADE.to_vec();
+        foreign.push(("Origin", "https://evil.example"));
+        assert_eq!(status(request("GET", "/ws/a", &foreign)), 403);
+        let mut allowed = UPGRADE.to_vec();
+        allowed.push(("Origin", "https://ok.example"));
+        assert!(route(&request("GET", "/ws/a", &allowed), &["https://ok.example".into()]).is_ok());
+    }
+}

@@ -1,0 +1,108 @@
+//! The hub: every upgraded client, grouped by room, behind one `parking_lot::RwLock`.
+//!
+//! This is the map the Go server in our origin story wrote from many goroutines without a lock
+//! (`fatal error: concurrent map writes`). Here the compiler makes that impossible: the map is
+//! only reachable through the lock. Connection threads take the write lock to join and leave;
+//! the broadcaster takes the read lock to walk a room. Nobody holds it across I/O: queueing a
+//! frame into an outbox is a memory operation, and sockets are flushed after the lock is gone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::client::Client;
+
+/// Rooms and their members. Shared as `Arc<Hub>` by the acceptor's connection threads and the
+/// broadcaster; it lives as long as the server.
+#[derive(Debug, Default)]
+pub struct Hub {
+    /// Written by connection threads (join on upgrade, leave on exit); read by the broadcaster
+    /// for every message and every heartbeat sweep. An empty room is removed, so the map never
+    /// outgrows the set of rooms with someone in them.
+    rooms: RwLock<HashMap<Arc<str>, Vec<Arc<Client>>>>,
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        Hub::default()
+    }
+
+    /// Adds a client to its room.
+    pub fn join(&self, client: Arc<Client>) {
+        let mut rooms = self.rooms.write();
+        rooms.entry(client.room.clone()).or_default().push(client);
+    }
+
+    /// Removes a client from its room; returns whether it was there.
+    pub fn leave(&self, client: &Client) -> bool {
+        let mut rooms = self.rooms.write();
+        let Some(members) = rooms.get_mut(&client.room) else {
+            return false;
+        };
+        let Some(index) = members.iter().position(|m| m.id == client.id) else {
+            return false;
+        };
+        // Order within a room's member list carries no meaning (delivery order is the order
+        // of messages, not of members), so the O(1) removal is fine.
+        members.swap_remove(index);
+        if members.is_empty() {
+            rooms.remove(&client.room);
+        }
+        true
+    }
+
+    /// Runs `f` on every member of `room` while holding the read lock. `f` must not block.
+    pub fn for_each_member(&self, room: &str, mut f: impl FnMut(&Arc<Client>)) {
+        if let Some(members) = self.rooms.read().get(room) {
+            members.iter().for_each(&mut f);
+        }
+    }
+
+    /// Runs `f` on every client of every room while holding the read lock. `f` must not block.
+    pub fn for_each_client(&self, mut f: impl FnMut(&Arc<Client>)) {
+        for members in self.rooms.read().values() {
+            members.iter().for_each(&mut f);
+        }
+    }
+
+    /// Clients in all rooms.
+    pub fn client_count(&self) -> usize {
+        self.rooms.read().values().map(Vec::len).sum()
+    }
+
+    /// Members of one room.
+    pub fn room_size(&self, room: &str) -> usize {
+        self.rooms.read().get(room).map_or(0, Vec::len)
+    }
+
+    /// Rooms with at least one member.
+    pub fn room_count(&self) -> usize {
+        self.rooms.read().len()
+    }
+}
+
+/// Room names as DESIGN §1 fixes them: `[A-Za-z0-9_.-]{1,64}`. Anything else would make room
+/// names ambiguous in URLs, logs and metrics labels.
+pub fn is_valid_room_name(name: &str) -> bool {
+    (1..=MAX_ROOM_NAME_LEN).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Longest room name accepted.
+pub const MAX_ROOM_NAME_LEN: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_names() {
+        for good in ["lobby", "a", "Stream_42.live-1", &"x".repeat(64)] {
+            assert!(is_valid_room_name(good), "{good}");
+        }
+        for bad in ["", "a b", "a/b", "%41", "é", "room?", &"x".repeat(65)] {
+            assert!(!is_valid_room_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! A client's outbox: the queue of encoded frames waiting for its socket, and the only code
+//! that writes to a WebSocket after the handshake.
+//!
+//! # Why an outbox at all
+//!
+//! Two threads want to write to each client: the broadcaster (room messages, pings, shutdown
+//! closes) and the client's own connection thread (tungstenite's pong and close replies). Two
+//! writers on one socket interleave frames, and a blocking write to a client that stopped
+//! reading would freeze whoever made it. So every frame for a client is appended here, under
+//! one mutex (in [`Client`](crate::client::Client)), and sent with a *non-blocking* `sendmsg`:
+//! whatever the kernel will not take right now stays queued, with its offset, for the next
+//! attempt. Nobody ever waits on a slow client; the queue just grows, and its growth (bytes,
+//! and how long it has been non-empty) is what evicts a client that cannot keep up.
+//!
+//! Frames are `Bytes`: the broadcaster encodes a room message once and every member's outbox
+//! holds a reference to the same allocation. One `sendmsg` writes every queued frame (up to
+//! `MAX_IOVECS`), so a burst of messages costs one syscall per client, not one per frame.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use tungstenite::Bytes;
+
+/// Frames gathered into one `sendmsg`. Linux's `IOV_MAX` is 1024; a quarter of it already
+/// makes the syscall cost per frame negligible while keeping the iovec array (on the
+/// flushing thread's stack, 16 bytes each) at 4 KiB.
+const MAX_IOVECS: usize = 256;
+
+/// The queue itself. Pure bookkeeping plus [`Outbox::send_to`]; locking is the caller's.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    frames: VecDeque<Bytes>,
+    /// Bytes of `frames[0]` already sent.
+    offset: usize,
+    /// Unsent bytes across all frames (`offset` already subtracted).
+    queued_bytes: usize,
+    /// When the queue last went from empty to non-empty without draining since.
+    backlog_since: Option<Instant>,
+    /// Set once a close frame is queued: RFC 6455 §5.5.1 forbids sending anything after it,
+    /// so later frames (including tungstenite's own close reply) are dropped.
+    is_closed: bool,
+}
+
+/// What happened to a frame offered to the outbox.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    /// Queued; `was_empty` says the outbox had nothing pending before, i.e. the caller must
+    /// make sure somebody flushes it.
+    Queued { was_empty: bool },
+    /// The outbox already holds a close frame; the frame was dropped.
+    Closed,
+    /// Queuing would exceed the bound: the client is too slow and must be evicted.
+    Overflow,
+}
+
+/// The result of a send attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flush {
+    /// Everything queued is in the kernel.
+    Drained,
+    /// The kernel's send buffer is full; bytes remain queued.
+    Backlogged,
+}
+
+impl Outbox {
+    pub fn new() -> Outbox {
+        Outbox::default()
+    }
+
+    /// Appends a frame unless that would take the queue past `limit` bytes.
+    pub fn push(&mut self, frame: Bytes, limit: usize) -> Push {
+        if self.is_closed {
+            return Push::Closed;
+        }
+        if self.queued_bytes + frame.len() > limit {
+            return Push::Overflow;
+        }
+        let was_empty = self.frames.is_empty();
+        if frame.is_empty() {
+            return Push::Queued { was_empty };
+        }
+        if was_empty {
+            self.backlog_since = Some(Instant::now());
+        }
+        self.queued_bytes += frame.len();
+        self.frames.push_back(frame);
+        Push::Queued { was_empty }
+    }
+
+    /// Appends a close frame (ignoring the bound: it is tiny and the last thing sent) and
+    /// refuses everything after it.
+    pub fn push_close(&mut self, frame: Bytes) -> Push {
+        let pushed = self.push(frame, usize::MAX);
+        self.is_closed = true;
+        pushed
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.is_closed
+    }
+
+    /// When the current backlog began, if anything is queued.
+    pub fn backlog_since(&self) -> Option<Instant> {
+        self.backlog_since
+    }
+
+    /// Drops everything queued, e.g. when the client is evicted: its memory is freed at once
+    /// rather than when the connection thread gets round to exiting.
+    pub fn clear(&mut self) {
+        self.frames.clear();
+        self.offset = 0;
+        self.queued_bytes = 0;
+        self.backlog_since = None;
+        self.is_closed = true;
+    }
+
+    /// Writes as much as the kernel takes without blocking, in as few `sendmsg` calls as the
+    /// iovec limit allows.
+    ///
+    /// `MSG_DONTWAIT` makes this one call non-blocking while the socket itself stays in
+    /// blocking mode for the connection thread's reads; `MSG_NOSIGNAL` turns a write to a
+    /// closed peer into `EPIPE` instead of a process-killing `SIGPIPE`.
+    pub fn send_to(&mut self, socket: &impl AsRawFd) -> io::Result<Flush> {
+        while !self.frames.is_empty() {
+            let mut iovecs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOVECS];
+            let mut count = 0;
+            for (i, frame) in self.frames.iter().take(MAX_IOVECS).enumerate() {
+                let unsent = if i == 0 { &frame[self.offset..] } else { &frame[..] };
+                iovecs[i] = libc::iovec { iov_base: unsent.as_ptr() as *mut libc::c_void, iov_len: unsent.len() };
+                count += 1;
+            }
+            // SAFETY: `message` points at `count` initialised iovecs, each describing a live
+            // slice of a `Bytes` in `self.frames`, which is not touched until `sendmsg`
+            // returns. The kernel only reads from them.
+            let sent = unsafe {
+                let mut message: libc::msghdr = std::mem::zeroed();
+                message.msg_iov = iovecs.as_mut_ptr();
+                message.msg_iovlen = count as _;
+                libc::sendmsg(socket.as_raw_fd(), &message, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if sent < 0 {
+                let err = io::Error::last_os_error();
+                return match err.kind() {
+                    io::ErrorKind::WouldBlock => Ok(Flush::Backlogged),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => Err(err),
+                };
+            }
+            self.consume(sent as usize);
+        }
+        Ok(Flush::Drained)
+    }
+
+    /// Forgets the first `sent` bytes after a successful send.
+    fn consume(&mut self, mut sent: usize) {
+        self.queued_bytes -= sent;
+        while sent > 0 {
+            let front_unsent = self.frames[0].len() - self.offset;
+            if sent >= front_unsent {
+                sent -= front_unsent;
+                self.frames.pop_front();
+                self.offset = 0;
+            } else {
+                self.offset += sent;
+                sent = 0;
+            }
+        }
+        // Partial progress does not reset `backlog_since`: the clock runs from when the
+        // backlog began, so a client that drains a trickle forever is still evicted.
+        if self.frames.is_empty() {
+            self.backlog_since = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    fn frame(byte: u8, len: usize) -> Bytes {
+        Bytes::from(vec![byte; len])
+    }
+
+    #[test]
+    fn push_counts_bytes_and_enforces_the_bound() {
+        let mut outbox = Outbox::new();
+        assert_eq!(outbox.push(frame(1, 60), 100), Push::Queued { was_empty: true });
+        assert_eq!(outbox.push(frame(2, 40), 100), Push::Queued { was_empty: false });
+        assert_eq!(outbox.queued_bytes(), 100);
+        assert_eq!(outbox.push(frame(3, 1), 100), Push::Overflow);
+        assert!(outbox.backlog_since().is_some());
+    }
+
+    #[test]
+    fn nothing_after_close() {
+        let mut outbox = Outbox::new();
+        assert_eq!(outbox.push_close(frame(8, 2)), Push::Queued { was_empty: true });
+        assert_eq!(outbox.push(frame(1, 1), 100), Push::Closed);
+        assert_eq!(outbox.push_close(frame(8, 2)), Push::Closed);
+        assert_eq!(outbox.queued_bytes(), 2);
+    }
+
+    #[test]
+    fn send_delivers_frames_in_order_and_drains() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut outbox = Outbox::new();
+        for i in 0..10u8 {
+            outbox.push(frame(i, 100 + i as usize), usize::MAX);
+        }
+        assert_eq!(outbox.send_to(&a).unwrap(), Flush::Drained);
+        assert_eq!(outbox.queued_bytes(), 0);
+        assert_eq!(outbox.backlog_since(), None);
+        let expected: Vec<u8> = (0..10u8).flat_map(|i| vec![i; 100 + i as usize]).collect();
+        let mut got = vec![0; expected.len()];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn a_full_socket_leaves_a_resumable_backlog() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut outbox = Outbox::new();
+        // Far more than a socket buffer holds, as many frames to exercise the iovec limit.
+        let frames = 2_000;
+        for i in 0..frames {
+            outbox.push(frame((i % 251) as u8, 1000), usize::MAX);
+        }
+        assert_eq!(outbox.send_to(&a).unwrap(), Flush::Backlogged);
+        let backlog = outbox.queued_bytes();
+        assert!(backlog > 0 && backlog < frames * 1000);
+        assert!(outbox.backlog_since().is_some());
+
+        // Read everything while re-flushing: bytes must arrive complete and in order even
+        // though sends stopped in the middle of frames.
+        let mut received = Vec::new();
+        let mut buf = vec![0; 64 * 1024];
+        b.set_nonblocking(true).unwrap();
+        while received.len() < frames * 1000 {
+            let _ = outbox.send_to(&a).unwrap();
+            match b.read(&mut buf) {
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let expected: Vec<u8> = (0..frames).flat_map(|i| vec![(i % 251) as u8; 1000]).collect();
+        assert!(received == expected, "stream was reordered or corrupted");
+        assert_eq!(outbox.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn send_to_a_closed_peer_is_an_error_not_a_signal() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        let mut outbox = Outbox::new();
+        outbox.push(frame(1, 10), usize::MAX);
+        assert!(outbox.send_to(&a).is_err());
+    }
+}

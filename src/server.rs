@@ -1,0 +1,370 @@
+//! The server and its acceptor: bind, size the capacity, accept, refuse politely when full, and
+//! spawn one small-stack thread per connection. Also the orderly shutdown: stop accepting,
+//! let the broadcaster close every client, join every thread.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown as Both, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, error, info, warn};
+use parking_lot::Mutex;
+
+use crate::broadcaster::{Broadcaster, Event, EVENT_QUEUE_CAPACITY};
+use crate::capacity;
+use crate::config::Config;
+use crate::connection::{self, RETRY_AFTER_SECS};
+use crate::error::Error;
+use crate::http::Response;
+use crate::hub::Hub;
+use crate::shutdown::Shutdown;
+use crate::stats::{Refusal, Stats};
+
+/// Stack size of a connection thread. The default 2 MiB would reserve 30 GiB of address
+/// space for 15,000 clients and touch more than needed. Measured with tungstenite 0.30: the
+/// handshake and read loop peak near 13 KB, and a panic with `RUST_BACKTRACE=1` needs about
+/// 27 KB, so 16–24 KiB would abort the process on a panic; 64 KiB is safe and costs no more
+/// resident memory than 32 KiB, since only touched pages are resident.
+pub const CONNECTION_STACK_BYTES: usize = 64 * 1024;
+/// Listen backlog asked for; the kernel caps it at `net.core.somaxconn`. std's `bind` uses
+/// 128, which a burst of thousands of connects per second overflows (clients see resets).
+const LISTEN_BACKLOG: i32 = 4096;
+/// First and longest pause after `accept` fails for lack of resources (`EMFILE`, `ENFILE`,
+/// `ENOBUFS`, `ENOMEM`) or a thread cannot be spawned. Doubling in between: prompt recovery
+/// when a descriptor frees up, and no busy loop while none does.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// State every connection thread needs. Shared as `Arc<Shared>`, dropped when the last
+/// connection thread and the acceptor are done.
+pub(crate) struct Shared {
+    pub config: Arc<Config>,
+    pub hub: Arc<Hub>,
+    pub stats: Arc<Stats>,
+    /// The broadcaster's inbox. Connection threads send; the broadcaster alone receives.
+    pub events: Sender<Event>,
+    /// Connections per peer IP, for `--max-clients-per-ip`. Incremented by the acceptor,
+    /// decremented by each connection thread as it ends; entries at zero are removed.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// What the server did, returned by `run` and logged at shutdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub connections_accepted: u64,
+    pub clients_served: u64,
+    pub messages_relayed: u64,
+    pub messages_delivered: u64,
+}
+
+/// A bound, configured server, ready to `run`.
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    events: Receiver<Event>,
+    max_clients: usize,
+}
+
+impl Server {
+    /// Takes a bound listener (tests bind `127.0.0.1:0`), sizes its capacity, and logs it.
+    pub fn new(listener: TcpListener, config: Config) -> Result<Server, Error> {
+        config.validate()?;
+        let local_addr = listener.local_addr().map_err(Error::io("reading the listener's address"))?;
+        widen_backlog(&listener);
+
+        let capacity = capacity::preflight();
+        let derived = usize::try_from(capacity.max_clients()).unwrap_or(usize::MAX);
+        let max_clients = match config.max_clients {
+            Some(n) if n > derived => {
+                warn!("--max-clients {n} is above what this machine holds ({capacity}); beyond that, connections are refused when a thread cannot be spawned");
+                n
+            }
+            Some(n) => n,
+            None => derived,
+        };
+        info!("capacity: {capacity}");
+        info!(
+            "limits: max clients {max_clients}, per IP {}, message {} B, rate {}/s burst {}, outbox {} B, slow {:?}, handshake {:?}, ping {:?}, idle {:?}",
+            match config.max_clients_per_ip { 0 => "off".to_string(), n => n.to_string() },
+            config.max_message_bytes,
+            config.rate,
+            config.burst,
+            config.effective_outbox_bytes(),
+            config.slow_timeout,
+            config.handshake_timeout,
+            config.ping_interval,
+            config.idle_timeout,
+        );
+        if config.effective_outbox_bytes() > config.outbox_bytes {
+            info!("outbox raised to {} B: it must hold 2 messages of --max-message-bytes", config.effective_outbox_bytes());
+        }
+
+        let (sender, events) = crossbeam_channel::bounded(EVENT_QUEUE_CAPACITY);
+        let shared = Arc::new(Shared {
+            config: Arc::new(config),
+            hub: Arc::new(Hub::new()),
+            stats: Arc::new(Stats::default()),
+            events: sender,
+            per_ip: Mutex::new(HashMap::new()),
+        });
+        Ok(Server { listener, local_addr, shared, events, max_clients })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The clients the acceptor admits at once.
+    pub fn max_clients(&self) -> usize {
+        self.max_clients
+    }
+
+    /// Live counters, readable while the server runs.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.shared.stats.clone()
+    }
+
+    /// The room map, readable while the server runs.
+    pub fn hub(&self) -> Arc<Hub> {
+        self.shared.hub.clone()
+    }
+
+    /// Serves until `shutdown` is triggered; returns once every thread it started has been
+    /// joined and the listening socket is closed.
+    pub fn run(self, shutdown: &Shutdown) -> Result<Summary, Error> {
+        let Server { listener, local_addr, shared, events, max_clients } = self;
+        info!("listening on ws://{local_addr}/ws/<room>");
+
+        let broadcaster = {
+            let (hub, stats, config, shutdown) =
+                (shared.hub.clone(), shared.stats.clone(), shared.config.clone(), shutdown.clone());
+            thread::Builder::new()
+                .name("broadcaster".into())
+                .spawn(move || Broadcaster::new(hub, stats, config).run(events, &shutdown))
+                .map_err(Error::io("spawning the broadcaster thread"))?
+        };
+
+        shutdown.register_listener(local_addr);
+        let mut acceptor = Acceptor { shared: shared.clone(), max_clients, connections: HashMap::new(), next_id: AtomicU64::new(1) };
+        let (finished_tx, finished_rx) = crossbeam_channel::unbounded();
+        // Checked after registering: a trigger that came before the registration is seen here,
+        // one that comes after will connect to the listener and wake `accept`.
+        let mut backoff = BACKOFF_MIN;
+        while !shutdown.is_triggered() {
+            match listener.accept() {
+                Ok(_) if shutdown.is_triggered() => break,
+                Ok((socket, peer)) => {
+                    backoff = BACKOFF_MIN;
+                    acceptor.reap(&finished_rx);
+                    if let Err(err) = acceptor.admit(socket, peer, &finished_tx) {
+                        warn!("cannot spawn a connection thread: {err}; refusing and backing off {backoff:?}");
+                        thread::sleep(backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+                Err(err) if is_resource_exhaustion(&err) => {
+                    warn!("accept failed: {err}; backing off {backoff:?} (open connections: {})", shared.stats.threads());
+                    thread::sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    acceptor.reap(&finished_rx);
+                }
+                // The peer gave up between SYN and accept, or a signal interrupted us.
+                Err(err) => debug!("accept: {err}"),
+            }
+        }
+        shutdown.unregister_listener(local_addr);
+        drop(listener);
+        info!("stopped accepting");
+
+        if broadcaster.join().is_err() {
+            error!("the broadcaster thread panicked");
+        }
+        // The broadcaster has closed and cut every upgraded client. Connections still in their
+        // handshake are cut here, so none waits out its handshake deadline.
+        for connection in acceptor.connections.values() {
+            if let Some(socket) = connection.socket.upgrade() {
+                let _ = socket.shutdown(Both::Both);
+            }
+        }
+        let mut panicked = 0;
+        for (_, connection) in acceptor.connections.drain() {
+            panicked += usize::from(connection.thread.join().is_err());
+        }
+        if panicked > 0 {
+            error!("{panicked} connection threads panicked");
+        }
+
+        let stats = &shared.stats;
+        let summary = Summary {
+            connections_accepted: stats.connections_accepted.load(Ordering::Relaxed),
+            clients_served: stats.clients_served.load(Ordering::Relaxed),
+            messages_relayed: stats.messages_relayed.load(Ordering::Relaxed),
+            messages_delivered: stats.messages_delivered.load(Ordering::Relaxed),
+        };
+        info!(
+            "shut down: {} connections accepted, {} clients served, {} messages relayed, {} deliveries",
+            summary.connections_accepted, summary.clients_served, summary.messages_relayed, summary.messages_delivered
+        );
+        Ok(summary)
+    }
+}
+
+/// The accept loop's own state; lives on the thread that called `run`.
+struct Acceptor {
+    shared: Arc<Shared>,
+    max_clients: usize,
+    /// Every connection thread not yet joined, with a weak handle to its socket so shutdown
+    /// can cut connections still in their handshake. Weak, so the descriptor closes as soon as
+    /// the connection thread is done with it.
+    connections: HashMap<u64, Connection>,
+    next_id: AtomicU64,
+}
+
+struct Connection {
+    thread: JoinHandle<()>,
+    socket: Weak<TcpStream>,
+}
+
+/// Owned by a connection thread; its drop is the thread's last act, whatever way it ends
+/// (return or panic): it releases the connection's slot and asks the acceptor to join it.
+struct Slot {
+    shared: Arc<Shared>,
+    id: u64,
+    ip: IpAddr,
+    finished: Sender<u64>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        release_ip(&self.shared, self.ip);
+        self.shared.stats.connection_threads.fetch_sub(1, Ordering::SeqCst);
+        let _ = self.finished.send(self.id);
+    }
+}
+
+impl Acceptor {
+    /// Admits a connection (spawns its thread) or refuses it with `503`. Returns an error only
+    /// when the OS refused the thread, so the caller can back off.
+    fn admit(&mut self, socket: TcpStream, peer: SocketAddr, finished: &Sender<u64>) -> io::Result<()> {
+        let shared = &self.shared;
+        shared.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        if shared.stats.threads() >= self.max_clients {
+            refuse(socket, peer, Refusal::Capacity, shared);
+            return Ok(());
+        }
+        if !claim_ip(shared, peer.ip()) {
+            refuse(socket, peer, Refusal::PerIp, shared);
+            return Ok(());
+        }
+        // Small frames must not wait for the previous one's ACK (Nagle).
+        let _ = socket.set_nodelay(true);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        shared.stats.connection_threads.fetch_add(1, Ordering::SeqCst);
+        let slot = Slot { shared: shared.clone(), id, ip: peer.ip(), finished: finished.clone() };
+        let socket = Arc::new(socket);
+        let weak = Arc::downgrade(&socket);
+        let thread_socket = socket.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .stack_size(CONNECTION_STACK_BYTES)
+            .spawn(move || {
+                let slot = slot;
+                connection::serve(&slot.shared, thread_socket, peer, id);
+            });
+        match spawned {
+            Ok(thread) => {
+                self.connections.insert(id, Connection { thread, socket: weak });
+                Ok(())
+            }
+            Err(err) => {
+                // The closure, and with it the slot, was dropped: counters are already released.
+                match Arc::try_unwrap(socket) {
+                    Ok(socket) => refuse(socket, peer, Refusal::Spawn, shared),
+                    Err(socket) => drop(socket),
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Joins the connection threads that have announced their end.
+    fn reap(&mut self, finished: &Receiver<u64>) {
+        for id in finished.try_iter() {
+            if let Some(connection) = self.connections.remove(&id) {
+                let _ = connection.thread.join();
+            }
+        }
+    }
+}
+
+fn claim_ip(shared: &Shared, ip: IpAddr) -> bool {
+    let cap = shared.config.max_clients_per_ip;
+    if cap == 0 {
+        return true;
+    }
+    let mut per_ip = shared.per_ip.lock();
+    let count = per_ip.entry(ip).or_insert(0);
+    if *count >= cap {
+        return false;
+    }
+    *count += 1;
+    true
+}
+
+fn release_ip(shared: &Shared, ip: IpAddr) {
+    if shared.config.max_clients_per_ip == 0 {
+        return;
+    }
+    let mut per_ip = shared.per_ip.lock();
+    if let Some(count) = per_ip.get_mut(&ip) {
+        *count -= 1;
+        if *count == 0 {
+            per_ip.remove(&ip);
+        }
+    }
+}
+
+/// Answers `503` with `Retry-After` from the acceptor thread itself, without spawning.
+///
+/// The socket is made non-blocking first: a fresh socket's send buffer is empty, so the
+/// response fits, and the acceptor must never wait on a client. Reading whatever request bytes
+/// already arrived before closing keeps the kernel from answering our close with an RST,
+/// which could make the client lose the 503.
+fn refuse(socket: TcpStream, peer: SocketAddr, reason: Refusal, shared: &Shared) {
+    shared.stats.count_refusal(reason);
+    warn!("refused {peer}: {}", reason.as_str());
+    let response = Response::status(503)
+        .with_header("Retry-After", RETRY_AFTER_SECS.to_string())
+        .with_body(format!("server full ({}); retry later\n", reason.as_str()));
+    if socket.set_nonblocking(true).is_ok() {
+        let _ = (&socket).write_all(&response.to_bytes());
+        let _ = socket.shutdown(Both::Write);
+        let mut sink = [0u8; 4096];
+        while matches!((&socket).read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+/// Errors after which `accept` will fail again immediately until something frees up.
+fn is_resource_exhaustion(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// Calling `listen` again on a listening socket only updates its backlog (Linux), so a
+/// listener from `TcpListener::bind` can be widened in place.
+fn widen_backlog(listener: &TcpListener) {
+    // SAFETY: the fd is a valid listening socket owned by `listener` for this whole call.
+    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        warn!("cannot widen the listen backlog: {}", io::Error::last_os_error());
+    }
+}
+
+/// Runs a server on `listener` until `shutdown` is triggered.
+pub fn run(listener: TcpListener, config: Config, shutdown: &Shutdown) -> Result<Summary, Error> {
+    Server::new(listener, config)?.run(shutdown)
+}

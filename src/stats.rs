@@ -1,0 +1,121 @@
+//! Counters every thread bumps and anyone may read: the shutdown summary, tests, and (later)
+//! the metrics endpoint. Relaxed atomics: each counter is independent and only ever summed.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Why the server removed a client against its will.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// Its outbox overflowed or stayed backlogged past `--slow-timeout`.
+    Slow,
+    /// It sent faster than `--rate`/`--burst` allow (close 1008).
+    Rate,
+    /// It sent a message over `--max-message-bytes` (close 1009).
+    Size,
+    /// Nothing arrived from it for `--idle-timeout`.
+    Idle,
+}
+
+impl Eviction {
+    pub const ALL: [Eviction; 4] = [Eviction::Slow, Eviction::Rate, Eviction::Size, Eviction::Idle];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Eviction::Slow => "slow",
+            Eviction::Rate => "rate",
+            Eviction::Size => "size",
+            Eviction::Idle => "idle",
+        }
+    }
+}
+
+impl fmt::Display for Eviction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Eviction::Slow => "too slow to keep up (outbox over its bound or backlogged too long)",
+            Eviction::Rate => "over its message rate",
+            Eviction::Size => "message over the size limit",
+            Eviction::Idle => "idle past the idle timeout",
+        })
+    }
+}
+
+/// Why a connection was refused before any thread was spawned for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--max-clients` connections already held.
+    Capacity,
+    /// `--max-clients-per-ip` connections already held from that address.
+    PerIp,
+    /// The OS would not give us another thread.
+    Spawn,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Capacity => "capacity",
+            Refusal::PerIp => "per_ip",
+            Refusal::Spawn => "spawn_failed",
+        }
+    }
+}
+
+/// Server-wide counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connection threads alive right now (handshaking or upgraded). Incremented by the
+    /// acceptor before spawning, decremented by the thread's last act.
+    pub connection_threads: AtomicUsize,
+    pub connections_accepted: AtomicU64,
+    pub refused_capacity: AtomicU64,
+    pub refused_per_ip: AtomicU64,
+    pub refused_spawn: AtomicU64,
+    /// Clients that completed the WebSocket handshake.
+    pub clients_served: AtomicU64,
+    /// Messages received from clients and handed to the broadcaster.
+    pub messages_received: AtomicU64,
+    /// Messages the broadcaster relayed to a room (once per message, not per receiver).
+    pub messages_relayed: AtomicU64,
+    /// Frames queued to receivers (once per receiver).
+    pub messages_delivered: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub evicted_slow: AtomicU64,
+    pub evicted_rate: AtomicU64,
+    pub evicted_size: AtomicU64,
+    pub evicted_idle: AtomicU64,
+}
+
+impl Stats {
+    pub fn count_eviction(&self, reason: Eviction) {
+        self.eviction_counter(reason).fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn evictions(&self, reason: Eviction) -> u64 {
+        self.eviction_counter(reason).load(Ordering::Relaxed)
+    }
+
+    fn eviction_counter(&self, reason: Eviction) -> &AtomicU64 {
+        match reason {
+            Eviction::Slow => &self.evicted_slow,
+            Eviction::Rate => &self.evicted_rate,
+            Eviction::Size => &self.evicted_size,
+            Eviction::Idle => &self.evicted_idle,
+        }
+    }
+
+    pub fn count_refusal(&self, reason: Refusal) {
+        let counter = match reason {
+            Refusal::Capacity => &self.refused_capacity,
+            Refusal::PerIp => &self.refused_per_ip,
+            Refusal::Spawn => &self.refused_spawn,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connection threads alive now.
+    pub fn threads(&self) -> usize {
+        self.connection_threads.load(Ordering::SeqCst)
+    }
+}
