@@ -55,7 +55,11 @@ pub enum MessageKind {
 #[derive(Debug)]
 pub enum Event {
     /// A complete message for everyone in `room`, the sender included.
-    Message { room: Arc<str>, kind: MessageKind, payload: Bytes },
+    Message {
+        room: Arc<str>,
+        kind: MessageKind,
+        payload: Bytes,
+    },
 }
 
 /// The broadcaster's state. Created by `Server::run`, owned by the broadcaster thread.
@@ -118,7 +122,11 @@ impl Broadcaster {
 
     /// Encodes one message once and queues it for every member of its room.
     fn handle(&mut self, event: Event) {
-        let Event::Message { room, kind, payload } = event;
+        let Event::Message {
+            room,
+            kind,
+            payload,
+        } = event;
         let opcode = match kind {
             MessageKind::Text => OpCode::Data(Data::Text),
             MessageKind::Binary => OpCode::Data(Data::Binary),
@@ -139,7 +147,9 @@ impl Broadcaster {
             }
         });
         self.stats.messages_relayed.fetch_add(1, Ordering::Relaxed);
-        self.stats.messages_delivered.fetch_add(delivered, Ordering::Relaxed);
+        self.stats
+            .messages_delivered
+            .fetch_add(delivered, Ordering::Relaxed);
     }
 
     /// One non-blocking send per touched client: every frame of the batch in one `sendmsg`.
@@ -204,7 +214,8 @@ impl Broadcaster {
     /// connection thread from `read` so it can exit and be joined.
     fn close_all(&mut self, events: &Receiver<Event>) {
         let mut everyone = Vec::new();
-        self.hub.for_each_client(|client| everyone.push(client.clone()));
+        self.hub
+            .for_each_client(|client| everyone.push(client.clone()));
         info!("shutting down: closing {} clients", everyone.len());
         for client in &everyone {
             client.queue_close(CloseCode::Away, "server shutting down");

@@ -41,7 +41,10 @@ pub struct Capacity {
 impl Capacity {
     /// The smallest limit: the number of clients the machine can actually hold.
     pub fn max_clients(&self) -> u64 {
-        self.by_files.min(self.by_threads).min(self.by_mappings).min(self.by_memory)
+        self.by_files
+            .min(self.by_threads)
+            .min(self.by_mappings)
+            .min(self.by_memory)
     }
 
     /// Which limit binds, for the start-up log.
@@ -79,21 +82,27 @@ impl fmt::Display for Capacity {
 /// The soft limit is often 1024 for historical reasons (`select()`'s `FD_SETSIZE`), which a
 /// thread-per-connection server that never calls `select` has no reason to keep.
 pub fn raise_file_limit() -> io::Result<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return Err(io::Error::last_os_error());
         }
         if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
                 return Err(io::Error::last_os_error());
             }
             limit = raised;
         }
     }
-    Ok(limit.rlim_cur as u64)
+    Ok(limit.rlim_cur)
 }
 
 /// Measures the machine. Missing `/proc` entries count as "no limit" from that source.
@@ -122,7 +131,12 @@ pub fn preflight() -> Capacity {
 
     let by_memory = available_memory().map_or(u64::MAX, |bytes| bytes / MEMORY_PER_CLIENT);
 
-    Capacity { by_files, by_threads, by_mappings, by_memory }
+    Capacity {
+        by_files,
+        by_threads,
+        by_mappings,
+        by_memory,
+    }
 }
 
 fn read_number(path: &str) -> Option<u64> {
@@ -140,18 +154,32 @@ fn count_lines(path: &str) -> Option<u64> {
 /// Tasks (threads) on the whole machine: the denominator of `/proc/loadavg`'s fourth field.
 fn system_task_count() -> Option<u64> {
     let loadavg = fs::read_to_string("/proc/loadavg").ok()?;
-    loadavg.split_whitespace().nth(3)?.split('/').nth(1)?.parse().ok()
+    loadavg
+        .split_whitespace()
+        .nth(3)?
+        .split('/')
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// `RLIMIT_NPROC`, unless unlimited or we are root (which the kernel exempts from it).
 fn process_limit() -> Option<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit only writes the struct we pass; geteuid has no preconditions.
-    let (ok, is_root) = unsafe { (libc::getrlimit(libc::RLIMIT_NPROC, &mut limit) == 0, libc::geteuid() == 0) };
+    let (ok, is_root) = unsafe {
+        (
+            libc::getrlimit(libc::RLIMIT_NPROC, &mut limit) == 0,
+            libc::geteuid() == 0,
+        )
+    };
     if !ok || is_root || limit.rlim_cur == libc::RLIM_INFINITY {
         return None;
     }
-    Some(limit.rlim_cur as u64)
+    Some(limit.rlim_cur)
 }
 
 /// `MemAvailable` from `/proc/meminfo`, in bytes.
@@ -168,7 +196,12 @@ mod tests {
 
     #[test]
     fn the_smallest_limit_binds() {
-        let capacity = Capacity { by_files: 19_000, by_threads: 31_000, by_mappings: 16_000, by_memory: 300_000 };
+        let capacity = Capacity {
+            by_files: 19_000,
+            by_threads: 31_000,
+            by_mappings: 16_000,
+            by_memory: 300_000,
+        };
         assert_eq!(capacity.max_clients(), 16_000);
         assert!(capacity.binding_limit().contains("max_map_count"));
         assert!(capacity.to_string().starts_with("16000 clients"));
@@ -179,7 +212,10 @@ mod tests {
         let capacity = preflight();
         assert!(capacity.max_clients() > 0, "{capacity}");
         // The file limit was raised to the hard limit.
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
         assert_eq!(limit.rlim_cur, limit.rlim_max);
     }

@@ -51,7 +51,11 @@ pub struct Client {
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Client").field("id", &self.id).field("room", &self.room).field("peer", &self.peer).finish()
+        f.debug_struct("Client")
+            .field("id", &self.id)
+            .field("room", &self.room)
+            .field("peer", &self.peer)
+            .finish()
     }
 }
 
@@ -96,7 +100,10 @@ impl Client {
 
     /// Queues a close frame; nothing is sent after it.
     pub fn queue_close(&self, code: CloseCode, reason: &'static str) {
-        let frame = encode(Frame::close(Some(CloseFrame { code, reason: reason.into() })));
+        let frame = encode(Frame::close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })));
         self.outbox.lock().push_close(frame);
     }
 
@@ -110,7 +117,9 @@ impl Client {
         let result = outbox.send_to(&*self.socket);
         let sent = before - outbox.queued_bytes();
         drop(outbox);
-        self.stats.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_sent
+            .fetch_add(sent as u64, Ordering::Relaxed);
         match result {
             Ok(flush) => flush,
             Err(err) => {
@@ -124,7 +133,10 @@ impl Client {
 
     /// How long the client has had unsent bytes, if it has any.
     pub fn backlog_age(&self, now: Instant) -> Option<Duration> {
-        self.outbox.lock().backlog_since().map(|since| now.saturating_duration_since(since))
+        self.outbox
+            .lock()
+            .backlog_since()
+            .map(|since| now.saturating_duration_since(since))
     }
 
     pub fn has_backlog(&self) -> bool {
@@ -153,7 +165,10 @@ impl Client {
     /// connection thread closing the client with a code.
     pub fn note_eviction(&self, reason: EvictReason) {
         self.stats.count_eviction(reason);
-        warn!("removed client {} ({}) from room {}: {}", self.id, self.peer, self.room, reason);
+        warn!(
+            "removed client {} ({}) from room {}: {}",
+            self.id, self.peer, self.room, reason
+        );
     }
 
     pub fn eviction(&self) -> Option<EvictReason> {
@@ -187,6 +202,8 @@ impl Client {
 /// every receiver: this is what lets the broadcaster encode a room message exactly once.
 pub fn encode(frame: Frame) -> Bytes {
     let mut buf = Vec::with_capacity(frame.len());
-    frame.format(&mut buf).expect("writing into a Vec cannot fail");
+    frame
+        .format(&mut buf)
+        .expect("writing into a Vec cannot fail");
     Bytes::from(buf)
 }

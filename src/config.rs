@@ -65,7 +65,9 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            listen: DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid address"),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("DEFAULT_LISTEN is a valid address"),
             max_clients: None,
             max_clients_per_ip: 0,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
@@ -101,10 +103,16 @@ impl Config {
             ));
         }
         if self.max_message_bytes == 0 {
-            return Err(ConfigError::new("--max-message-bytes", "must be at least 1"));
+            return Err(ConfigError::new(
+                "--max-message-bytes",
+                "must be at least 1",
+            ));
         }
         if self.rate > 0 && self.burst == 0 {
-            return Err(ConfigError::new("--burst", "must be at least 1 when --rate is on"));
+            return Err(ConfigError::new(
+                "--burst",
+                "must be at least 1 when --rate is on",
+            ));
         }
         if self.max_clients == Some(0) {
             return Err(ConfigError::new("--max-clients", "must be at least 1"));
@@ -116,7 +124,7 @@ impl Config {
 /// What the command line asked for: run with a config, or print something and exit 0.
 #[derive(Debug)]
 pub enum Command {
-    Run(Config),
+    Run(Box<Config>),
     Help,
     Version,
 }
@@ -130,7 +138,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(flag: &str, problem: impl Into<String>) -> ConfigError {
-        ConfigError { flag: flag.to_string(), problem: problem.into() }
+        ConfigError {
+            flag: flag.to_string(),
+            problem: problem.into(),
+        }
     }
 }
 
@@ -156,7 +167,9 @@ where
     let mut args = args.into_iter().map(Into::into);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (flag.to_string(), Some(value.to_string())),
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_string(), Some(value.to_string()))
+            }
             _ => (arg.clone(), None),
         };
         match flag.as_str() {
@@ -177,9 +190,12 @@ where
         let f = flag.as_str();
         match f {
             "--listen" => {
-                config.listen = value
-                    .parse()
-                    .map_err(|_| ConfigError::new(f, format!("{value:?} is not an address like 127.0.0.1:9001")))?
+                config.listen = value.parse().map_err(|_| {
+                    ConfigError::new(
+                        f,
+                        format!("{value:?} is not an address like 127.0.0.1:9001"),
+                    )
+                })?
             }
             "--max-clients" => {
                 config.max_clients = match value {
@@ -205,7 +221,10 @@ where
             }
             "--log-level" => {
                 config.log_level = value.parse().map_err(|_| {
-                    ConfigError::new(f, format!("{value:?} is not one of off, error, warn, info, debug, trace"))
+                    ConfigError::new(
+                        f,
+                        format!("{value:?} is not one of off, error, warn, info, debug, trace"),
+                    )
                 })?
             }
             "--log-file" => config.log_file = Some(PathBuf::from(value)),
@@ -213,7 +232,7 @@ where
         }
     }
     config.validate()?;
-    Ok(Command::Run(config))
+    Ok(Command::Run(Box::new(config)))
 }
 
 fn parse_count(flag: &str, value: &str) -> Result<usize, ConfigError> {
@@ -230,8 +249,15 @@ fn parse_u32(flag: &str, value: &str) -> Result<u32, ConfigError> {
 
 /// Parses a byte size: a whole number with an optional binary suffix (`K`/`KiB`, `M`/`MiB`).
 pub fn parse_bytes(flag: &str, value: &str) -> Result<usize, ConfigError> {
-    let bad = || ConfigError::new(flag, format!("{value:?} is not a size like 65536, 64KiB or 1MiB"));
-    let digits_end = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let bad = || {
+        ConfigError::new(
+            flag,
+            format!("{value:?} is not a size like 65536, 64KiB or 1MiB"),
+        )
+    };
+    let digits_end = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
     let (number, suffix) = value.split_at(digits_end);
     let number: usize = number.parse().map_err(|_| bad())?;
     let multiplier = match suffix {
@@ -245,8 +271,15 @@ pub fn parse_bytes(flag: &str, value: &str) -> Result<usize, ConfigError> {
 
 /// Parses a duration: a whole number with a unit (`ms`, `s`, `m`); a bare number is seconds.
 pub fn parse_duration(flag: &str, value: &str) -> Result<Duration, ConfigError> {
-    let bad = || ConfigError::new(flag, format!("{value:?} is not a duration like 500ms, 10s or 2m"));
-    let digits_end = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let bad = || {
+        ConfigError::new(
+            flag,
+            format!("{value:?} is not a duration like 500ms, 10s or 2m"),
+        )
+    };
+    let digits_end = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
     let (number, unit) = value.split_at(digits_end);
     let number: u64 = number.parse().map_err(|_| bad())?;
     let duration = match unit {
@@ -310,7 +343,7 @@ mod tests {
 
     fn run(args: &[&str]) -> Result<Config, ConfigError> {
         match parse_args(args.iter().copied())? {
-            Command::Run(config) => Ok(config),
+            Command::Run(config) => Ok(*config),
             other => panic!("expected Run, got {other:?}"),
         }
     }
@@ -328,7 +361,15 @@ mod tests {
 
     #[test]
     fn values_parse_in_both_spellings() {
-        let config = run(&["--rate=7", "--burst", "9", "--max-message-bytes", "2MiB", "--slow-timeout=250ms"]).unwrap();
+        let config = run(&[
+            "--rate=7",
+            "--burst",
+            "9",
+            "--max-message-bytes",
+            "2MiB",
+            "--slow-timeout=250ms",
+        ])
+        .unwrap();
         assert_eq!((config.rate, config.burst), (7, 9));
         assert_eq!(config.max_message_bytes, 2 * 1024 * 1024);
         assert_eq!(config.slow_timeout, Duration::from_millis(250));
@@ -342,8 +383,16 @@ mod tests {
 
     #[test]
     fn origins_repeat() {
-        let config = run(&["--allowed-origin", "https://a.example", "--allowed-origin=https://b.example"]).unwrap();
-        assert_eq!(config.allowed_origins, ["https://a.example", "https://b.example"]);
+        let config = run(&[
+            "--allowed-origin",
+            "https://a.example",
+            "--allowed-origin=https://b.example",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
     }
 
     #[test]
@@ -377,9 +426,21 @@ mod tests {
     fn help_mentions_every_flag() {
         let text = help();
         for flag in [
-            "--listen", "--max-clients", "--max-clients-per-ip", "--max-message-bytes", "--rate", "--burst",
-            "--outbox-bytes", "--slow-timeout", "--handshake-timeout", "--ping-interval", "--idle-timeout",
-            "--shutdown-grace", "--allowed-origin", "--log-level", "--log-file",
+            "--listen",
+            "--max-clients",
+            "--max-clients-per-ip",
+            "--max-message-bytes",
+            "--rate",
+            "--burst",
+            "--outbox-bytes",
+            "--slow-timeout",
+            "--handshake-timeout",
+            "--ping-interval",
+            "--idle-timeout",
+            "--shutdown-grace",
+            "--allowed-origin",
+            "--log-level",
+            "--log-file",
         ] {
             assert!(text.contains(flag), "help lacks {flag}");
         }

@@ -11,7 +11,10 @@ pub enum Error {
     /// A flag or flag combination is invalid (exit status 2).
     Config(ConfigError),
     /// The server could not start or keep running; `what` says which step failed.
-    Io { what: &'static str, source: io::Error },
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
 }
 
 impl Error {

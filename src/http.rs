@@ -29,7 +29,10 @@ pub struct Request {
 impl Request {
     /// The first header with this name (case-insensitive), trimmed.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
     }
 
     /// Whether a comma-separated header (like `Connection`) contains `token`, case-insensitive.
@@ -62,7 +65,10 @@ pub enum HeadError {
 /// Returns the request and any bytes that arrived after the head (a client may send its first
 /// WebSocket frame without waiting for our 101). The deadline bounds the whole head, not each
 /// read: a client sending one byte per second (slowloris) is cut off all the same.
-pub fn read_request(stream: &TcpStream, deadline: Instant) -> Result<(Request, Vec<u8>), HeadError> {
+pub fn read_request(
+    stream: &TcpStream,
+    deadline: Instant,
+) -> Result<(Request, Vec<u8>), HeadError> {
     let mut buf = vec![0u8; INITIAL_HEAD_BUFFER];
     let mut filled = 0;
     loop {
@@ -76,15 +82,27 @@ pub fn read_request(stream: &TcpStream, deadline: Instant) -> Result<(Request, V
         if remaining.is_zero() {
             return Err(HeadError::Timeout);
         }
-        stream.set_read_timeout(Some(remaining)).map_err(HeadError::Io)?;
+        stream
+            .set_read_timeout(Some(remaining))
+            .map_err(HeadError::Io)?;
         let n = match (&*stream).read(&mut buf[filled..]) {
             Ok(0) => return Err(HeadError::Disconnected),
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(HeadError::Timeout)
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
                 return Err(HeadError::Disconnected)
             }
             Err(e) => return Err(HeadError::Io(e)),
@@ -99,7 +117,9 @@ pub fn read_request(stream: &TcpStream, deadline: Instant) -> Result<(Request, V
 
 /// Parses a complete head from `bytes`, or returns `None` when more bytes are needed.
 pub fn parse_head(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // On the heap, not the stack: 1.5 KiB here would make every connection thread's stack
+    // peak touch one more page, which stays resident for the connection's whole life.
+    let mut headers = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let head_len = match parsed.parse(bytes) {
         Ok(httparse::Status::Complete(len)) => len,
@@ -117,7 +137,14 @@ pub fn parse_head(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         let value = std::str::from_utf8(header.value).map_err(|_| HeadError::Malformed)?;
         owned.push((header.name.to_string(), value.to_string()));
     }
-    Ok(Some((Request { method: method.to_string(), path, headers: owned }, head_len)))
+    Ok(Some((
+        Request {
+            method: method.to_string(),
+            path,
+            headers: owned,
+        },
+        head_len,
+    )))
 }
 
 /// A plain HTTP response; always `Connection: close`, since each connection serves one request.
@@ -131,7 +158,11 @@ pub struct Response {
 impl Response {
     /// A response whose body is its reason phrase, a line a human reading curl output follows.
     pub fn status(status: u16) -> Response {
-        Response { status, headers: Vec::new(), body: format!("{}\n", reason(status)) }
+        Response {
+            status,
+            headers: Vec::new(),
+            body: format!("{}\n", reason(status)),
+        }
     }
 
     pub fn with_body(mut self, body: impl Into<String>) -> Response {
@@ -188,7 +219,8 @@ mod tests {
 
     #[test]
     fn parses_a_complete_head_and_reports_its_length() {
-        let raw = b"GET /ws/room?x=1 HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n\r\nEXTRA";
+        let raw =
+            b"GET /ws/room?x=1 HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n\r\nEXTRA";
         let (request, len) = parse_head(raw).unwrap().unwrap();
         assert_eq!(request.method, "GET");
         assert_eq!(request.path, "/ws/room");
@@ -199,17 +231,27 @@ mod tests {
 
     #[test]
     fn partial_head_needs_more() {
-        assert!(parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
+        assert!(parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n")
+            .unwrap()
+            .is_none());
     }
 
     #[test]
     fn garbage_is_malformed() {
-        assert!(matches!(parse_head(b"\x16\x03\x01\x02\x00garbage\r\n\r\n"), Err(HeadError::Malformed)));
+        assert!(matches!(
+            parse_head(b"\x16\x03\x01\x02\x00garbage\r\n\r\n"),
+            Err(HeadError::Malformed)
+        ));
     }
 
     #[test]
     fn response_bytes() {
-        let text = String::from_utf8(Response::status(503).with_header("Retry-After", "5").to_bytes()).unwrap();
+        let text = String::from_utf8(
+            Response::status(503)
+                .with_header("Retry-After", "5")
+                .to_bytes(),
+        )
+        .unwrap();
         assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
         assert!(text.contains("Retry-After: 5\r\n"));
         assert!(text.ends_with("\r\n\r\nService Unavailable\n"));

@@ -86,7 +86,9 @@ impl Hub {
 /// names ambiguous in URLs, logs and metrics labels.
 pub fn is_valid_room_name(name: &str) -> bool {
     (1..=MAX_ROOM_NAME_LEN).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// Longest room name accepted.

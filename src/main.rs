@@ -1,20 +1,24 @@
 //! The `roomcast` binary: parse flags, start logging, install the signal handler, run.
 
 use std::fs::OpenOptions;
+use std::io::IsTerminal;
 use std::net::TcpListener;
 use std::process::exit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use log::info;
 use roomcast::{Command, Config, Error, Shutdown};
-use simplelog::{ColorChoice, CombinedLogger, ConfigBuilder, SharedLogger, TermLogger, TerminalMode, ThreadLogMode, WriteLogger};
+use simplelog::{
+    ColorChoice, CombinedLogger, ConfigBuilder, SharedLogger, TermLogger, TerminalMode,
+    ThreadLogMode, WriteLogger,
+};
 
 /// Exit status when a second signal cuts shutdown short (128 + SIGINT, as shells report it).
 const EXIT_INTERRUPTED: i32 = 130;
 
 fn main() {
     let config = match roomcast::parse_args(std::env::args().skip(1)) {
-        Ok(Command::Run(config)) => config,
+        Ok(Command::Run(config)) => *config,
         Ok(Command::Help) => {
             print!("{}", roomcast::config::help());
             return;
@@ -36,7 +40,10 @@ fn main() {
 
 fn run(config: Config) -> Result<(), Error> {
     init_logging(&config)?;
-    let listener = TcpListener::bind(config.listen).map_err(|source| Error::Io { what: "binding --listen", source })?;
+    let listener = TcpListener::bind(config.listen).map_err(|source| Error::Io {
+        what: "binding --listen",
+        source,
+    })?;
 
     let shutdown = Shutdown::new();
     let signals = AtomicUsize::new(0);
@@ -50,7 +57,10 @@ fn run(config: Config) -> Result<(), Error> {
             exit(EXIT_INTERRUPTED);
         }
     })
-    .map_err(|err| Error::Io { what: "installing the signal handler", source: std::io::Error::other(err) })?;
+    .map_err(|err| Error::Io {
+        what: "installing the signal handler",
+        source: std::io::Error::other(err),
+    })?;
 
     roomcast::run(listener, config, &shutdown)?;
     Ok(())
@@ -64,15 +74,31 @@ fn init_logging(config: &Config) -> Result<(), Error> {
         .set_thread_mode(ThreadLogMode::Names)
         .set_target_level(log::LevelFilter::Off)
         .build();
-    let mut loggers: Vec<Box<dyn SharedLogger>> =
-        vec![TermLogger::new(config.log_level, log_config.clone(), TerminalMode::Stderr, ColorChoice::Auto)];
+    // termcolor's `Auto` looks only at TERM, so colour escapes would land in piped logs.
+    let color = if std::io::stderr().is_terminal() {
+        ColorChoice::Auto
+    } else {
+        ColorChoice::Never
+    };
+    let mut loggers: Vec<Box<dyn SharedLogger>> = vec![TermLogger::new(
+        config.log_level,
+        log_config.clone(),
+        TerminalMode::Stderr,
+        color,
+    )];
     if let Some(path) = &config.log_file {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|source| Error::Io { what: "opening --log-file", source })?;
+            .map_err(|source| Error::Io {
+                what: "opening --log-file",
+                source,
+            })?;
         loggers.push(WriteLogger::new(config.log_level, log_config, file));
     }
-    CombinedLogger::init(loggers).map_err(|err| Error::Io { what: "starting the logger", source: std::io::Error::other(err) })
+    CombinedLogger::init(loggers).map_err(|err| Error::Io {
+        what: "starting the logger",
+        source: std::io::Error::other(err),
+    })
 }

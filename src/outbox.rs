@@ -23,10 +23,12 @@ use std::time::Instant;
 
 use tungstenite::Bytes;
 
-/// Frames gathered into one `sendmsg`. Linux's `IOV_MAX` is 1024; a quarter of it already
-/// makes the syscall cost per frame negligible while keeping the iovec array (on the
-/// flushing thread's stack, 16 bytes each) at 4 KiB.
-const MAX_IOVECS: usize = 256;
+/// Frames gathered into one `sendmsg`. Linux's `IOV_MAX` is 1024, but the iovec array lives
+/// on the flushing thread's stack (16 bytes each), and connection threads flush too (the
+/// `101`, pongs). Measured with 5,000 idle clients: 256 entries (4 KiB) made every connection
+/// stack touch one more page, 17.2 instead of 13.2 KiB RSS per client. 64 frames per syscall
+/// already makes the per-frame syscall cost negligible.
+const MAX_IOVECS: usize = 64;
 
 /// The queue itself. Pure bookkeeping plus [`Outbox::send_to`]; locking is the caller's.
 #[derive(Debug, Default)]
@@ -128,11 +130,21 @@ impl Outbox {
     /// closed peer into `EPIPE` instead of a process-killing `SIGPIPE`.
     pub fn send_to(&mut self, socket: &impl AsRawFd) -> io::Result<Flush> {
         while !self.frames.is_empty() {
-            let mut iovecs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOVECS];
+            let mut iovecs = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MAX_IOVECS];
             let mut count = 0;
             for (i, frame) in self.frames.iter().take(MAX_IOVECS).enumerate() {
-                let unsent = if i == 0 { &frame[self.offset..] } else { &frame[..] };
-                iovecs[i] = libc::iovec { iov_base: unsent.as_ptr() as *mut libc::c_void, iov_len: unsent.len() };
+                let unsent = if i == 0 {
+                    &frame[self.offset..]
+                } else {
+                    &frame[..]
+                };
+                iovecs[i] = libc::iovec {
+                    iov_base: unsent.as_ptr() as *mut libc::c_void,
+                    iov_len: unsent.len(),
+                };
                 count += 1;
             }
             // SAFETY: `message` points at `count` initialised iovecs, each describing a live
@@ -142,7 +154,11 @@ impl Outbox {
                 let mut message: libc::msghdr = std::mem::zeroed();
                 message.msg_iov = iovecs.as_mut_ptr();
                 message.msg_iovlen = count as _;
-                libc::sendmsg(socket.as_raw_fd(), &message, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+                libc::sendmsg(
+                    socket.as_raw_fd(),
+                    &message,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
             };
             if sent < 0 {
                 let err = io::Error::last_os_error();
@@ -192,8 +208,14 @@ mod tests {
     #[test]
     fn push_counts_bytes_and_enforces_the_bound() {
         let mut outbox = Outbox::new();
-        assert_eq!(outbox.push(frame(1, 60), 100), Push::Queued { was_empty: true });
-        assert_eq!(outbox.push(frame(2, 40), 100), Push::Queued { was_empty: false });
+        assert_eq!(
+            outbox.push(frame(1, 60), 100),
+            Push::Queued { was_empty: true }
+        );
+        assert_eq!(
+            outbox.push(frame(2, 40), 100),
+            Push::Queued { was_empty: false }
+        );
         assert_eq!(outbox.queued_bytes(), 100);
         assert_eq!(outbox.push(frame(3, 1), 100), Push::Overflow);
         assert!(outbox.backlog_since().is_some());
@@ -202,7 +224,10 @@ mod tests {
     #[test]
     fn nothing_after_close() {
         let mut outbox = Outbox::new();
-        assert_eq!(outbox.push_close(frame(8, 2)), Push::Queued { was_empty: true });
+        assert_eq!(
+            outbox.push_close(frame(8, 2)),
+            Push::Queued { was_empty: true }
+        );
         assert_eq!(outbox.push(frame(1, 1), 100), Push::Closed);
         assert_eq!(outbox.push_close(frame(8, 2)), Push::Closed);
         assert_eq!(outbox.queued_bytes(), 2);
@@ -251,7 +276,9 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        let expected: Vec<u8> = (0..frames).flat_map(|i| vec![(i % 251) as u8; 1000]).collect();
+        let expected: Vec<u8> = (0..frames)
+            .flat_map(|i| vec![(i % 251) as u8; 1000])
+            .collect();
         assert!(received == expected, "stream was reordered or corrupted");
         assert_eq!(outbox.queued_bytes(), 0);
     }

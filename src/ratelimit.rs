@@ -16,7 +16,12 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// A full bucket. `rate == 0` means unlimited.
     pub fn new(rate: u32, burst: u32, now: Instant) -> TokenBucket {
-        TokenBucket { rate: f64::from(rate), burst: f64::from(burst), tokens: f64::from(burst), refilled_at: now }
+        TokenBucket {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            refilled_at: now,
+        }
     }
 
     /// Takes one token if there is one.
@@ -24,7 +29,9 @@ impl TokenBucket {
         if self.rate == 0.0 {
             return true;
         }
-        let elapsed = now.saturating_duration_since(self.refilled_at).as_secs_f64();
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.refilled_at = now;
         if self.tokens >= 1.0 {

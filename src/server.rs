@@ -75,7 +75,9 @@ impl Server {
     /// Takes a bound listener (tests bind `127.0.0.1:0`), sizes its capacity, and logs it.
     pub fn new(listener: TcpListener, config: Config) -> Result<Server, Error> {
         config.validate()?;
-        let local_addr = listener.local_addr().map_err(Error::io("reading the listener's address"))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(Error::io("reading the listener's address"))?;
         widen_backlog(&listener);
 
         let capacity = capacity::preflight();
@@ -102,7 +104,10 @@ impl Server {
             config.idle_timeout,
         );
         if config.effective_outbox_bytes() > config.outbox_bytes {
-            info!("outbox raised to {} B: it must hold 2 messages of --max-message-bytes", config.effective_outbox_bytes());
+            info!(
+                "outbox raised to {} B: it must hold 2 messages of --max-message-bytes",
+                config.effective_outbox_bytes()
+            );
         }
 
         let (sender, events) = crossbeam_channel::bounded(EVENT_QUEUE_CAPACITY);
@@ -113,7 +118,13 @@ impl Server {
             events: sender,
             per_ip: Mutex::new(HashMap::new()),
         });
-        Ok(Server { listener, local_addr, shared, events, max_clients })
+        Ok(Server {
+            listener,
+            local_addr,
+            shared,
+            events,
+            max_clients,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -138,12 +149,22 @@ impl Server {
     /// Serves until `shutdown` is triggered; returns once every thread it started has been
     /// joined and the listening socket is closed.
     pub fn run(self, shutdown: &Shutdown) -> Result<Summary, Error> {
-        let Server { listener, local_addr, shared, events, max_clients } = self;
+        let Server {
+            listener,
+            local_addr,
+            shared,
+            events,
+            max_clients,
+        } = self;
         info!("listening on ws://{local_addr}/ws/<room>");
 
         let broadcaster = {
-            let (hub, stats, config, shutdown) =
-                (shared.hub.clone(), shared.stats.clone(), shared.config.clone(), shutdown.clone());
+            let (hub, stats, config, shutdown) = (
+                shared.hub.clone(),
+                shared.stats.clone(),
+                shared.config.clone(),
+                shutdown.clone(),
+            );
             thread::Builder::new()
                 .name("broadcaster".into())
                 .spawn(move || Broadcaster::new(hub, stats, config).run(events, &shutdown))
@@ -151,7 +172,12 @@ impl Server {
         };
 
         shutdown.register_listener(local_addr);
-        let mut acceptor = Acceptor { shared: shared.clone(), max_clients, connections: HashMap::new(), next_id: AtomicU64::new(1) };
+        let mut acceptor = Acceptor {
+            shared: shared.clone(),
+            max_clients,
+            connections: HashMap::new(),
+            next_id: AtomicU64::new(1),
+        };
         let (finished_tx, finished_rx) = crossbeam_channel::unbounded();
         // Checked after registering: a trigger that came before the registration is seen here,
         // one that comes after will connect to the listener and wake `accept`.
@@ -169,7 +195,10 @@ impl Server {
                     }
                 }
                 Err(err) if is_resource_exhaustion(&err) => {
-                    warn!("accept failed: {err}; backing off {backoff:?} (open connections: {})", shared.stats.threads());
+                    warn!(
+                        "accept failed: {err}; backing off {backoff:?} (open connections: {})",
+                        shared.stats.threads()
+                    );
                     thread::sleep(backoff);
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     acceptor.reap(&finished_rx);
@@ -243,7 +272,10 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         release_ip(&self.shared, self.ip);
-        self.shared.stats.connection_threads.fetch_sub(1, Ordering::SeqCst);
+        self.shared
+            .stats
+            .connection_threads
+            .fetch_sub(1, Ordering::SeqCst);
         let _ = self.finished.send(self.id);
     }
 }
@@ -251,9 +283,17 @@ impl Drop for Slot {
 impl Acceptor {
     /// Admits a connection (spawns its thread) or refuses it with `503`. Returns an error only
     /// when the OS refused the thread, so the caller can back off.
-    fn admit(&mut self, socket: TcpStream, peer: SocketAddr, finished: &Sender<u64>) -> io::Result<()> {
+    fn admit(
+        &mut self,
+        socket: TcpStream,
+        peer: SocketAddr,
+        finished: &Sender<u64>,
+    ) -> io::Result<()> {
         let shared = &self.shared;
-        shared.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
         if shared.stats.threads() >= self.max_clients {
             refuse(socket, peer, Refusal::Capacity, shared);
             return Ok(());
@@ -265,8 +305,16 @@ impl Acceptor {
         // Small frames must not wait for the previous one's ACK (Nagle).
         let _ = socket.set_nodelay(true);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        shared.stats.connection_threads.fetch_add(1, Ordering::SeqCst);
-        let slot = Slot { shared: shared.clone(), id, ip: peer.ip(), finished: finished.clone() };
+        shared
+            .stats
+            .connection_threads
+            .fetch_add(1, Ordering::SeqCst);
+        let slot = Slot {
+            shared: shared.clone(),
+            id,
+            ip: peer.ip(),
+            finished: finished.clone(),
+        };
         let socket = Arc::new(socket);
         let weak = Arc::downgrade(&socket);
         let thread_socket = socket.clone();
@@ -279,7 +327,13 @@ impl Acceptor {
             });
         match spawned {
             Ok(thread) => {
-                self.connections.insert(id, Connection { thread, socket: weak });
+                self.connections.insert(
+                    id,
+                    Connection {
+                        thread,
+                        socket: weak,
+                    },
+                );
                 Ok(())
             }
             Err(err) => {
@@ -352,7 +406,10 @@ fn refuse(socket: TcpStream, peer: SocketAddr, reason: Refusal, shared: &Shared)
 
 /// Errors after which `accept` will fail again immediately until something frees up.
 fn is_resource_exhaustion(err: &io::Error) -> bool {
-    matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Calling `listen` again on a listening socket only updates its backlog (Linux), so a
@@ -360,7 +417,10 @@ fn is_resource_exhaustion(err: &io::Error) -> bool {
 fn widen_backlog(listener: &TcpListener) {
     // SAFETY: the fd is a valid listening socket owned by `listener` for this whole call.
     if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
-        warn!("cannot widen the listen backlog: {}", io::Error::last_os_error());
+        warn!(
+            "cannot widen the listen backlog: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 

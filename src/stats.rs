@@ -18,7 +18,12 @@ pub enum Eviction {
 }
 
 impl Eviction {
-    pub const ALL: [Eviction; 4] = [Eviction::Slow, Eviction::Rate, Eviction::Size, Eviction::Idle];
+    pub const ALL: [Eviction; 4] = [
+        Eviction::Slow,
+        Eviction::Rate,
+        Eviction::Size,
+        Eviction::Idle,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -89,7 +94,8 @@ pub struct Stats {
 
 impl Stats {
     pub fn count_eviction(&self, reason: Eviction) {
-        self.eviction_counter(reason).fetch_add(1, Ordering::Relaxed);
+        self.eviction_counter(reason)
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn evictions(&self, reason: Eviction) -> u64 {

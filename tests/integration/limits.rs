@@ -1,0 +1,129 @@
+//! Each limit of DESIGN §3, with short values: the offender gets its close code or is dropped,
+//! and everyone else keeps being served.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use roomcast::stats::Eviction;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::Message;
+
+use crate::support::*;
+
+/// A bystander in another room: proves the server still serves others after each offence.
+fn assert_still_serving(server: &TestServer) {
+    let mut bystander = server.connect("bystanders");
+    bystander.send(Message::text("still serving")).unwrap();
+    assert_eq!(next_text(&mut bystander), "still serving");
+}
+
+#[test]
+fn an_oversized_message_gets_close_1009() {
+    let mut config = test_config();
+    config.max_message_bytes = 1024;
+    let server = start(config);
+    let mut witness = server.connect("size");
+    let mut offender = server.connect("size");
+    offender.send(Message::binary(vec![7u8; 1024])).unwrap(); // exactly the limit: fine
+    assert_eq!(next_data(&mut witness), Message::binary(vec![7u8; 1024]));
+    offender.send(Message::binary(vec![7u8; 1025])).unwrap();
+    assert_eq!(expect_close(&mut offender), CloseCode::Size);
+    assert!(wait_until(Duration::from_secs(5), || server
+        .stats
+        .evictions(Eviction::Size)
+        == 1));
+    // The oversized message was relayed to no one.
+    witness.send(Message::text("next")).unwrap();
+    assert_eq!(next_text(&mut witness), "next");
+    assert_still_serving(&server);
+    assert!(wait_until(Duration::from_secs(5), || server
+        .hub
+        .room_size("size")
+        == 1));
+}
+
+#[test]
+fn a_client_over_its_rate_gets_close_1008() {
+    let mut config = test_config();
+    config.rate = 5;
+    config.burst = 5;
+    let server = start(config);
+    let mut offender = server.connect("rate");
+    for i in 0..20 {
+        // The server may close before all 20 are written; later sends may then fail.
+        if offender.send(Message::text(format!("{i}"))).is_err() {
+            break;
+        }
+    }
+    assert_eq!(expect_close(&mut offender), CloseCode::Policy);
+    assert_eq!(server.stats.evictions(Eviction::Rate), 1);
+    assert_still_serving(&server);
+}
+
+/// Without the handshake deadline, a connection that sends nothing would hold a thread forever.
+#[test]
+fn silent_and_half_sent_heads_are_dropped_at_the_handshake_timeout() {
+    let mut config = test_config();
+    config.handshake_timeout = Duration::from_millis(300);
+    let server = start(config);
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(server.addr).unwrap();
+    let mut half = TcpStream::connect(server.addr).unwrap();
+    half.write_all(b"GET /ws/room HTTP/1.1\r\nHost: loc")
+        .unwrap();
+    for stream in [&mut silent, &mut half] {
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        assert_eq!(status_of(&response), 408, "{response:?}");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(wait_until(Duration::from_secs(5), || server
+        .stats
+        .threads()
+        == 0));
+    assert_still_serving(&server);
+}
+
+/// A client that completed the handshake but never answers pings is closed once
+/// `--idle-timeout` passes. It reads raw bytes, because tungstenite would answer the pings.
+#[test]
+fn a_client_that_stops_answering_pings_is_closed_after_the_idle_timeout() {
+    let mut config = test_config();
+    config.ping_interval = Duration::from_millis(100);
+    config.idle_timeout = Duration::from_millis(500);
+    let server = start(config);
+    let mut mute = server.connect("idle").into_inner();
+    // A responsive client: reading makes tungstenite answer pings, so it outlives the deadline.
+    let mut lively = server.connect("idle");
+    lively
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let started = Instant::now();
+    let mut pings = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        match lively.read() {
+            Ok(Message::Ping(_)) => pings += 1,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("the responsive client was dropped: {e}"),
+        }
+    }
+    assert!(pings >= 2, "a quiet client is pinged every --ping-interval");
+    let frames = read_frames_until_closed(&mut mute);
+    assert!(
+        frames.iter().any(|f| f.opcode == 0x9),
+        "the mute client was pinged first: {frames:?}"
+    );
+    assert_eq!(
+        frames.last().and_then(RawFrame::close_code),
+        Some(1001),
+        "{frames:?}"
+    );
+    assert_eq!(server.stats.evictions(Eviction::Idle), 1);
+    assert_eq!(server.hub.room_size("idle"), 1);
+    assert!(server.stats.bytes_sent.load(Ordering::Relaxed) > 0);
+}

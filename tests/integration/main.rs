@@ -1,0 +1,11 @@
+//! Integration tests: the real server on `127.0.0.1:0`, real WebSocket clients over TCP.
+
+mod support;
+
+mod binary;
+mod capacity;
+mod limits;
+mod relay;
+mod shutdown;
+mod slow;
+mod threshold;

@@ -1,0 +1,64 @@
+//! In-process shutdown: the handle closes every client with 1001, and `run` returns with every
+//! thread joined and the port free.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::support::*;
+
+#[test]
+fn shutdown_closes_every_client_with_1001_and_joins_everything() {
+    let server = start(test_config());
+    let addr = server.addr;
+    let mut clients: Vec<Client> = (0..5)
+        .map(|i| server.connect(&format!("room{}", i % 2)))
+        .collect();
+    // One connection still in its handshake must not hold shutdown up until its deadline.
+    let mut half = TcpStream::connect(addr).unwrap();
+    half.write_all(b"GET /ws/x HTTP/1.1\r\n").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || server
+        .stats
+        .threads()
+        == 6));
+    let stats = server.stats.clone();
+    let hub = server.hub.clone();
+
+    let started = Instant::now();
+    let closer = std::thread::spawn(move || server.stop());
+    for client in &mut clients {
+        assert_eq!(expect_close(client), CloseCode::Away);
+        // Complete the close handshake, as a well-behaved client does.
+        let _ = client.close(None);
+        while client.read().is_ok() {}
+    }
+    let summary = closer.join().unwrap();
+    // The clients answered at once, so shutdown did not wait out the 2 s grace period.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(summary.clients_served, 5);
+    assert_eq!(stats.threads(), 0);
+    assert_eq!(hub.client_count(), 0);
+    TcpListener::bind(addr).expect("the port is free again");
+}
+
+/// A client that never answers its close is cut when the grace period ends.
+#[test]
+fn shutdown_cuts_unresponsive_clients_after_the_grace_period() {
+    let mut config = test_config();
+    config.shutdown_grace = Duration::from_millis(300);
+    let server = start(config);
+    let mut mute = server.connect("mute").into_inner();
+    let stats = server.stats.clone();
+    let started = Instant::now();
+    server.stop();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(stats.threads(), 0);
+    let frames = read_frames_until_closed(&mut mute);
+    assert_eq!(frames.last().and_then(RawFrame::close_code), Some(1001));
+}

@@ -1,0 +1,255 @@
+//! Test support: a real server on `127.0.0.1:0` in this process, real WebSocket clients over
+//! TCP, and waits on conditions instead of sleeps. Every client has a read timeout, so a test
+//! that would otherwise hang fails instead.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use roomcast::hub::Hub;
+use roomcast::{Config, Server, Shutdown, Stats, Summary};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+/// How long any single client read may wait before the test fails.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type Client = WebSocket<TcpStream>;
+
+/// A server running in this process; shut down and joined on drop.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub stats: Arc<Stats>,
+    pub hub: Arc<Hub>,
+    pub shutdown: Shutdown,
+    thread: Option<JoinHandle<Summary>>,
+}
+
+/// Test defaults: production limits, but short timeouts so nothing in a test waits long.
+pub fn test_config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shutdown_grace: Duration::from_secs(2),
+        ..Config::default()
+    }
+}
+
+pub fn start(config: Config) -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = Server::new(listener, config).unwrap();
+    let addr = server.local_addr();
+    let (stats, hub) = (server.stats(), server.hub());
+    let shutdown = Shutdown::new();
+    let handle = shutdown.clone();
+    let thread = thread::Builder::new()
+        .name(format!("server-{}", addr.port()))
+        .spawn(move || server.run(&handle).unwrap())
+        .unwrap();
+    TestServer {
+        addr,
+        stats,
+        hub,
+        shutdown,
+        thread: Some(thread),
+    }
+}
+
+impl TestServer {
+    pub fn url(&self, room: &str) -> String {
+        format!("ws://{}/ws/{room}", self.addr)
+    }
+
+    /// Connects a WebSocket client to `room`; panics if the upgrade fails.
+    pub fn connect(&self, room: &str) -> Client {
+        self.try_connect(room)
+            .unwrap_or_else(|e| panic!("connect to {room}: {e}"))
+    }
+
+    /// Connects to an arbitrary path rather than a room.
+    pub fn connect_path(&self, path: &str) -> Client {
+        let stream = TcpStream::connect(self.addr).unwrap();
+        upgrade(stream, &format!("ws://{}{path}", self.addr)).unwrap()
+    }
+
+    pub fn try_connect(&self, room: &str) -> Result<Client, tungstenite::Error> {
+        let stream = TcpStream::connect(self.addr).unwrap();
+        upgrade(stream, &self.url(room))
+    }
+
+    /// Stops the server and returns its summary once every thread has been joined.
+    pub fn stop(mut self) -> Summary {
+        self.shutdown.trigger();
+        self.thread
+            .take()
+            .unwrap()
+            .join()
+            .expect("server thread panicked")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.shutdown.trigger();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Runs the client side of the handshake over an already connected stream.
+pub fn upgrade(stream: TcpStream, url: &str) -> Result<Client, tungstenite::Error> {
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
+    match tungstenite::client(url, stream) {
+        Ok((ws, _response)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => {
+            panic!("blocking handshake interrupted")
+        }
+    }
+}
+
+/// Reads the next data message, skipping control frames.
+pub fn next_data(client: &mut Client) -> Message {
+    loop {
+        match client.read().expect("read a message") {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            message => return message,
+        }
+    }
+}
+
+pub fn next_text(client: &mut Client) -> String {
+    match next_data(client) {
+        Message::Text(text) => text.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// Reads until the server's close frame and returns its code.
+pub fn expect_close(client: &mut Client) -> CloseCode {
+    loop {
+        match client.read() {
+            Ok(Message::Close(Some(frame))) => return frame.code,
+            Ok(Message::Close(None)) => panic!("close frame without a code"),
+            Ok(_) => continue,
+            Err(e) => panic!("connection ended without a close frame: {e}"),
+        }
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sends raw bytes and returns everything the server sends until it closes (or the timeout).
+pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// The status code of a raw HTTP response.
+pub fn status_of(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A valid upgrade request head for `path`.
+pub fn upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+}
+
+/// Unwraps the plain stream from tungstenite's client type.
+pub fn plain(stream: &MaybeTlsStream<TcpStream>) -> &TcpStream {
+    match stream {
+        MaybeTlsStream::Plain(s) => s,
+        _ => unreachable!("tests use plain TCP"),
+    }
+}
+
+/// Resident set size of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// A frame as the server sent it: opcode and payload (server frames are never masked).
+#[derive(Debug, PartialEq, Eq)]
+pub struct RawFrame {
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// The status code of a close frame.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 0x8 && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+/// Reads raw bytes until the server closes the connection (or the read timeout), then parses
+/// them into frames. For clients that must not answer pings, which tungstenite always does.
+pub fn read_frames_until_closed(stream: &mut TcpStream) -> Vec<RawFrame> {
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    let mut bytes = Vec::new();
+    let _ = stream.read_to_end(&mut bytes);
+    parse_frames(&bytes)
+}
+
+/// Parses complete unmasked frames; a truncated tail is ignored.
+pub fn parse_frames(mut bytes: &[u8]) -> Vec<RawFrame> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 2 {
+        let opcode = bytes[0] & 0x0f;
+        let (len, header) = match bytes[1] & 0x7f {
+            126 if bytes.len() >= 4 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+            127 if bytes.len() >= 10 => (
+                u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if bytes.len() < header + len {
+            break;
+        }
+        frames.push(RawFrame {
+            opcode,
+            payload: bytes[header..header + len].to_vec(),
+        });
+        bytes = &bytes[header + len..];
+    }
+    frames
+}
