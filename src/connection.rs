@@ -29,7 +29,7 @@ use tungstenite::{Bytes, Message, WebSocket};
 use crate::broadcaster::{Event, MessageKind};
 use crate::client::Client;
 use crate::http::{self, HeadError, Request, Response};
-use crate::hub::is_valid_room_name;
+use crate::hub::{is_valid_room_name, Hub};
 use crate::outbox::{Flush, Push};
 use crate::ratelimit::TokenBucket;
 use crate::server::Shared;
@@ -92,16 +92,36 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
     // Order matters: queue the 101 first, then become visible to the broadcaster, then flush.
     // Anything the broadcaster queues from now on lands behind the 101.
     client.queue(Bytes::from(upgrade.response));
-    shared.hub.join(client.clone());
+    let membership = Membership::join(&shared.hub, &client);
     shared.stats.clients_served.fetch_add(1, Ordering::Relaxed);
     client.flush();
     debug!("client {id} ({peer}) joined room {}", client.room);
 
     let ending = session(shared, &client, leftover);
 
-    shared.hub.leave(&client);
+    drop(membership);
     debug!("client {id} ({peer}) left room {}: {ending:?}", client.room);
     finish(&client, ending);
+}
+
+/// A client's place in the hub, given up on drop: on the normal path, and also if the
+/// thread panics, so a dead client can never stay in a room.
+struct Membership<'a> {
+    hub: &'a Hub,
+    client: &'a Arc<Client>,
+}
+
+impl<'a> Membership<'a> {
+    fn join(hub: &'a Hub, client: &'a Arc<Client>) -> Membership<'a> {
+        hub.join(client.clone());
+        Membership { hub, client }
+    }
+}
+
+impl Drop for Membership<'_> {
+    fn drop(&mut self) {
+        self.hub.leave(self.client);
+    }
 }
 
 /// The upgrade a valid request asks for.

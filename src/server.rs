@@ -2,14 +2,14 @@
 //! spawn one small-stack thread per connection. Also the orderly shutdown: stop accepting,
 //! let the broadcaster close every client, join every thread.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown as Both, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
@@ -35,10 +35,14 @@ pub const CONNECTION_STACK_BYTES: usize = 64 * 1024;
 /// 128, which a burst of thousands of connects per second overflows (clients see resets).
 const LISTEN_BACKLOG: i32 = 4096;
 /// First and longest pause after `accept` fails for lack of resources (`EMFILE`, `ENFILE`,
-/// `ENOBUFS`, `ENOMEM`) or a thread cannot be spawned. Doubling in between: prompt recovery
-/// when a descriptor frees up, and no busy loop while none does.
+/// `ENOBUFS`, `ENOMEM`) or a thread cannot be spawned (see `Backoff`).
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long a refused socket stays half-open for the client's request to arrive.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+/// Refused sockets lingering at once, at most. Each holds a descriptor, so the bound must stay
+/// well inside `capacity`'s descriptor reserve.
+const MAX_LINGERING_REFUSALS: usize = 32;
 
 /// State every connection thread needs. Shared as `Arc<Shared>`, dropped when the last
 /// connection thread and the acceptor are done.
@@ -176,39 +180,36 @@ impl Server {
             shared: shared.clone(),
             max_clients,
             connections: HashMap::new(),
+            refused: VecDeque::new(),
             next_id: AtomicU64::new(1),
         };
         let (finished_tx, finished_rx) = crossbeam_channel::unbounded();
         // Checked after registering: a trigger that came before the registration is seen here,
         // one that comes after will connect to the listener and wake `accept`.
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::default();
         while !shutdown.is_triggered() {
-            match listener.accept() {
+            let accepted = listener.accept();
+            acceptor.reap(&finished_rx);
+            acceptor.close_lingering_refusals(Instant::now());
+            match accepted {
                 Ok(_) if shutdown.is_triggered() => break,
-                Ok((socket, peer)) => {
-                    backoff = BACKOFF_MIN;
-                    acceptor.reap(&finished_rx);
-                    if let Err(err) = acceptor.admit(socket, peer, &finished_tx) {
-                        warn!("cannot spawn a connection thread: {err}; refusing and backing off {backoff:?}");
-                        thread::sleep(backoff);
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                    }
-                }
-                Err(err) if is_resource_exhaustion(&err) => {
-                    warn!(
-                        "accept failed: {err}; backing off {backoff:?} (open connections: {})",
-                        shared.stats.threads()
-                    );
-                    thread::sleep(backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    acceptor.reap(&finished_rx);
-                }
+                Ok((socket, peer)) => match acceptor.admit(socket, peer, &finished_tx) {
+                    Ok(()) => backoff.reset(),
+                    Err(err) => backoff.wait(&format!("cannot spawn a connection thread: {err}")),
+                },
+                Err(err) if is_resource_exhaustion(&err) => backoff.wait(&format!(
+                    "accept failed: {err} ({} connections open)",
+                    shared.stats.threads()
+                )),
                 // The peer gave up between SYN and accept, or a signal interrupted us.
                 Err(err) => debug!("accept: {err}"),
             }
         }
         shutdown.unregister_listener(local_addr);
         drop(listener);
+        for (_, socket) in acceptor.refused.drain(..) {
+            drain_and_close(socket);
+        }
         info!("stopped accepting");
 
         if broadcaster.join().is_err() {
@@ -252,6 +253,11 @@ struct Acceptor {
     /// can cut connections still in their handshake. Weak, so the descriptor closes as soon as
     /// the connection thread is done with it.
     connections: HashMap<u64, Connection>,
+    /// Refused sockets, write side already shut after the 503, kept open for
+    /// `REFUSAL_LINGER` so the client's request can arrive and be read. Closing at once would
+    /// often close with the request unread, and the kernel answers that with an RST that a
+    /// client still writing its request sees as "connection reset" instead of our 503.
+    refused: VecDeque<(Instant, TcpStream)>,
     next_id: AtomicU64,
 }
 
@@ -295,11 +301,13 @@ impl Acceptor {
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
         if shared.stats.threads() >= self.max_clients {
-            refuse(socket, peer, Refusal::Capacity, shared);
+            refuse(&socket, peer, Refusal::Capacity, shared);
+            self.linger(socket);
             return Ok(());
         }
         if !claim_ip(shared, peer.ip()) {
-            refuse(socket, peer, Refusal::PerIp, shared);
+            refuse(&socket, peer, Refusal::PerIp, shared);
+            self.linger(socket);
             return Ok(());
         }
         // Small frames must not wait for the previous one's ACK (Nagle).
@@ -338,11 +346,33 @@ impl Acceptor {
             }
             Err(err) => {
                 // The closure, and with it the slot, was dropped: counters are already released.
-                match Arc::try_unwrap(socket) {
-                    Ok(socket) => refuse(socket, peer, Refusal::Spawn, shared),
-                    Err(socket) => drop(socket),
+                refuse(&socket, peer, Refusal::Spawn, &self.shared);
+                if let Ok(socket) = Arc::try_unwrap(socket) {
+                    self.linger(socket);
                 }
                 Err(err)
+            }
+        }
+    }
+
+    fn linger(&mut self, socket: TcpStream) {
+        if self.refused.len() >= MAX_LINGERING_REFUSALS {
+            if let Some((_, oldest)) = self.refused.pop_front() {
+                drain_and_close(oldest);
+            }
+        }
+        self.refused.push_back((Instant::now(), socket));
+    }
+
+    /// Closes refused sockets whose linger time is over.
+    fn close_lingering_refusals(&mut self, now: Instant) {
+        while self
+            .refused
+            .front()
+            .is_some_and(|(since, _)| now.duration_since(*since) >= REFUSAL_LINGER)
+        {
+            if let Some((_, socket)) = self.refused.pop_front() {
+                drain_and_close(socket);
             }
         }
     }
@@ -384,23 +414,56 @@ fn release_ip(shared: &Shared, ip: IpAddr) {
     }
 }
 
-/// Answers `503` with `Retry-After` from the acceptor thread itself, without spawning.
+/// Answers `503` with `Retry-After` from the acceptor thread itself, without spawning, and
+/// half-closes. The caller lingers the socket (see `Acceptor::refused`).
 ///
 /// The socket is made non-blocking first: a fresh socket's send buffer is empty, so the
-/// response fits, and the acceptor must never wait on a client. Reading whatever request bytes
-/// already arrived before closing keeps the kernel from answering our close with an RST,
-/// which could make the client lose the 503.
-fn refuse(socket: TcpStream, peer: SocketAddr, reason: Refusal, shared: &Shared) {
+/// response fits, and the acceptor must never wait on a client.
+fn refuse(socket: &TcpStream, peer: SocketAddr, reason: Refusal, shared: &Shared) {
     shared.stats.count_refusal(reason);
     warn!("refused {peer}: {}", reason.as_str());
     let response = Response::status(503)
         .with_header("Retry-After", RETRY_AFTER_SECS.to_string())
         .with_body(format!("server full ({}); retry later\n", reason.as_str()));
     if socket.set_nonblocking(true).is_ok() {
-        let _ = (&socket).write_all(&response.to_bytes());
-        let _ = socket.shutdown(Both::Write);
-        let mut sink = [0u8; 4096];
-        while matches!((&socket).read(&mut sink), Ok(n) if n > 0) {}
+        let _ = (&*socket).write_all(&response.to_bytes());
+    }
+    let _ = socket.shutdown(Both::Write);
+}
+
+/// Reads (and discards) whatever has arrived, without blocking, then closes.
+fn drain_and_close(socket: TcpStream) {
+    let mut sink = [0u8; 1024];
+    while matches!((&socket).read(&mut sink), Ok(n) if n > 0) {}
+}
+
+/// Pauses the accept loop after failures that repeat until something frees up, doubling
+/// each time: prompt recovery when a descriptor or thread frees, no busy loop while none
+/// does, and one warning per episode rather than one per failure.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn wait(&mut self, what: &str) {
+        let pause = BACKOFF_MIN
+            .saturating_mul(1 << self.failures.min(16))
+            .min(BACKOFF_MAX);
+        if self.failures == 0 {
+            warn!("{what}; backing off (up to {BACKOFF_MAX:?} between attempts) until it clears");
+        } else {
+            debug!("{what}; backing off {pause:?}");
+        }
+        self.failures += 1;
+        thread::sleep(pause);
+    }
+
+    fn reset(&mut self) {
+        if self.failures > 0 {
+            info!("accepting again after {} failed attempts", self.failures);
+            self.failures = 0;
+        }
     }
 }
 
