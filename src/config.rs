@@ -200,13 +200,13 @@ where
             "--max-clients" => {
                 config.max_clients = match value {
                     "auto" => None,
-                    _ => Some(parse_count(f, value)?),
+                    _ => Some(parse_whole(f, value)?),
                 }
             }
-            "--max-clients-per-ip" => config.max_clients_per_ip = parse_count(f, value)?,
+            "--max-clients-per-ip" => config.max_clients_per_ip = parse_whole(f, value)?,
             "--max-message-bytes" => config.max_message_bytes = parse_bytes(f, value)?,
-            "--rate" => config.rate = parse_u32(f, value)?,
-            "--burst" => config.burst = parse_u32(f, value)?,
+            "--rate" => config.rate = parse_whole(f, value)?,
+            "--burst" => config.burst = parse_whole(f, value)?,
             "--outbox-bytes" => config.outbox_bytes = parse_bytes(f, value)?,
             "--slow-timeout" => config.slow_timeout = parse_duration(f, value)?,
             "--handshake-timeout" => config.handshake_timeout = parse_duration(f, value)?,
@@ -235,16 +235,20 @@ where
     Ok(Command::Run(Box::new(config)))
 }
 
-fn parse_count(flag: &str, value: &str) -> Result<usize, ConfigError> {
+/// Parses a whole number of any unsigned type.
+fn parse_whole<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, ConfigError> {
     value
         .parse()
         .map_err(|_| ConfigError::new(flag, format!("{value:?} is not a whole number")))
 }
 
-fn parse_u32(flag: &str, value: &str) -> Result<u32, ConfigError> {
-    value
-        .parse()
-        .map_err(|_| ConfigError::new(flag, format!("{value:?} is not a whole number")))
+/// Splits `"64KiB"` into `(64, "KiB")`; `None` when there is no leading number.
+fn number_and_unit(value: &str) -> Option<(u64, &str)> {
+    let digits_end = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(digits_end);
+    Some((number.parse().ok()?, unit))
 }
 
 /// Parses a byte size: a whole number with an optional binary suffix (`K`/`KiB`, `M`/`MiB`).
@@ -255,18 +259,15 @@ pub fn parse_bytes(flag: &str, value: &str) -> Result<usize, ConfigError> {
             format!("{value:?} is not a size like 65536, 64KiB or 1MiB"),
         )
     };
-    let digits_end = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (number, suffix) = value.split_at(digits_end);
-    let number: usize = number.parse().map_err(|_| bad())?;
-    let multiplier = match suffix {
+    let (number, unit) = number_and_unit(value).ok_or_else(bad)?;
+    let multiplier = match unit {
         "" | "B" => 1,
         "K" | "KiB" => 1024,
         "M" | "MiB" => 1024 * 1024,
         _ => return Err(bad()),
     };
-    number.checked_mul(multiplier).ok_or_else(bad)
+    let bytes = number.checked_mul(multiplier).ok_or_else(bad)?;
+    usize::try_from(bytes).map_err(|_| bad())
 }
 
 /// Parses a duration: a whole number with a unit (`ms`, `s`, `m`); a bare number is seconds.
@@ -277,11 +278,7 @@ pub fn parse_duration(flag: &str, value: &str) -> Result<Duration, ConfigError> 
             format!("{value:?} is not a duration like 500ms, 10s or 2m"),
         )
     };
-    let digits_end = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(digits_end);
-    let number: u64 = number.parse().map_err(|_| bad())?;
+    let (number, unit) = number_and_unit(value).ok_or_else(bad)?;
     let duration = match unit {
         "ms" => Duration::from_millis(number),
         "" | "s" => Duration::from_secs(number),

@@ -83,11 +83,14 @@ fn join_leave_storm_loses_nothing_and_leaks_nothing() {
         })
         .collect();
 
-    let publishers: Vec<_> = (0..PUBLISHERS)
-        .map(|p| {
-            let server = server.clone();
+    // Every publisher joins before any sends: one that joined late would rightly miss the
+    // other's first messages and then wait for a count it can never reach.
+    let publisher_clients: Vec<Client> = (0..PUBLISHERS).map(|_| server.connect("arena")).collect();
+    let publishers: Vec<_> = publisher_clients
+        .into_iter()
+        .enumerate()
+        .map(|(p, mut client)| {
             thread::spawn(move || {
-                let mut client = server.connect("arena");
                 let pace = STORM / PER_PUBLISHER as u32;
                 let started = Instant::now();
                 for seq in 0..PER_PUBLISHER {
