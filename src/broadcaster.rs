@@ -213,30 +213,33 @@ impl Broadcaster {
     /// and answer, then cut whoever is left. Cutting (socket shutdown) is what wakes each
     /// connection thread from `read` so it can exit and be joined.
     fn close_all(&mut self, events: &Receiver<Event>) {
-        let mut everyone = Vec::new();
-        self.hub
-            .for_each_client(|client| everyone.push(client.clone()));
-        info!("shutting down: closing {} clients", everyone.len());
-        for client in &everyone {
-            client.queue_close(CloseCode::Away, "server shutting down");
-            client.flush();
-        }
+        info!("shutting down: closing {} clients", self.hub.client_count());
         let deadline = Instant::now() + self.config.shutdown_grace;
-        while Instant::now() < deadline && self.hub.client_count() > 0 {
-            // Messages still arriving have nowhere to go: every outbox is sealed.
+        let mut clients = Vec::new();
+        loop {
+            // Messages still arriving have nowhere to go: every outbox is sealed by its close.
             for _ in events.try_iter() {}
-            for client in &everyone {
+            // Taken afresh each step (clients that answered have left), which also catches a
+            // client that finished its handshake after shutdown began.
+            clients.clear();
+            self.hub
+                .for_each_client(|client| clients.push(client.clone()));
+            if clients.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            for client in &clients {
+                if !client.is_closing() {
+                    client.queue_close(CloseCode::Away, "server shutting down");
+                }
                 if client.has_backlog() {
                     client.flush();
                 }
             }
             std::thread::sleep(GRACE_STEP);
         }
-        let mut remaining = 0;
-        self.hub.for_each_client(|client| {
-            remaining += 1;
+        for client in &clients {
             let _ = client.socket().shutdown(std::net::Shutdown::Both);
-        });
-        debug!("grace period over: {remaining} clients cut");
+        }
+        debug!("grace period over: {} clients cut", clients.len());
     }
 }

@@ -131,6 +131,11 @@ impl Client {
         }
     }
 
+    /// Whether a close frame has been queued (nothing more will be sent).
+    pub fn is_closing(&self) -> bool {
+        self.outbox.lock().is_closed()
+    }
+
     /// How long the client has had unsent bytes, if it has any.
     pub fn backlog_age(&self, now: Instant) -> Option<Duration> {
         self.outbox
