@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -23,13 +24,31 @@ struct Process {
 
 impl Process {
     fn start(args: &[&str]) -> Process {
-        let mut child = Command::new(BINARY)
+        Process::start_with_file_limit(args, None)
+    }
+
+    /// Starts the binary, optionally with its soft and hard `RLIMIT_NOFILE` set to `files`.
+    fn start_with_file_limit(args: &[&str], files: Option<u64>) -> Process {
+        let mut command = Command::new(BINARY);
+        command
             .args(["--listen", "127.0.0.1:0", "--log-level", "info"])
             .args(args)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        if let Some(files) = files {
+            let limit = libc::rlimit {
+                rlim_cur: files,
+                rlim_max: files,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
+            unsafe {
+                command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
+        let mut child = command.spawn().unwrap();
         let lines = forward_lines(child.stderr.take().unwrap());
         let mut process = Process {
             child,
@@ -205,5 +224,77 @@ fn stalled_clients_cannot_grow_the_servers_memory_past_the_outbox_bound() {
     assert!(
         growth < OUTBOX + 8 * 1024 * 1024,
         "RSS grew by {growth} bytes"
+    );
+}
+
+/// CPU time (user + system) the process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// Sends an upgrade request and reports whether a 101 arrives within `wait`.
+fn upgraded_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    use std::io::Read;
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 101")
+}
+
+/// Out of file descriptors, `accept` fails with EMFILE until one frees. Without the backoff
+/// the acceptor would spin on it at 100% CPU; without recovery the server would be dead.
+#[test]
+fn out_of_file_descriptors_it_backs_off_quietly_and_recovers() {
+    use std::io::Write;
+    // --max-clients above what 48 descriptors allow, so accept itself must hit the limit.
+    let mut process =
+        Process::start_with_file_limit(&["--max-clients", "1000", "--rate", "0"], Some(48));
+    let pid = process.child.id();
+    let mut held = Vec::new();
+    let pending = loop {
+        let mut stream = TcpStream::connect(process.addr).unwrap();
+        stream
+            .write_all(upgrade_request("/ws/fds").as_bytes())
+            .unwrap();
+        if !upgraded_within(&mut stream, Duration::from_secs(2)) {
+            break stream;
+        }
+        held.push(stream);
+        assert!(held.len() < 48, "the descriptor limit never bit");
+    };
+    process.wait_for_line("Too many open files");
+
+    let cpu_before = cpu_time(pid);
+    thread::sleep(Duration::from_secs(2));
+    let spent = cpu_time(pid) - cpu_before;
+    // A busy loop would burn about 2 s of CPU here; the backoff sleeps up to 1 s at a time.
+    assert!(
+        spent < Duration::from_millis(500),
+        "{spent:?} of CPU in 2 s while out of fds"
+    );
+
+    // Free descriptors: the connection waiting in the backlog is served, and so is a new one.
+    let _ = held.drain(..5);
+    let mut pending = pending;
+    assert!(
+        upgraded_within(&mut pending, READ_TIMEOUT),
+        "the pending connection was never served"
+    );
+    let mut fresh = process.connect("fds");
+    fresh.send(Message::text("recovered")).unwrap();
+    assert_eq!(next_text(&mut fresh), "recovered");
+    assert!(
+        process.child.try_wait().unwrap().is_none(),
+        "the server must still be running"
     );
 }
