@@ -1,15 +1,49 @@
 #!/usr/bin/env bash
 # The whole test suite: what the README's quick start and CI run.
 #
-# Everything the suite needs beyond a Rust toolchain is installed here when missing, so a
-# fresh machine runs every test and skips none. Today the suite needs nothing else; later
-# suites (browser, Autobahn, Redis) add their install steps to this script.
+# Installs what the suite needs beyond a Rust toolchain when it is missing, then runs every
+# test with ROOMCAST_REQUIRE_ALL=1, under which a test that would skip for lack of a tool
+# fails instead. (Plain `cargo test` runs the same tests and prints why it skips any.)
+#   - Debian's chromium (+ an emoji font for the screenshot): the demo page's browser test
+#   - promtool, unpacked from Debian's prometheus package: the reference /metrics linter
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+apt_updated=""
+apt_install() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "scripts/test.sh: need root to install: $*" >&2
+        exit 1
+    fi
+    [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+dpkg -s fonts-noto-color-emoji >/dev/null 2>&1 || missing+=(fonts-noto-color-emoji)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "scripts/test.sh: installing ${missing[*]}"
+    apt_install "${missing[@]}"
+fi
+
+# promtool ships inside Debian's prometheus package. Unpacking the .deb instead of installing
+# it gets the one binary without creating a prometheus user or starting its service.
+if ! command -v promtool >/dev/null 2>&1; then
+    tools="$PWD/target/tools"
+    if [ ! -x "$tools/usr/bin/promtool" ]; then
+        echo "scripts/test.sh: unpacking promtool from Debian's prometheus package"
+        mkdir -p "$tools"
+        [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
+        (cd "$tools" && rm -f prometheus_*.deb && apt-get download -qq prometheus && dpkg-deb -x prometheus_*.deb .)
+    fi
+    export PROMTOOL="$tools/usr/bin/promtool"
+fi
 
 # Connection tests open thousands of sockets; use the hard file limit if the soft one is low.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
+export ROOMCAST_REQUIRE_ALL=1
 cargo test --locked --all-targets "$@"
 # Doc tests are not part of --all-targets.
 cargo test --locked --doc "$@"

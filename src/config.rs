@@ -35,6 +35,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// A client from which nothing (not even a pong) arrives for this long is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The environment variable `main` reads the publish API token from when `--api-token` is absent.
+pub const API_TOKEN_ENV: &str = "ROOMCAST_API_TOKEN";
 /// How long shutdown waits for clients to take their close frames before cutting sockets.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -58,6 +60,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Empty allows any origin (and clients that send none).
     pub allowed_origins: Vec<String>,
+    /// Bearer token for `POST /api/rooms/<room>/messages`; `None` turns that endpoint off.
+    /// From `--api-token`, else the `API_TOKEN_ENV` environment variable (read by `main`),
+    /// which keeps the secret out of `ps` output.
+    pub api_token: Option<String>,
     pub log_level: LevelFilter,
     pub log_file: Option<PathBuf>,
 }
@@ -80,6 +86,7 @@ impl Default for Config {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             allowed_origins: Vec::new(),
+            api_token: None,
             log_level: LevelFilter::Info,
             log_file: None,
         }
@@ -219,6 +226,12 @@ where
                 }
                 config.allowed_origins.push(value.to_string())
             }
+            "--api-token" => {
+                if value.is_empty() {
+                    return Err(ConfigError::new(f, "must not be empty"));
+                }
+                config.api_token = Some(value.to_string())
+            }
             "--log-level" => {
                 config.log_level = value.parse().map_err(|_| {
                     ConfigError::new(
@@ -319,6 +332,8 @@ FLAGS (value as `--flag VALUE` or `--flag=VALUE`):
     --shutdown-grace DUR       time to flush close frames on shutdown  [default: 5s]
     --allowed-origin ORIGIN    allowed Origin header; repeatable; 403  [default: any]
                                for others
+    --api-token TOKEN          bearer token for POST /api/rooms/ROOM/   [default: $ROOMCAST_API_TOKEN,
+                               messages; without one it is off (404)    else off]
     --log-level LEVEL          off, error, warn, info, debug, trace    [default: info]
     --log-file PATH            also append the log to this file        [default: stderr only]
     -h, --help                 print this help
@@ -436,6 +451,7 @@ mod tests {
             "--idle-timeout",
             "--shutdown-grace",
             "--allowed-origin",
+            "--api-token",
             "--log-level",
             "--log-file",
         ] {

@@ -2,7 +2,8 @@
 //!
 //! Its life, in order:
 //! 1. read the HTTP request head under the handshake deadline (http.rs);
-//! 2. route it: upgrade `/ws/<room>`, or answer a plain status and close;
+//! 2. route it: upgrade `/ws/<room>`, or answer a plain HTTP endpoint (endpoints.rs) or
+//!    status, and close;
 //! 3. queue the `101` in a fresh outbox, join the room, flush (so the client is a member the
 //!    moment it sees the `101`, and no room message can overtake the `101`);
 //! 4. loop: block in `read` until a whole message arrives, hand it to the broadcaster;
@@ -28,6 +29,7 @@ use tungstenite::{Bytes, Message, WebSocket};
 
 use crate::broadcaster::{Event, MessageKind};
 use crate::client::Client;
+use crate::endpoints;
 use crate::http::{self, HeadError, Request, Response};
 use crate::hub::{is_valid_room_name, Hub};
 use crate::outbox::Flush;
@@ -67,7 +69,24 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
             return;
         }
     };
+    if !is_websocket_path(&request.path) {
+        let response = endpoints::answer(shared, &socket, &request, leftover, deadline);
+        debug!(
+            "connection {id} ({peer}): {} {} -> {}",
+            request.method, request.path, response.status
+        );
+        respond_and_close(&socket, &response, deadline);
+        return;
+    }
     let upgrade = match route(&request, &shared.config.allowed_origins) {
+        // While draining, the server finishes serving its clients but admits no new ones.
+        Ok(_) if shared.is_draining() => {
+            let response = Response::status(503)
+                .with_header("Retry-After", RETRY_AFTER_SECS.to_string())
+                .with_body("draining: the server is shutting down\n");
+            respond_and_close(&socket, &response, deadline);
+            return;
+        }
         Ok(upgrade) => upgrade,
         Err(response) => {
             debug!(
@@ -122,6 +141,11 @@ impl Drop for Membership<'_> {
     fn drop(&mut self) {
         self.hub.leave(self.client);
     }
+}
+
+/// `/ws` and everything under `/ws/` is the WebSocket endpoint; other paths are plain HTTP.
+fn is_websocket_path(path: &str) -> bool {
+    path == "/ws" || path.starts_with("/ws/")
 }
 
 /// The upgrade a valid request asks for.

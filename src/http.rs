@@ -4,6 +4,7 @@
 //! Every connection starts here. The connection thread reads the head, then either upgrades
 //! it to a WebSocket (connection.rs) or answers it with a status and closes.
 
+use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -147,25 +148,103 @@ pub fn parse_head(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     )))
 }
 
+/// Reads a request body of exactly `Content-Length` bytes, starting with `leftover` (the bytes
+/// that arrived after the head), finishing by `deadline`.
+///
+/// The length is checked against `max` before anything is read, so an announced gigabyte
+/// costs nothing. Chunked bodies are not supported: every client that POSTs here (curl, a
+/// backend's HTTP library) sends a length for a small body. Errors are the status to answer.
+pub fn read_body(
+    stream: &TcpStream,
+    request: &Request,
+    mut leftover: Vec<u8>,
+    max: usize,
+    deadline: Instant,
+) -> Result<Vec<u8>, u16> {
+    if request.header("Transfer-Encoding").is_some() {
+        return Err(411);
+    }
+    let length: usize = match request.header("Content-Length") {
+        Some(value) => value.parse().map_err(|_| 400u16)?,
+        None => return Err(411),
+    };
+    if length > max {
+        return Err(413);
+    }
+    // Bytes after the body would be a pipelined second request, which we do not serve.
+    leftover.truncate(length);
+    let mut body = leftover;
+    let mut filled = body.len();
+    body.resize(length, 0);
+    while filled < length {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(408);
+        }
+        stream
+            .set_read_timeout(Some(remaining))
+            .map_err(|_| 500u16)?;
+        match (&*stream).read(&mut body[filled..]) {
+            Ok(0) => return Err(400),
+            Ok(n) => filled += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(408)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(400),
+        }
+    }
+    Ok(body)
+}
+
 /// A plain HTTP response; always `Connection: close`, since each connection serves one request.
 #[derive(Debug)]
 pub struct Response {
     pub status: u16,
+    pub content_type: &'static str,
     pub headers: Vec<(&'static str, String)>,
-    pub body: String,
+    pub body: Cow<'static, str>,
 }
+
+/// Content types roomcast answers with.
+pub const TEXT: &str = "text/plain; charset=utf-8";
+pub const JSON: &str = "application/json";
+pub const HTML: &str = "text/html; charset=utf-8";
+/// Prometheus text exposition format 0.0.4.
+pub const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 impl Response {
     /// A response whose body is its reason phrase, a line a human reading curl output follows.
     pub fn status(status: u16) -> Response {
         Response {
             status,
+            content_type: TEXT,
             headers: Vec::new(),
-            body: format!("{}\n", reason(status)),
+            body: format!("{}\n", reason(status)).into(),
         }
     }
 
-    pub fn with_body(mut self, body: impl Into<String>) -> Response {
+    /// A `200` with the given content type and body.
+    pub fn ok(content_type: &'static str, body: impl Into<Cow<'static, str>>) -> Response {
+        Response::status(200).with_content(content_type, body)
+    }
+
+    pub fn with_body(mut self, body: impl Into<Cow<'static, str>>) -> Response {
+        self.body = body.into();
+        self
+    }
+
+    pub fn with_content(
+        mut self,
+        content_type: &'static str,
+        body: impl Into<Cow<'static, str>>,
+    ) -> Response {
+        self.content_type = content_type;
         self.body = body.into();
         self
     }
@@ -181,7 +260,8 @@ impl Response {
             out.push_str(&format!("{name}: {value}\r\n"));
         }
         out.push_str(&format!(
-            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "Content-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+            self.content_type,
             self.body.len()
         ));
         out.push_str(&self.body);
@@ -200,11 +280,15 @@ pub fn reason(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         200 => "OK",
+        202 => "Accepted",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",

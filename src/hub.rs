@@ -66,6 +66,15 @@ impl Hub {
         }
     }
 
+    /// Every room with its member count, for the rooms API.
+    pub fn rooms(&self) -> Vec<(String, usize)> {
+        self.rooms
+            .read()
+            .iter()
+            .map(|(room, members)| (room.to_string(), members.len()))
+            .collect()
+    }
+
     /// Clients in all rooms.
     pub fn client_count(&self) -> usize {
         self.rooms.read().values().map(Vec::len).sum()

@@ -15,6 +15,7 @@
 //! | [`capacity`] | start-up preflight: how many clients the fd, thread, mapping and memory limits allow |
 //! | [`http`] | reading one request head under a deadline; plain responses |
 //! | [`connection`] | a connection thread: route, upgrade, join, read loop, leave, close |
+//! | [`endpoints`], [`metrics`] | the plain HTTP side: health, metrics, rooms API, publish, demo page |
 //! | [`hub`] | the `RwLock`'d map of rooms to clients |
 //! | [`broadcaster`] | the one thread that encodes each message once and fans it out without blocking |
 //! | [`client`] | one client as all threads share it: socket, outbox, liveness clocks |
@@ -44,9 +45,11 @@ pub mod capacity;
 pub mod client;
 pub mod config;
 pub mod connection;
+pub mod endpoints;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod outbox;
 pub mod ratelimit;
 pub mod server;

@@ -32,6 +32,12 @@ fn main() {
             exit(2);
         }
     };
+    let mut config = config;
+    if config.api_token.is_none() {
+        config.api_token = std::env::var(roomcast::config::API_TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty());
+    }
     if let Err(err) = run(config) {
         eprintln!("roomcast: {err}");
         exit(err.exit_code());

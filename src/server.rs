@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown as Both, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -38,6 +38,8 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// `ENOBUFS`, `ENOMEM`) or a thread cannot be spawned (see `Backoff`).
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How often the drain loop checks whether the broadcaster has finished, between accepts.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 /// How long a refused socket stays half-open for the client's request to arrive.
 const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 /// Refused sockets lingering at once, at most. Each holds a descriptor, so the bound must stay
@@ -55,6 +57,15 @@ pub(crate) struct Shared {
     /// Connections per peer IP, for `--max-clients-per-ip`. Incremented by the acceptor,
     /// decremented by each connection thread as it ends; entries at zero are removed.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Set once by the acceptor when shutdown begins, never cleared. Connection threads read
+    /// it: during the drain, upgrades are refused and `/healthz` answers `503 draining`.
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
 }
 
 /// What the server did, returned by `run` and logged at shutdown.
@@ -121,6 +132,7 @@ impl Server {
             stats: Arc::new(Stats::default()),
             events: sender,
             per_ip: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
         });
         Ok(Server {
             listener,
@@ -188,21 +200,29 @@ impl Server {
         // one that comes after will connect to the listener and wake `accept`.
         let mut backoff = Backoff::default();
         while !shutdown.is_triggered() {
+            // Every accepted connection is handled, even one that arrives with the shutdown:
+            // it may be a real client. The shutdown handle's own wake-up connection closes at
+            // once, so its thread reads end-of-file and exits.
             let accepted = listener.accept();
-            acceptor.reap(&finished_rx);
-            acceptor.close_lingering_refusals(Instant::now());
-            match accepted {
-                Ok(_) if shutdown.is_triggered() => break,
-                Ok((socket, peer)) => match acceptor.admit(socket, peer, &finished_tx) {
-                    Ok(()) => backoff.reset(),
-                    Err(err) => backoff.wait(&format!("cannot spawn a connection thread: {err}")),
-                },
-                Err(err) if is_resource_exhaustion(&err) => backoff.wait(&format!(
-                    "accept failed: {err} ({} connections open)",
-                    shared.stats.threads()
-                )),
-                // The peer gave up between SYN and accept, or a signal interrupted us.
-                Err(err) => debug!("accept: {err}"),
+            acceptor.handle(accepted, &mut backoff, &finished_tx, &finished_rx);
+        }
+
+        // Drain: the broadcaster is now closing every client. Keep accepting meanwhile, so a
+        // load balancer's health check reads "503 draining" and a new client gets a 503 with
+        // Retry-After, rather than both meeting a refused connection. The listener turns
+        // non-blocking so the loop can also notice when the broadcaster is done.
+        shared.draining.store(true, Ordering::SeqCst);
+        info!("draining: admitting no new clients, closing existing ones");
+        if listener.set_nonblocking(true).is_ok() {
+            while !broadcaster.is_finished() {
+                if is_readable(&listener, DRAIN_POLL) {
+                    match listener.accept() {
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                        accepted => {
+                            acceptor.handle(accepted, &mut backoff, &finished_tx, &finished_rx)
+                        }
+                    }
+                }
             }
         }
         shutdown.unregister_listener(local_addr);
@@ -287,6 +307,31 @@ impl Drop for Slot {
 }
 
 impl Acceptor {
+    /// Deals with one `accept` result: admit the connection, or back off from a failure that
+    /// would repeat at once.
+    fn handle(
+        &mut self,
+        accepted: io::Result<(TcpStream, SocketAddr)>,
+        backoff: &mut Backoff,
+        finished_tx: &Sender<u64>,
+        finished_rx: &Receiver<u64>,
+    ) {
+        self.reap(finished_rx);
+        self.close_lingering_refusals(Instant::now());
+        match accepted {
+            Ok((socket, peer)) => match self.admit(socket, peer, finished_tx) {
+                Ok(()) => backoff.reset(),
+                Err(err) => backoff.wait(&format!("cannot spawn a connection thread: {err}")),
+            },
+            Err(err) if is_resource_exhaustion(&err) => backoff.wait(&format!(
+                "accept failed: {err} ({} connections open)",
+                self.shared.stats.threads()
+            )),
+            // The peer gave up between SYN and accept, or a signal interrupted us.
+            Err(err) => debug!("accept: {err}"),
+        }
+    }
+
     /// Admits a connection (spawns its thread) or refuses it with `503`. Returns an error only
     /// when the OS refused the thread, so the caller can back off.
     fn admit(
@@ -473,6 +518,18 @@ fn is_resource_exhaustion(err: &io::Error) -> bool {
         err.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// Waits up to `timeout` for a connection to accept.
+fn is_readable(listener: &TcpListener, timeout: Duration) -> bool {
+    let mut poll = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd, owned by this frame, for the duration of the call.
+    unsafe { libc::poll(&mut poll, 1, millis) > 0 }
 }
 
 /// Calling `listen` again on a listening socket only updates its backlog (Linux), so a

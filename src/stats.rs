@@ -58,6 +58,8 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 3] = [Refusal::Capacity, Refusal::PerIp, Refusal::Spawn];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::Capacity => "capacity",
@@ -81,6 +83,8 @@ pub struct Stats {
     pub clients_served: AtomicU64,
     /// Messages received from clients and handed to the broadcaster.
     pub messages_received: AtomicU64,
+    /// Messages a backend published through `POST /api/rooms/<room>/messages`.
+    pub messages_published: AtomicU64,
     /// Messages the broadcaster relayed to a room (once per message, not per receiver).
     pub messages_relayed: AtomicU64,
     /// Frames queued to receivers (once per receiver).
@@ -112,12 +116,19 @@ impl Stats {
     }
 
     pub fn count_refusal(&self, reason: Refusal) {
-        let counter = match reason {
+        self.refusal_counter(reason).fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refusals(&self, reason: Refusal) -> u64 {
+        self.refusal_counter(reason).load(Ordering::Relaxed)
+    }
+
+    fn refusal_counter(&self, reason: Refusal) -> &AtomicU64 {
+        match reason {
             Refusal::Capacity => &self.refused_capacity,
             Refusal::PerIp => &self.refused_per_ip,
             Refusal::Spawn => &self.refused_spawn,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Connection threads alive now.

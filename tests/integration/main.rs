@@ -3,7 +3,9 @@
 mod support;
 
 mod binary;
+mod browser;
 mod capacity;
+mod endpoints;
 mod limits;
 mod relay;
 mod shutdown;

@@ -1,0 +1,155 @@
+//! `GET /metrics`: the server's counters in the Prometheus text exposition format 0.0.4.
+//!
+//! Rendered by hand: the format is a few lines per metric (`# HELP`, `# TYPE`, samples), and a
+//! metrics crate would be the largest dependency in the tree.
+
+use std::fmt::Write;
+use std::fs;
+use std::sync::atomic::Ordering;
+
+use crate::server::Shared;
+use crate::stats::{Eviction, Refusal};
+
+/// Renders every metric. Each value is read once, so the page is a consistent-enough
+/// snapshot for dashboards (counters are independent; exact cross-counter consistency is not
+/// promised by Prometheus either).
+pub(crate) fn render(shared: &Shared) -> String {
+    let stats = &shared.stats;
+    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    let mut out = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+
+    metric(
+        "roomcast_connections",
+        "gauge",
+        "WebSocket clients connected now.",
+        &[("", shared.hub.client_count() as u64)],
+    );
+    metric(
+        "roomcast_connections_accepted_total",
+        "counter",
+        "TCP connections accepted, whatever became of them.",
+        &[("", load(&stats.connections_accepted))],
+    );
+    let refusals: Vec<(String, u64)> = Refusal::ALL
+        .iter()
+        .map(|reason| {
+            (
+                format!("{{reason=\"{}\"}}", reason.as_str()),
+                stats.refusals(*reason),
+            )
+        })
+        .collect();
+    let refusals: Vec<(&str, u64)> = refusals.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(
+        "roomcast_connections_refused_total",
+        "counter",
+        "Connections answered 503 before any thread was spawned, by reason.",
+        &refusals,
+    );
+    metric(
+        "roomcast_rooms",
+        "gauge",
+        "Rooms with at least one client.",
+        &[("", shared.hub.room_count() as u64)],
+    );
+    metric(
+        "roomcast_messages_received_total",
+        "counter",
+        "Messages received from WebSocket clients.",
+        &[("", load(&stats.messages_received))],
+    );
+    metric(
+        "roomcast_messages_published_total",
+        "counter",
+        "Messages published by a backend through the HTTP API.",
+        &[("", load(&stats.messages_published))],
+    );
+    metric(
+        "roomcast_messages_relayed_total",
+        "counter",
+        "Messages the broadcaster relayed to a room (once per message).",
+        &[("", load(&stats.messages_relayed))],
+    );
+    metric(
+        "roomcast_messages_delivered_total",
+        "counter",
+        "Messages queued to receivers (once per receiver).",
+        &[("", load(&stats.messages_delivered))],
+    );
+    metric(
+        "roomcast_bytes_sent_total",
+        "counter",
+        "Bytes written to WebSocket clients.",
+        &[("", load(&stats.bytes_sent))],
+    );
+    let evictions: Vec<(String, u64)> = Eviction::ALL
+        .iter()
+        .map(|reason| {
+            (
+                format!("{{reason=\"{}\"}}", reason.as_str()),
+                stats.evictions(*reason),
+            )
+        })
+        .collect();
+    let evictions: Vec<(&str, u64)> = evictions.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(
+        "roomcast_evictions_total",
+        "counter",
+        "Clients the server removed, by reason.",
+        &evictions,
+    );
+    metric(
+        "roomcast_broadcast_queue_depth",
+        "gauge",
+        "Messages waiting for the broadcaster.",
+        &[("", shared.events.len() as u64)],
+    );
+    metric(
+        "roomcast_threads",
+        "gauge",
+        "Threads this server runs: one per connection, plus the acceptor and the broadcaster.",
+        &[("", stats.threads() as u64 + 2)],
+    );
+    if let Some(start) = process_start_time() {
+        metric(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since the Unix epoch, in seconds.",
+            &[("", start)],
+        );
+    }
+    out
+}
+
+/// The process's start time in seconds since the Unix epoch: boot time (`btime` in
+/// `/proc/stat`) plus the process's start in clock ticks after boot (`/proc/self/stat`).
+fn process_start_time() -> Option<u64> {
+    let boot: u64 = fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    // Field 22, counted after the parenthesised command name (which may contain spaces).
+    let ticks: u64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&t| t > 0)?;
+    Some(boot + ticks / per_second)
+}
