@@ -118,6 +118,12 @@ impl Server {
             config.ping_interval,
             config.idle_timeout,
         );
+        match config.api_token {
+            Some(_) => {
+                info!("publish API on: POST /api/rooms/<room>/messages with the bearer token")
+            }
+            None => info!("publish API off: set --api-token or ROOMCAST_API_TOKEN to enable it"),
+        }
         if config.effective_outbox_bytes() > config.outbox_bytes {
             info!(
                 "outbox raised to {} B: it must hold 2 messages of --max-message-bytes",

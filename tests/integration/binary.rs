@@ -20,6 +20,8 @@ struct Process {
     child: Child,
     addr: SocketAddr,
     lines: mpsc::Receiver<String>,
+    /// Every log line read so far.
+    seen: Vec<String>,
 }
 
 impl Process {
@@ -54,6 +56,7 @@ impl Process {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             lines,
+            seen: Vec::new(),
         };
         let line = process.wait_for_line("listening on ws://");
         let addr = line
@@ -67,14 +70,25 @@ impl Process {
         process
     }
 
+    /// Returns the first log line containing `needle`, among those already read or to come.
     fn wait_for_line(&mut self, needle: &str) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
         let deadline = Instant::now() + READ_TIMEOUT;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(remaining) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(_) => panic!("roomcast never logged {needle:?}"),
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "roomcast never logged {needle:?}; it logged {:#?}",
+                    self.seen
+                ),
             }
         }
     }
@@ -139,6 +153,16 @@ fn a_bad_flag_exits_2_with_one_line_naming_it() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains(flag), "{stderr}");
     }
+}
+
+#[test]
+fn start_up_logs_capacity_limits_and_whether_publishing_is_on() {
+    let mut off = Process::start(&[]);
+    assert!(off.wait_for_line("capacity: ").contains("bound by"));
+    off.wait_for_line("limits: max clients");
+    off.wait_for_line("publish API off");
+    let mut on = Process::start(&["--api-token", "t0ken"]);
+    on.wait_for_line("publish API on");
 }
 
 #[test]
