@@ -6,6 +6,7 @@
 # fails instead. (Plain `cargo test` runs the same tests and prints why it skips any.)
 #   - Debian's chromium (+ an emoji font for the screenshot): the demo page's browser test
 #   - promtool, unpacked from Debian's prometheus package: the reference /metrics linter
+#   - the Autobahn TestSuite, in a Python 2.7 virtualenv (scripts/autobahn.sh installs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,3 +48,6 @@ export ROOMCAST_REQUIRE_ALL=1
 cargo test --locked --all-targets "$@"
 # Doc tests are not part of --all-targets.
 cargo test --locked --doc "$@"
+
+# The protocol conformance suite, sections 1-10, against the release build.
+scripts/autobahn.sh

@@ -10,11 +10,11 @@
 //! Its tick also drives the heartbeat (pinging quiet clients) and, at shutdown, the
 //! `1001 going away` closes and the grace period.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver};
+use crossbeam_channel::{select, Receiver, Sender};
 use log::{debug, info};
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::frame::Frame;
@@ -60,6 +60,16 @@ pub enum Event {
         kind: MessageKind,
         payload: Bytes,
     },
+    /// The server closes `client` (protocol error, limit, idle). Sent through the channel
+    /// rather than queued directly so the close lands behind every message the client sent
+    /// before it: per-sender order holds even for the client's own echo. `done` reports
+    /// that the close frame is queued.
+    Close {
+        client: Arc<Client>,
+        code: CloseCode,
+        reason: &'static str,
+        done: Sender<()>,
+    },
 }
 
 /// The broadcaster's state. Created by `Server::run`, owned by the broadcaster thread.
@@ -73,10 +83,17 @@ pub struct Broadcaster {
     backlog: Vec<Arc<Client>>,
     ping: Bytes,
     sweep_every: Duration,
+    /// The server's draining flag (see `Shared::draining`), set here as shutdown begins.
+    draining: Arc<AtomicBool>,
 }
 
 impl Broadcaster {
-    pub fn new(hub: Arc<Hub>, stats: Arc<Stats>, config: Arc<Config>) -> Broadcaster {
+    pub fn new(
+        hub: Arc<Hub>,
+        stats: Arc<Stats>,
+        config: Arc<Config>,
+        draining: Arc<AtomicBool>,
+    ) -> Broadcaster {
         let sweep_every = (config.ping_interval / 4).clamp(MIN_SWEEP, MAX_SWEEP);
         Broadcaster {
             hub,
@@ -86,6 +103,7 @@ impl Broadcaster {
             backlog: Vec::new(),
             ping: encode(Frame::ping(Bytes::new())),
             sweep_every,
+            draining,
         }
     }
 
@@ -120,13 +138,28 @@ impl Broadcaster {
         self.close_all(&events);
     }
 
-    /// Encodes one message once and queues it for every member of its room.
+    /// Relays a message, or queues a close behind the messages before it.
     fn handle(&mut self, event: Event) {
-        let Event::Message {
-            room,
-            kind,
-            payload,
-        } = event;
+        match event {
+            Event::Message {
+                room,
+                kind,
+                payload,
+            } => self.relay(&room, kind, payload),
+            Event::Close {
+                client,
+                code,
+                reason,
+                done,
+            } => {
+                client.queue_close(code, reason);
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Encodes one message once and queues it for every member of its room.
+    fn relay(&mut self, room: &str, kind: MessageKind, payload: Bytes) {
         let opcode = match kind {
             MessageKind::Text => OpCode::Data(Data::Text),
             MessageKind::Binary => OpCode::Data(Data::Binary),
@@ -136,7 +169,7 @@ impl Broadcaster {
         let dirty = &mut self.dirty;
         // The read lock is held only while queuing (memory operations); flushing happens in
         // `flush_dirty`, after it is released.
-        self.hub.for_each_member(&room, |client| {
+        self.hub.for_each_member(room, |client| {
             if let Push::Queued { was_empty } = client.queue(frame.clone()) {
                 delivered += 1;
                 // A client whose outbox was already non-empty is either in `dirty` already or
@@ -213,6 +246,8 @@ impl Broadcaster {
     /// and answer, then cut whoever is left. Cutting (socket shutdown) is what wakes each
     /// connection thread from `read` so it can exit and be joined.
     fn close_all(&mut self, events: &Receiver<Event>) {
+        // First, so that anyone who sees a 1001 also sees the server draining.
+        self.draining.store(true, Ordering::SeqCst);
         info!("shutting down: closing {} clients", self.hub.client_count());
         let deadline = Instant::now() + self.config.shutdown_grace;
         let mut clients = Vec::new();

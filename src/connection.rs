@@ -117,7 +117,13 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
     debug!("client {id} ({peer}) joined room {}", client.room);
 
     let ending = session(shared, &client, leftover);
-
+    // Still a member here, so messages the client sent before the close are echoed to it.
+    if let Ending::Close(code, reason, eviction) = ending {
+        if let Some(eviction) = eviction {
+            client.note_eviction(eviction);
+        }
+        close_in_order(shared, &client, code, reason);
+    }
     drop(membership);
     debug!("client {id} ({peer}) left room {}: {ending:?}", client.room);
     finish(&client, ending);
@@ -350,6 +356,26 @@ fn ending_for(client: &Client, error: WsError) -> Ending {
     }
 }
 
+/// Queues our close frame behind every message this client sent before it, by sending the
+/// close through the broadcaster like those messages. Without this, a client that sends a
+/// message and then a bad frame would get the close but never its own message back (Autobahn
+/// 3.2, 4.x and 5.15 check exactly that). Falls back to queuing directly when the broadcaster
+/// is gone (shutdown) or does not answer within `LINGER`.
+fn close_in_order(shared: &Shared, client: &Arc<Client>, code: CloseCode, reason: &'static str) {
+    let (done, queued) = crossbeam_channel::bounded(1);
+    let event = Event::Close {
+        client: client.clone(),
+        code,
+        reason,
+        done,
+    };
+    let is_queued =
+        shared.events.send_timeout(event, LINGER).is_ok() && queued.recv_timeout(LINGER).is_ok();
+    if !is_queued {
+        client.queue_close(code, reason);
+    }
+}
+
 /// Sends what the ending owes the client, then closes the TCP connection.
 ///
 /// The server closes TCP first after a close handshake (RFC 6455 §7.1.1). Before that, the
@@ -362,13 +388,8 @@ fn finish(client: &Client, ending: Ending) {
             let _ = client.socket().shutdown(Both::Both);
             return;
         }
-        Ending::ClosedByClient => {}
-        Ending::Close(code, reason, eviction) => {
-            if let Some(eviction) = eviction {
-                client.note_eviction(eviction);
-            }
-            client.queue_close(code, reason);
-        }
+        // Our close frame is already queued, by `close_in_order` or by the close reply.
+        Ending::ClosedByClient | Ending::Close(..) => {}
     }
     let deadline = Instant::now() + LINGER;
     while client.flush() == Flush::Backlogged && Instant::now() < deadline {

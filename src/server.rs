@@ -57,9 +57,10 @@ pub(crate) struct Shared {
     /// Connections per peer IP, for `--max-clients-per-ip`. Incremented by the acceptor,
     /// decremented by each connection thread as it ends; entries at zero are removed.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
-    /// Set once by the acceptor when shutdown begins, never cleared. Connection threads read
-    /// it: during the drain, upgrades are refused and `/healthz` answers `503 draining`.
-    pub draining: AtomicBool,
+    /// Set once by the broadcaster when shutdown begins, before it sends any close frame, and
+    /// never cleared. Connection threads read it: while draining, upgrades are refused and
+    /// `/healthz` answers `503 draining`.
+    pub draining: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -138,7 +139,7 @@ impl Server {
             stats: Arc::new(Stats::default()),
             events: sender,
             per_ip: Mutex::new(HashMap::new()),
-            draining: AtomicBool::new(false),
+            draining: Arc::new(AtomicBool::new(false)),
         });
         Ok(Server {
             listener,
@@ -181,15 +182,18 @@ impl Server {
         info!("listening on ws://{local_addr}/ws/<room>");
 
         let broadcaster = {
-            let (hub, stats, config, shutdown) = (
+            let (hub, stats, config, draining, shutdown) = (
                 shared.hub.clone(),
                 shared.stats.clone(),
                 shared.config.clone(),
+                shared.draining.clone(),
                 shutdown.clone(),
             );
             thread::Builder::new()
                 .name("broadcaster".into())
-                .spawn(move || Broadcaster::new(hub, stats, config).run(events, &shutdown))
+                .spawn(move || {
+                    Broadcaster::new(hub, stats, config, draining).run(events, &shutdown)
+                })
                 .map_err(Error::io("spawning the broadcaster thread"))?
         };
 
@@ -217,7 +221,6 @@ impl Server {
         // load balancer's health check reads "503 draining" and a new client gets a 503 with
         // Retry-After, rather than both meeting a refused connection. The listener turns
         // non-blocking so the loop can also notice when the broadcaster is done.
-        shared.draining.store(true, Ordering::SeqCst);
         info!("draining: admitting no new clients, closing existing ones");
         if listener.set_nonblocking(true).is_ok() {
             while !broadcaster.is_finished() {
