@@ -1,144 +1,14 @@
 //! The real binary: flags, signals, exit codes, and its memory under a slow client.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStderr, Command, Stdio};
-use std::sync::mpsc;
+use std::net::TcpStream;
+use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::Message;
 
 use crate::support::*;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_roomcast");
-
-/// A running `roomcast` process, killed on drop if a test fails midway.
-struct Process {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-    /// Every log line read so far.
-    seen: Vec<String>,
-}
-
-impl Process {
-    fn start(args: &[&str]) -> Process {
-        Process::start_with_file_limit(args, None)
-    }
-
-    /// Starts the binary, optionally with its soft and hard `RLIMIT_NOFILE` set to `files`.
-    fn start_with_file_limit(args: &[&str], files: Option<u64>) -> Process {
-        let mut command = Command::new(BINARY);
-        command
-            .args(["--listen", "127.0.0.1:0", "--log-level", "info"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(files) = files {
-            let limit = libc::rlimit {
-                rlim_cur: files,
-                rlim_max: files,
-            };
-            // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
-            unsafe {
-                command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                });
-            }
-        }
-        let mut child = command.spawn().unwrap();
-        let lines = forward_lines(child.stderr.take().unwrap());
-        let mut process = Process {
-            child,
-            addr: "0.0.0.0:0".parse().unwrap(),
-            lines,
-            seen: Vec::new(),
-        };
-        let line = process.wait_for_line("listening on ws://");
-        let addr = line
-            .split("ws://")
-            .nth(1)
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap();
-        process.addr = addr.parse().unwrap();
-        process
-    }
-
-    /// Returns the first log line containing `needle`, among those already read or to come.
-    fn wait_for_line(&mut self, needle: &str) -> String {
-        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + READ_TIMEOUT;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(remaining) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "roomcast never logged {needle:?}; it logged {:#?}",
-                    self.seen
-                ),
-            }
-        }
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on a child we spawned and have not yet reaped.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
-    }
-
-    /// Waits for the process to exit, returning its exit code and how long it took.
-    fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
-        let started = Instant::now();
-        while started.elapsed() < limit {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code(), started.elapsed());
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        panic!("roomcast did not exit within {limit:?}");
-    }
-
-    fn connect(&self, room: &str) -> Client {
-        upgrade(
-            TcpStream::connect(self.addr).unwrap(),
-            &format!("ws://{}/ws/{room}", self.addr),
-        )
-        .unwrap()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn forward_lines(stderr: ChildStderr) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
 
 #[test]
 fn a_bad_flag_exits_2_with_one_line_naming_it() {

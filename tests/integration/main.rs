@@ -6,6 +6,7 @@ mod binary;
 mod browser;
 mod capacity;
 mod endpoints;
+mod hostile;
 mod limits;
 mod relay;
 mod shutdown;

@@ -4,17 +4,21 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use roomcast::hub::Hub;
 use roomcast::{Config, Server, Shutdown, Stats, Summary};
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
+
+/// The real binary, built by cargo for integration tests.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_roomcast");
 
 /// How long any single client read may wait before the test fails.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -184,14 +188,6 @@ pub fn upgrade_request(path: &str) -> String {
     )
 }
 
-/// Unwraps the plain stream from tungstenite's client type.
-pub fn plain(stream: &MaybeTlsStream<TcpStream>) -> &TcpStream {
-    match stream {
-        MaybeTlsStream::Plain(s) => s,
-        _ => unreachable!("tests use plain TCP"),
-    }
-}
-
 /// Resident set size of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -333,4 +329,218 @@ pub fn parse_http_response(raw: &[u8]) -> HttpResponse {
         headers,
         body: raw[split + 4..].to_vec(),
     }
+}
+
+/// Encodes a client frame by hand, so tests can send what no WebSocket library would:
+/// unmasked frames, reserved bits and opcodes, lying lengths.
+pub fn client_frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut frame = vec![(u8::from(fin) << 7) | ((rsv & 0x7) << 4) | (opcode & 0x0f)];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => frame.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            frame.push(mask_bit | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(mask_bit | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        frame.extend_from_slice(&key);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        frame.extend_from_slice(payload);
+    }
+    frame
+}
+
+/// A healthy client in its own room that keeps sending and receiving while a test attacks the
+/// server, checking every message arrives, once and in order.
+pub struct Bystander {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: JoinHandle<usize>,
+}
+
+impl Bystander {
+    /// Paced under the default rate limit (50/s), so it is never the one rate-limited.
+    const PACE: Duration = Duration::from_millis(25);
+
+    pub fn start(server: &TestServer) -> Bystander {
+        let mut client = server.connect("bystanders");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut exchanged = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = format!("heartbeat {exchanged}");
+                client
+                    .send(Message::text(text.clone()))
+                    .expect("bystander send");
+                assert_eq!(
+                    next_text(&mut client),
+                    text,
+                    "bystander lost or reordered a message"
+                );
+                exchanged += 1;
+                thread::sleep(Self::PACE);
+            }
+            let _ = client.close(None);
+            while client.read().is_ok() {}
+            exchanged
+        });
+        Bystander { stop, thread }
+    }
+
+    /// Stops it and returns how many messages it exchanged; at least one, or the server was
+    /// not serving it during the attack.
+    pub fn finish(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let exchanged = self.thread.join().expect("the bystander failed");
+        assert!(exchanged > 0, "the bystander exchanged nothing");
+        exchanged
+    }
+}
+
+impl TestServer {
+    /// Waits until no connection thread, client or room is left: nothing leaked.
+    pub fn assert_back_to_baseline(&self) {
+        let settled = wait_until(Duration::from_secs(15), || {
+            self.stats.threads() == 0 && self.hub.client_count() == 0 && self.hub.room_count() == 0
+        });
+        assert!(
+            settled,
+            "leaked: {} threads, {} clients, {} rooms",
+            self.stats.threads(),
+            self.hub.client_count(),
+            self.hub.room_count()
+        );
+    }
+}
+
+/// A running `roomcast` process, killed on drop if a test fails midway.
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+    lines: mpsc::Receiver<String>,
+    /// Every log line read so far.
+    seen: Vec<String>,
+}
+
+impl Process {
+    pub fn start(args: &[&str]) -> Process {
+        Process::start_with_file_limit(args, None)
+    }
+
+    /// Starts the binary, optionally with its soft and hard `RLIMIT_NOFILE` set to `files`.
+    pub fn start_with_file_limit(args: &[&str], files: Option<u64>) -> Process {
+        let mut command = Command::new(BINARY);
+        command
+            .args(["--listen", "127.0.0.1:0", "--log-level", "info"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(files) = files {
+            let limit = libc::rlimit {
+                rlim_cur: files,
+                rlim_max: files,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
+            unsafe {
+                command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
+        let mut child = command.spawn().unwrap();
+        let lines = forward_lines(child.stderr.take().unwrap());
+        let mut process = Process {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            lines,
+            seen: Vec::new(),
+        };
+        let line = process.wait_for_line("listening on ws://");
+        let addr = line
+            .split("ws://")
+            .nth(1)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap();
+        process.addr = addr.parse().unwrap();
+        process
+    }
+
+    /// Returns the first log line containing `needle`, among those already read or to come.
+    pub fn wait_for_line(&mut self, needle: &str) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + READ_TIMEOUT;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(remaining) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "roomcast never logged {needle:?}; it logged {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on a child we spawned and have not yet reaped.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    /// Waits for the process to exit, returning its exit code and how long it took.
+    pub fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), started.elapsed());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        panic!("roomcast did not exit within {limit:?}");
+    }
+
+    pub fn connect(&self, room: &str) -> Client {
+        upgrade(
+            TcpStream::connect(self.addr).unwrap(),
+            &format!("ws://{}/ws/{room}", self.addr),
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn forward_lines(stderr: ChildStderr) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
