@@ -7,6 +7,7 @@
 #   - Debian's chromium (+ an emoji font for the screenshot): the demo page's browser test
 #   - promtool, unpacked from Debian's prometheus package: the reference /metrics linter
 #   - the Autobahn TestSuite, in a Python 2.7 virtualenv (scripts/autobahn.sh installs it)
+#   - cargo-fuzz, to build the fuzz targets and run each briefly (scripts/fuzz.sh installs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,3 +52,7 @@ cargo test --locked --doc "$@"
 
 # The protocol conformance suite, sections 1-10, against the release build.
 scripts/autobahn.sh
+
+# The fuzz targets must keep building; a few seconds each replays the seeds and catches the
+# shallowest regressions. The long runs are scripts/fuzz.sh's job.
+scripts/fuzz.sh 5

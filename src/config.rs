@@ -23,6 +23,10 @@ pub const DEFAULT_BURST: u32 = 100;
 /// Per-client backlog of unsent bytes before the client is evicted as slow.
 /// Never below `OUTBOX_MESSAGE_MULTIPLE × max_message_bytes`.
 pub const DEFAULT_OUTBOX_BYTES: usize = 1024 * 1024;
+/// The largest `--max-message-bytes` accepted. Tungstenite reserves a frame's announced length
+/// before reading it, so the message limit bounds that allocation; beyond 1 GiB a single client
+/// could make the server reserve absurd amounts (or overflow the reservation outright).
+pub const MAX_MESSAGE_BYTES_LIMIT: usize = 1 << 30;
 /// The outbox holds at least this many maximum-size messages, so a single legal message can
 /// never evict a healthy client.
 pub const OUTBOX_MESSAGE_MULTIPLE: usize = 2;
@@ -109,10 +113,10 @@ impl Config {
                 "must be less than --idle-timeout",
             ));
         }
-        if self.max_message_bytes == 0 {
+        if !(1..=MAX_MESSAGE_BYTES_LIMIT).contains(&self.max_message_bytes) {
             return Err(ConfigError::new(
                 "--max-message-bytes",
-                "must be at least 1",
+                "must be between 1 and 1GiB",
             ));
         }
         if self.rate > 0 && self.burst == 0 {
@@ -277,6 +281,7 @@ pub fn parse_bytes(flag: &str, value: &str) -> Result<usize, ConfigError> {
         "" | "B" => 1,
         "K" | "KiB" => 1024,
         "M" | "MiB" => 1024 * 1024,
+        "G" | "GiB" => 1024 * 1024 * 1024,
         _ => return Err(bad()),
     };
     let bytes = number.checked_mul(multiplier).ok_or_else(bad)?;
@@ -415,6 +420,11 @@ mod tests {
             (&["--rate"][..], "--rate"),
             (&["--listen", "nowhere"][..], "--listen"),
             (&["--max-message-bytes", "12XB"][..], "--max-message-bytes"),
+            (
+                &["--max-message-bytes", "13010278877657708772"][..],
+                "--max-message-bytes",
+            ),
+            (&["--max-message-bytes", "2GiB"][..], "--max-message-bytes"),
             (&["--idle-timeout", "0s"][..], "--idle-timeout"),
             (&["--ping-interval", "90s"][..], "--ping-interval"),
             (&["stray"][..], "stray"),

@@ -361,6 +361,7 @@ pub fn client_frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8], masked: bool
 /// server, checking every message arrives, once and in order.
 pub struct Bystander {
     stop: Arc<std::sync::atomic::AtomicBool>,
+    exchanged: Arc<std::sync::atomic::AtomicUsize>,
     thread: JoinHandle<usize>,
 }
 
@@ -368,14 +369,18 @@ impl Bystander {
     /// Paced under the default rate limit (50/s), so it is never the one rate-limited.
     const PACE: Duration = Duration::from_millis(25);
 
+    /// Starts exchanging, and returns once the first exchange has succeeded: the bystander is
+    /// being served before the attack begins.
     pub fn start(server: &TestServer) -> Bystander {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let mut client = server.connect("bystanders");
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let exchanged = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (stop.clone(), exchanged.clone());
         let thread = thread::spawn(move || {
-            let mut exchanged = 0;
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                let text = format!("heartbeat {exchanged}");
+            let mut n = 0;
+            while !flag.load(Ordering::Relaxed) {
+                let text = format!("heartbeat {n}");
                 client
                     .send(Message::text(text.clone()))
                     .expect("bystander send");
@@ -384,23 +389,41 @@ impl Bystander {
                     text,
                     "bystander lost or reordered a message"
                 );
-                exchanged += 1;
+                n += 1;
+                count.store(n, Ordering::Relaxed);
                 thread::sleep(Self::PACE);
             }
             let _ = client.close(None);
             while client.read().is_ok() {}
-            exchanged
+            n
         });
-        Bystander { stop, thread }
+        let bystander = Bystander {
+            stop,
+            exchanged,
+            thread,
+        };
+        bystander.wait_for_exchanges(1);
+        bystander
     }
 
-    /// Stops it and returns how many messages it exchanged; at least one, or the server was
-    /// not serving it during the attack.
+    fn wait_for_exchanges(&self, n: usize) {
+        let exchanged = || self.exchanged.load(std::sync::atomic::Ordering::Relaxed);
+        let done = wait_until(READ_TIMEOUT, || {
+            exchanged() >= n || self.thread.is_finished()
+        });
+        assert!(
+            done && exchanged() >= n,
+            "the bystander was not served: {} exchanges",
+            exchanged()
+        );
+    }
+
+    /// Waits for at least one exchange after `start` returned (the server still serves it),
+    /// stops it, and returns how many messages it exchanged in all.
     pub fn finish(self) -> usize {
+        self.wait_for_exchanges(2);
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let exchanged = self.thread.join().expect("the bystander failed");
-        assert!(exchanged > 0, "the bystander exchanged nothing");
-        exchanged
+        self.thread.join().expect("the bystander failed")
     }
 }
 

@@ -1,0 +1,24 @@
+//! Everything roomcast does with the bytes of a request head it did not write: parse it, then
+//! route it as a WebSocket upgrade (room name, headers, origin, key) and as a plain HTTP
+//! request (resource and room name). None of it may panic, and what it accepts must hold up.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use roomcast::connection::route;
+use roomcast::endpoints::resource;
+use roomcast::http::parse_head;
+use roomcast::hub::is_valid_room_name;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(Some((request, head_len))) = parse_head(data) else { return };
+    assert!(head_len <= data.len());
+    // httparse ends a head at an empty line, accepting bare LF as well as CRLF.
+    assert!(data[..head_len].ends_with(b"\n"));
+    for origins in [&[][..], &["https://allowed.example".to_string()][..]] {
+        if let Ok(upgrade) = route(&request, origins) {
+            assert!(is_valid_room_name(&upgrade.room), "{:?}", upgrade.room);
+            assert!(upgrade.response.starts_with(b"HTTP/1.1 101 "));
+        }
+    }
+    let _ = resource(&request.path);
+});
