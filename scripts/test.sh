@@ -7,6 +7,7 @@
 #   - Debian's chromium (+ an emoji font for the screenshot): the demo page's browser test
 #   - promtool, unpacked from Debian's prometheus package: the reference /metrics linter
 #   - the Autobahn TestSuite, in a Python 2.7 virtualenv (scripts/autobahn.sh installs it)
+#   - nginx and caddy (+ openssl): the README's TLS proxy configs, run against roomcast
 #   - cargo-fuzz, to build the fuzz targets and run each briefly (scripts/fuzz.sh installs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,9 @@ apt_install() {
 
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
+command -v caddy >/dev/null 2>&1 || missing+=(caddy)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 dpkg -s fonts-noto-color-emoji >/dev/null 2>&1 || missing+=(fonts-noto-color-emoji)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "scripts/test.sh: installing ${missing[*]}"
@@ -56,3 +60,6 @@ scripts/autobahn.sh
 # The fuzz targets must keep building; a few seconds each replays the seeds and catches the
 # shallowest regressions. The long runs are scripts/fuzz.sh's job.
 scripts/fuzz.sh 5
+
+# The README's TLS reverse-proxy configs, run as written: HTTPS and wss:// through each.
+scripts/proxy/check.sh
