@@ -20,15 +20,13 @@ use tungstenite::Bytes;
 use crate::outbox::{Flush, Outbox, Push};
 use crate::stats::{Eviction, Stats};
 
-/// Why a client is being removed by someone other than itself.
-pub type EvictReason = Eviction;
-
 /// A connected, upgraded client.
 pub struct Client {
     pub id: u64,
     pub room: Arc<str>,
     pub peer: SocketAddr,
-    /// Read only by the connection thread; written only through `outbox` (see outbox.rs).
+    /// Read only by the connection thread; written only through `outbox` (see outbox.rs);
+    /// shut down by whoever evicts the client, which is what wakes the reader.
     socket: Arc<TcpStream>,
     /// The one path to the socket. Locked by the broadcaster to queue and flush, and by the
     /// connection thread for its protocol replies; never held across anything but the
@@ -43,8 +41,9 @@ pub struct Client {
     last_heard_ms: AtomicU64,
     /// Milliseconds since `epoch` of the last ping the broadcaster sent.
     last_ping_ms: AtomicU64,
-    /// Set once, by whoever evicts; the connection thread reads it to log the right reason.
-    evicted: Mutex<Option<EvictReason>>,
+    /// Set once, by whoever evicts. The connection thread reads it when its `read` fails, to
+    /// tell an eviction (nothing more to send) from the peer going away.
+    evicted: Mutex<Option<Eviction>>,
     epoch: Instant,
     stats: Arc<Stats>,
 }
@@ -116,19 +115,19 @@ impl Client {
         let before = outbox.queued_bytes();
         let result = outbox.send_to(&*self.socket);
         let sent = before - outbox.queued_bytes();
+        if result.is_err() {
+            // Nothing queued can reach a peer that is gone: free it now.
+            outbox.clear();
+        }
         drop(outbox);
         self.stats
             .bytes_sent
             .fetch_add(sent as u64, Ordering::Relaxed);
-        match result {
-            Ok(flush) => flush,
-            Err(err) => {
-                debug!("client {} send failed: {err}", self.id);
-                self.outbox.lock().clear();
-                let _ = self.socket.shutdown(Both::Both);
-                Flush::Drained
-            }
-        }
+        result.unwrap_or_else(|err| {
+            debug!("client {} send failed: {err}", self.id);
+            let _ = self.socket.shutdown(Both::Both);
+            Flush::Drained
+        })
     }
 
     /// Whether a close frame has been queued (nothing more will be sent).
@@ -153,7 +152,7 @@ impl Client {
     /// Shutting the socket down is what makes this safe from any thread: the connection
     /// thread, blocked in `read`, wakes with end-of-file and does the real clean-up
     /// (deregistration, thread exit). Only the first eviction counts.
-    pub fn evict(&self, reason: EvictReason) {
+    pub fn evict(&self, reason: Eviction) {
         {
             let mut evicted = self.evicted.lock();
             if evicted.is_some() {
@@ -168,7 +167,7 @@ impl Client {
 
     /// Counts and logs a removal the server decided on, whether by `evict` or by the
     /// connection thread closing the client with a code.
-    pub fn note_eviction(&self, reason: EvictReason) {
+    pub fn note_eviction(&self, reason: Eviction) {
         self.stats.count_eviction(reason);
         warn!(
             "removed client {} ({}) from room {}: {}",
@@ -176,7 +175,7 @@ impl Client {
         );
     }
 
-    pub fn eviction(&self) -> Option<EvictReason> {
+    pub fn eviction(&self) -> Option<Eviction> {
         *self.evicted.lock()
     }
 

@@ -69,26 +69,9 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
             return;
         }
     };
-    if !is_websocket_path(&request.path) {
-        let response = endpoints::answer(shared, &socket, &request, leftover, deadline);
-        debug!(
-            "connection {id} ({peer}): {} {} -> {}",
-            request.method, request.path, response.status
-        );
-        respond_and_close(&socket, &response, deadline);
-        return;
-    }
-    let upgrade = match route(&request, &shared.config.allowed_origins) {
-        // While draining, the server finishes serving its clients but admits no new ones.
-        Ok(_) if shared.is_draining() => {
-            let response = Response::status(503)
-                .with_header("Retry-After", RETRY_AFTER_SECS.to_string())
-                .with_body("draining: the server is shutting down\n");
-            respond_and_close(&socket, &response, deadline);
-            return;
-        }
-        Ok(upgrade) => upgrade,
-        Err(response) => {
+    let (upgrade, leftover) = match decide(shared, &socket, &request, leftover, deadline) {
+        Decision::Upgrade(upgrade, leftover) => (upgrade, leftover),
+        Decision::Respond(response) => {
             debug!(
                 "connection {id} ({peer}): {} {} -> {}",
                 request.method, request.path, response.status
@@ -146,6 +129,37 @@ impl<'a> Membership<'a> {
 impl Drop for Membership<'_> {
     fn drop(&mut self) {
         self.hub.leave(self.client);
+    }
+}
+
+/// What a request gets: a WebSocket session (with the bytes that followed its head), or one
+/// plain HTTP response.
+enum Decision {
+    Upgrade(Upgrade, Vec<u8>),
+    Respond(Response),
+}
+
+fn decide(
+    shared: &Shared,
+    socket: &TcpStream,
+    request: &Request,
+    leftover: Vec<u8>,
+    deadline: Instant,
+) -> Decision {
+    if !is_websocket_path(&request.path) {
+        return Decision::Respond(endpoints::answer(
+            shared, socket, request, leftover, deadline,
+        ));
+    }
+    match route(request, &shared.config.allowed_origins) {
+        // While draining, the server finishes serving its clients but admits no new ones.
+        Ok(_) if shared.is_draining() => Decision::Respond(
+            Response::status(503)
+                .with_header("Retry-After", RETRY_AFTER_SECS.to_string())
+                .with_body("draining: the server is shutting down\n"),
+        ),
+        Ok(upgrade) => Decision::Upgrade(upgrade, leftover),
+        Err(response) => Decision::Respond(response),
     }
 }
 
@@ -268,22 +282,24 @@ fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
             Ok(message) => message,
             Err(error) => return ending_for(client, error),
         };
+        // Data messages and pings take a token: pings too, so a ping flood (each of which
+        // costs a pong) is a rate violation like any other flood.
+        let is_counted = matches!(
+            message,
+            Message::Text(_) | Message::Binary(_) | Message::Ping(_)
+        );
+        if is_counted && !bucket.try_take(Instant::now()) {
+            return Ending::Close(
+                CloseCode::Policy,
+                "rate limit exceeded",
+                Some(Eviction::Rate),
+            );
+        }
         let (kind, payload) = match message {
             Message::Text(text) => (MessageKind::Text, Bytes::from(text)),
             Message::Binary(data) => (MessageKind::Binary, data),
             // Tungstenite has queued the pong; it is flushed at the top of the next `read`.
-            // Pings still count against the rate, so a ping flood is a rate violation.
-            Message::Ping(_) => {
-                if !bucket.try_take(Instant::now()) {
-                    return Ending::Close(
-                        CloseCode::Policy,
-                        "rate limit exceeded",
-                        Some(Eviction::Rate),
-                    );
-                }
-                continue;
-            }
-            Message::Pong(_) => continue,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             Message::Close(frame) => {
                 // Answer with the client's own code (tungstenite has already replaced a code
                 // that is not allowed on the wire by 1002). Queuing it ourselves seals the
@@ -294,15 +310,7 @@ fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
                 client.flush();
                 continue;
             }
-            Message::Frame(_) => continue,
         };
-        if !bucket.try_take(Instant::now()) {
-            return Ending::Close(
-                CloseCode::Policy,
-                "rate limit exceeded",
-                Some(Eviction::Rate),
-            );
-        }
         trace!(
             "client {} sent {} bytes to room {}",
             client.id,
