@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::net::{Shutdown as Both, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -161,6 +162,7 @@ impl Client {
             *evicted = Some(reason);
         }
         self.outbox.lock().clear();
+        abort_on_close(&self.socket);
         let _ = self.socket.shutdown(Both::Both);
         self.note_eviction(reason);
     }
@@ -199,6 +201,29 @@ impl Client {
             self.last_ping_ms.store(now, Ordering::Relaxed);
         }
         quiet && unpinged
+    }
+}
+
+/// Makes the socket's final `close` reset the connection (`SO_LINGER` of zero).
+///
+/// An evicted client stopped reading, so its kernel send buffer is full (up to `tcp_wmem`'s
+/// maximum, 4 MiB here) and its window is zero: a FIN would wait behind that data forever, and
+/// the closed socket would live on as an orphan holding the buffer for minutes. A reset frees
+/// it at once, and tells the client at once that it was dropped.
+fn abort_on_close(socket: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket descriptor and a correctly sized, initialised option value.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
     }
 }
 
