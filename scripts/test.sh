@@ -63,3 +63,7 @@ scripts/fuzz.sh 5
 
 # The README's TLS reverse-proxy configs, run as written: HTTPS and wss:// through each.
 scripts/proxy/check.sh
+
+# The load tool against a release build, every scenario small and short: it must report clean
+# results (no loss, reordering or corruption; stalled clients evicted). No timing is asserted.
+scripts/bench.sh --smoke

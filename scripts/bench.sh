@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The benchmark suite: a release roomcast and the load tool (examples/load.rs), pinned to
+# different cores when there are two or more, on loopback. Prints a Markdown table.
+#
+#   scripts/bench.sh            # the standard suite (about two minutes)
+#   scripts/bench.sh --smoke    # a few seconds per scenario, a few hundred clients: CI runs
+#                               # this, and fails on any unclean result (loss, reordering,
+#                               # corruption, a stalled client not evicted); no timing checks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=""
+[ "${1:-}" = "--smoke" ] && smoke=1
+
+cargo build --release --locked --quiet --bins --examples
+work="$PWD/target/bench"
+mkdir -p "$work"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+pin_server=()
+pin_tool=()
+if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
+    pin_server=(taskset -c 0)
+    pin_tool=(taskset -c 1)
+fi
+
+results=()
+failed=0
+# run NAME "SERVER FLAGS" LOAD ARGS...
+run() {
+    local name="$1" server_flags="$2"
+    shift 2
+    local log="$work/$name.server.log"
+    # At info the server logs start-up and shutdown only, plus its warnings (refusals, evictions).
+    # shellcheck disable=SC2086 # server_flags is a list of flags
+    "${pin_server[@]}" ./target/release/roomcast --listen 127.0.0.1:0 --log-level info $server_flags 2>"$log" &
+    local server=$!
+    local addr=""
+    for _ in $(seq 200); do
+        addr=$(grep -o "listening on ws://[0-9.:]*" "$log" 2>/dev/null | sed 's|listening on ws://||') || true
+        [ -n "$addr" ] && break
+        sleep 0.05
+    done
+    [ -n "$addr" ] || { echo "bench: roomcast did not start:" >&2; cat "$log" >&2; exit 1; }
+    echo "bench: $name: load $*" >&2
+    local out status=0
+    out=$("${pin_tool[@]}" timeout 600 ./target/release/examples/load "$@" --addr "$addr" --pid "$server" 2>&1) || status=$?
+    kill "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+    echo "$out" | grep -v "^RESULT" | sed 's/^/    /' >&2
+    local result
+    result=$(echo "$out" | grep "^RESULT" | tail -n 1)
+    results+=("$name|$*|${result#RESULT }|$status")
+    [ "$status" = 0 ] || failed=1
+}
+
+if [ -n "$smoke" ]; then
+    run capacity "--rate 0" capacity --clients 300 --rooms 3 --hold 0.5
+    run fanout-window "--rate 0" fanout --clients 200 --publishers 4 --window 16 --size 64 --duration 2
+    run fanout-rate "--rate 0" fanout --clients 300 --publishers 1 --rate 10 --size 64 --duration 2
+    run slow "--rate 0 --slow-timeout 1s --outbox-bytes 128KiB" slow --clients 100 --publishers 2 --stalled 5 --size 1024 --rate 500 --duration 4
+    run churn "--rate 0" churn --clients 20 --churners 10 --rate 50 --duration 2
+    run rooms "--rate 0" rooms --rooms 20 --clients 200 --rate 20 --duration 2
+else
+    run capacity "--rate 0" capacity --clients 15000 --rooms 10 --hold 3
+    run fanout-window "--rate 0" fanout --clients 1000 --publishers 4 --window 16 --size 64 --duration 10
+    run fanout-rate "--rate 0" fanout --clients 10000 --publishers 1 --rate 10 --size 64 --duration 10
+    run slow "--rate 0" slow --clients 500 --publishers 2 --stalled 20 --size 1024 --rate 500 --duration 15
+    run churn "--rate 0" churn --clients 100 --churners 50 --rate 100 --duration 10
+    run rooms "--rate 0" rooms --rooms 500 --clients 5000 --rate 20 --duration 10
+fi
+
+echo
+echo "| scenario | load tool arguments | result | exit |"
+echo "| --- | --- | --- | --- |"
+for row in "${results[@]}"; do
+    IFS='|' read -r name args result status <<<"$row"
+    echo "| $name | \`$args\` | $result | $status |"
+done
+exit "$failed"
