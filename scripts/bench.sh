@@ -65,7 +65,7 @@ else
     run capacity "--rate 0" capacity --clients 15000 --rooms 10 --hold 3
     run fanout-window "--rate 0" fanout --clients 1000 --publishers 4 --window 16 --size 64 --duration 10
     run fanout-rate "--rate 0" fanout --clients 10000 --publishers 1 --rate 10 --size 64 --duration 10
-    run slow "--rate 0" slow --clients 500 --publishers 2 --stalled 20 --size 1024 --rate 500 --duration 15
+    run slow "--rate 0" slow --clients 500 --publishers 2 --stalled 20 --size 1024 --rate 250 --duration 20
     run churn "--rate 0" churn --clients 100 --churners 50 --rate 100 --duration 10
     run rooms "--rate 0" rooms --rooms 500 --clients 5000 --rate 20 --duration 10
 fi
