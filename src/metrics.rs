@@ -17,11 +17,17 @@ pub(crate) fn render(shared: &Shared) -> String {
     let stats = &shared.stats;
     let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
     let mut out = String::with_capacity(4096);
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+    // Samples carry at most one label, `reason`, whose values are fixed identifiers (no
+    // escaping needed).
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(Option<&str>, u64)]| {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
+        for (reason, value) in samples {
+            match reason {
+                Some(reason) => writeln!(out, "{name}{{reason=\"{reason}\"}} {value}"),
+                None => writeln!(out, "{name} {value}"),
+            }
+            .expect("writing to a String cannot fail");
         }
     };
 
@@ -29,24 +35,18 @@ pub(crate) fn render(shared: &Shared) -> String {
         "roomcast_connections",
         "gauge",
         "WebSocket clients connected now.",
-        &[("", shared.hub.client_count() as u64)],
+        &[(None, shared.hub.client_count() as u64)],
     );
     metric(
         "roomcast_connections_accepted_total",
         "counter",
         "TCP connections accepted, whatever became of them.",
-        &[("", load(&stats.connections_accepted))],
+        &[(None, load(&stats.connections_accepted))],
     );
-    let refusals: Vec<(String, u64)> = Refusal::ALL
+    let refusals: Vec<_> = Refusal::ALL
         .iter()
-        .map(|reason| {
-            (
-                format!("{{reason=\"{}\"}}", reason.as_str()),
-                stats.refusals(*reason),
-            )
-        })
+        .map(|r| (Some(r.as_str()), stats.refusals(*r)))
         .collect();
-    let refusals: Vec<(&str, u64)> = refusals.iter().map(|(l, v)| (l.as_str(), *v)).collect();
     metric(
         "roomcast_connections_refused_total",
         "counter",
@@ -57,48 +57,42 @@ pub(crate) fn render(shared: &Shared) -> String {
         "roomcast_rooms",
         "gauge",
         "Rooms with at least one client.",
-        &[("", shared.hub.room_count() as u64)],
+        &[(None, shared.hub.room_count() as u64)],
     );
     metric(
         "roomcast_messages_received_total",
         "counter",
         "Messages received from WebSocket clients.",
-        &[("", load(&stats.messages_received))],
+        &[(None, load(&stats.messages_received))],
     );
     metric(
         "roomcast_messages_published_total",
         "counter",
         "Messages published by a backend through the HTTP API.",
-        &[("", load(&stats.messages_published))],
+        &[(None, load(&stats.messages_published))],
     );
     metric(
         "roomcast_messages_relayed_total",
         "counter",
         "Messages the broadcaster relayed to a room (once per message).",
-        &[("", load(&stats.messages_relayed))],
+        &[(None, load(&stats.messages_relayed))],
     );
     metric(
         "roomcast_messages_delivered_total",
         "counter",
         "Messages queued to receivers (once per receiver).",
-        &[("", load(&stats.messages_delivered))],
+        &[(None, load(&stats.messages_delivered))],
     );
     metric(
         "roomcast_bytes_sent_total",
         "counter",
         "Bytes written to WebSocket clients.",
-        &[("", load(&stats.bytes_sent))],
+        &[(None, load(&stats.bytes_sent))],
     );
-    let evictions: Vec<(String, u64)> = Eviction::ALL
+    let evictions: Vec<_> = Eviction::ALL
         .iter()
-        .map(|reason| {
-            (
-                format!("{{reason=\"{}\"}}", reason.as_str()),
-                stats.evictions(*reason),
-            )
-        })
+        .map(|e| (Some(e.as_str()), stats.evictions(*e)))
         .collect();
-    let evictions: Vec<(&str, u64)> = evictions.iter().map(|(l, v)| (l.as_str(), *v)).collect();
     metric(
         "roomcast_evictions_total",
         "counter",
@@ -109,20 +103,20 @@ pub(crate) fn render(shared: &Shared) -> String {
         "roomcast_broadcast_queue_depth",
         "gauge",
         "Messages waiting for the broadcaster.",
-        &[("", shared.events.len() as u64)],
+        &[(None, shared.events.len() as u64)],
     );
     metric(
         "roomcast_threads",
         "gauge",
         "Threads this server runs: one per connection, plus the acceptor and the broadcaster.",
-        &[("", stats.threads() as u64 + 2)],
+        &[(None, stats.threads() as u64 + 2)],
     );
     if let Some(start) = process_start_time() {
         metric(
             "process_start_time_seconds",
             "gauge",
             "Start time of the process since the Unix epoch, in seconds.",
-            &[("", start)],
+            &[(None, start)],
         );
     }
     out
