@@ -1,7 +1,8 @@
 //! The broadcaster: the one thread that turns received messages into frames for rooms.
 //!
-//! It drains the event channel, encodes each message once, queues the shared bytes in every
-//! member's outbox, and flushes each touched client once per batch with a non-blocking send.
+//! It drains the event channel a batch at a time, encodes each message once, gathers a batch's
+//! messages for a room into one shared chunk, queues that chunk in every member's outbox, and
+//! flushes each touched client once per batch with a non-blocking send.
 //! Because it is the only thread that orders messages, every member of a room sees that room's
 //! messages in the same order. Because it never blocks on a socket, one stalled client cannot
 //! delay anyone: its bytes wait in its outbox, retried on a short tick, until it drains, grows

@@ -27,7 +27,7 @@
 //! ```text
 //!  acceptor ── accept() ──► spawn conn thread (64 KiB stack)
 //!  conn thread: read head ─► 101 into outbox ─► hub.join ─► loop { ws.read() ─► Event ─► channel }
-//!  broadcaster: loop { select(channel, tick) ─► encode once ─► queue in each member's outbox ─► sendmsg(MSG_DONTWAIT) }
+//!  broadcaster: loop { select(channel, tick) ─► encode once, gather per room ─► queue in each member's outbox ─► sendmsg(MSG_DONTWAIT) }
 //! ```
 //!
 //! # Example

@@ -1,6 +1,7 @@
 //! The server and its acceptor: bind, size the capacity, accept, refuse politely when full, and
-//! spawn one small-stack thread per connection. Also the orderly shutdown: stop accepting,
-//! let the broadcaster close every client, join every thread.
+//! spawn one small-stack thread per connection. Also the orderly shutdown: drain (keep
+//! accepting, admit no new clients) while the broadcaster closes every client, then stop
+//! accepting and join every thread.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
