@@ -70,11 +70,7 @@ else
     run rooms "--rate 0" rooms --rooms 500 --clients 5000 --rate 20 --duration 10
 fi
 
-echo
-echo "| scenario | load tool arguments | result | exit |"
-echo "| --- | --- | --- | --- |"
-for row in "${results[@]}"; do
-    IFS='|' read -r name args result status <<<"$row"
-    echo "| $name | \`$args\` | $result | $status |"
-done
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+markdown_table "scenario|load tool arguments|result|exit" "${results[@]}"
 exit "$failed"

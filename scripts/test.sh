@@ -8,30 +8,21 @@
 #   - promtool, unpacked from Debian's prometheus package: the reference /metrics linter
 #   - the Autobahn TestSuite, in a Python 2.7 virtualenv (scripts/autobahn.sh installs it)
 #   - nginx and caddy (+ openssl): the README's TLS proxy configs, run against roomcast
+#   - redis-server: the Redis backplane tests (`--features redis`), each on its own private
+#     redis-server (the package's own service is not used)
 #   - cargo-fuzz, to build the fuzz targets and run each briefly (scripts/fuzz.sh installs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_updated=""
-apt_install() {
-    if [ "$(id -u)" != 0 ]; then
-        echo "scripts/test.sh: need root to install: $*" >&2
-        exit 1
-    fi
-    [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
-
-missing=()
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
-command -v caddy >/dev/null 2>&1 || missing+=(caddy)
-command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-dpkg -s fonts-noto-color-emoji >/dev/null 2>&1 || missing+=(fonts-noto-color-emoji)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "scripts/test.sh: installing ${missing[*]}"
-    apt_install "${missing[@]}"
-fi
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+need chromium chromium
+need nginx nginx-light
+need caddy caddy
+need openssl openssl
+need redis-server redis-server
+dpkg -s fonts-noto-color-emoji >/dev/null 2>&1 || needed+=(fonts-noto-color-emoji)
+install_needed
 
 # promtool ships inside Debian's prometheus package. Unpacking the .deb instead of installing
 # it gets the one binary without creating a prometheus user or starting its service.
@@ -50,7 +41,9 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 export ROOMCAST_REQUIRE_ALL=1
+# The minimal build first, then again with the Redis backplane: the suite must pass both ways.
 cargo test --locked --all-targets "$@"
+cargo test --locked --all-targets --features redis "$@"
 # Doc tests are not part of --all-targets.
 cargo test --locked --doc "$@"
 

@@ -43,6 +43,13 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const API_TOKEN_ENV: &str = "ROOMCAST_API_TOKEN";
 /// How long shutdown waits for clients to take their close frames before cutting sockets.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a crashed instance's clients still count in the cluster-wide room counts (the TTL
+/// of its presence hash in Redis, refreshed every third of it).
+pub const DEFAULT_REDIS_TTL: Duration = Duration::from_secs(15);
+/// Shortest `--redis-ttl`: the heartbeat (a third of it) must leave Redis time to answer.
+pub const MIN_REDIS_TTL: Duration = Duration::from_millis(300);
+/// Whether this build has the Redis backplane (cargo feature `redis`).
+pub const HAS_REDIS: bool = cfg!(feature = "redis");
 
 /// Everything the server needs to know, fixed at start-up and shared read-only by every thread.
 #[derive(Clone, Debug)]
@@ -70,6 +77,9 @@ pub struct Config {
     pub api_token: Option<String>,
     pub log_level: LevelFilter,
     pub log_file: Option<PathBuf>,
+    /// `redis://HOST:PORT/DB` of the backplane shared with other instances; `None` runs alone.
+    pub redis: Option<String>,
+    pub redis_ttl: Duration,
 }
 
 impl Default for Config {
@@ -93,6 +103,8 @@ impl Default for Config {
             api_token: None,
             log_level: LevelFilter::Info,
             log_file: None,
+            redis: None,
+            redis_ttl: DEFAULT_REDIS_TTL,
         }
     }
 }
@@ -127,6 +139,23 @@ impl Config {
         }
         if self.max_clients == Some(0) {
             return Err(ConfigError::new("--max-clients", "must be at least 1"));
+        }
+        if let Some(url) = &self.redis {
+            if !HAS_REDIS {
+                return Err(ConfigError::new(
+                    "--redis",
+                    "this roomcast was built without Redis support; rebuild with `cargo build --release --features redis`",
+                ));
+            }
+            if !url.starts_with("redis://") || !is_redis_url(url) {
+                return Err(ConfigError::new(
+                    "--redis",
+                    format!("{url:?} is not a URL like redis://127.0.0.1:6379/0"),
+                ));
+            }
+        }
+        if self.redis_ttl < MIN_REDIS_TTL {
+            return Err(ConfigError::new("--redis-ttl", "must be at least 300ms"));
         }
         Ok(())
     }
@@ -245,11 +274,25 @@ where
                 })?
             }
             "--log-file" => config.log_file = Some(PathBuf::from(value)),
+            "--redis" => config.redis = Some(value.to_string()),
+            "--redis-ttl" => config.redis_ttl = parse_duration(f, value)?,
             _ => return Err(ConfigError::new(f, "unknown flag (see --help)")),
         }
     }
     config.validate()?;
     Ok(Command::Run(Box::new(config)))
+}
+
+/// Whether the `redis` crate accepts `url` (host, port, database, credentials). Connecting is
+/// left to the backplane, which retries: Redis may come up after roomcast.
+#[cfg(feature = "redis")]
+fn is_redis_url(url: &str) -> bool {
+    redis::Client::open(url).is_ok()
+}
+
+#[cfg(not(feature = "redis"))]
+fn is_redis_url(_url: &str) -> bool {
+    false
 }
 
 /// Parses a whole number of any unsigned type.
@@ -341,6 +384,10 @@ FLAGS (value as `--flag VALUE` or `--flag=VALUE`):
                                messages; without one it is off (404)    else off]
     --log-level LEVEL          off, error, warn, info, debug, trace    [default: info]
     --log-file PATH            also append the log to this file        [default: stderr only]
+    --redis URL                share rooms with other instances        [default: off; needs the
+                               through Redis, e.g. redis://HOST:6379/0  `redis` cargo feature]
+    --redis-ttl DUR            how long a crashed instance's clients   [default: 15s]
+                               still count in cluster-wide room counts
     -h, --help                 print this help
     -V, --version              print the version
 
@@ -436,6 +483,28 @@ mod tests {
     }
 
     #[test]
+    fn redis_needs_the_feature_and_a_url() {
+        let result = run(&["--redis", "redis://127.0.0.1:6379/0"]);
+        if HAS_REDIS {
+            assert_eq!(
+                result.unwrap().redis.as_deref(),
+                Some("redis://127.0.0.1:6379/0")
+            );
+            for bad in ["localhost", "redis://127.0.0.1:notaport/0"] {
+                assert_eq!(run(&["--redis", bad]).unwrap_err().flag, "--redis");
+            }
+        } else {
+            let err = result.unwrap_err();
+            assert_eq!(err.flag, "--redis");
+            assert!(err.problem.contains("--features redis"), "{err}");
+        }
+        assert_eq!(
+            run(&["--redis-ttl", "100ms"]).unwrap_err().flag,
+            "--redis-ttl"
+        );
+    }
+
+    #[test]
     fn durations_and_sizes() {
         assert_eq!(parse_duration("f", "2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("f", "3").unwrap(), Duration::from_secs(3));
@@ -464,6 +533,8 @@ mod tests {
             "--api-token",
             "--log-level",
             "--log-file",
+            "--redis",
+            "--redis-ttl",
         ] {
             assert!(text.contains(flag), "help lacks {flag}");
         }

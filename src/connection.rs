@@ -321,15 +321,11 @@ fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
             .stats
             .messages_received
             .fetch_add(1, Ordering::Relaxed);
-        // A bounded channel: when the broadcaster is behind, this blocks, which stops this
-        // thread reading, which lets TCP flow control push back on the sender. The send fails
+        // On to the broadcaster, directly or through Redis (see `Shared::relay`). The local
+        // path is a bounded channel: when the broadcaster is behind, this blocks, which stops
+        // this thread reading, which lets TCP flow control push back on the sender. It fails
         // only when the broadcaster has stopped, i.e. during shutdown.
-        let event = Event::Message {
-            room: client.room.clone(),
-            kind,
-            payload,
-        };
-        if shared.events.send(event).is_err() {
+        if shared.relay(client.room.clone(), kind, payload).is_err() {
             return Ending::Close(CloseCode::Away, "server shutting down", None);
         }
     }

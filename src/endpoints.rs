@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::broadcaster::{Event, MessageKind};
+use crate::broadcaster::MessageKind;
 use crate::http::{self, Request, Response, HTML, JSON, PROMETHEUS, TEXT};
 use crate::hub::is_valid_room_name;
 use crate::metrics;
@@ -113,10 +113,18 @@ fn respond(shared: &Shared, request: &Request, resource: &Resource<'_>, body: Ve
     match resource {
         Resource::Demo => Response::ok(HTML, DEMO_PAGE),
         Resource::Health if shared.is_draining() => Response::status(503).with_body("draining\n"),
+        Resource::Health if shared.backplane.as_ref().is_some_and(|b| !b.is_up()) => {
+            // Still 200: this instance serves its own clients, and a load balancer that
+            // pulled every instance because Redis is down would turn degraded into down.
+            Response::ok(
+                TEXT,
+                "degraded: redis unreachable, relaying to this instance's clients only\n",
+            )
+        }
         Resource::Health => Response::ok(TEXT, "ok\n"),
         Resource::Metrics => Response::ok(PROMETHEUS, metrics::render(shared)),
         Resource::Rooms => Response::ok(JSON, rooms_json(shared)),
-        Resource::Room(room) => Response::ok(JSON, room_json(room, shared.hub.room_size(room))),
+        Resource::Room(room) => Response::ok(JSON, room_json(room, shared.room_size(room))),
         Resource::RoomMessages(room) => publish(shared, request, room, body),
     }
 }
@@ -145,19 +153,14 @@ fn publish(shared: &Shared, request: &Request, room: &str, body: Vec<u8>) -> Res
         Ok(kind) => kind,
         Err(response) => return response,
     };
-    let event = Event::Message {
-        room: room.into(),
-        kind,
-        payload: Bytes::from(body),
-    };
-    if shared.events.send(event).is_err() {
+    if shared.relay(room.into(), kind, Bytes::from(body)).is_err() {
         return Response::status(503).with_body("shutting down\n");
     }
     shared
         .stats
         .messages_published
         .fetch_add(1, Ordering::Relaxed);
-    Response::status(202).with_content(JSON, room_json(room, shared.hub.room_size(room)))
+    Response::status(202).with_content(JSON, room_json(room, shared.room_size(room)))
 }
 
 /// Text for `text/*` and `application/json` bodies that are valid UTF-8 (a text frame must
@@ -178,7 +181,7 @@ fn message_kind(content_type: Option<&str>, body: &[u8]) -> Result<MessageKind, 
 }
 
 fn rooms_json(shared: &Shared) -> String {
-    let mut rooms = shared.hub.rooms();
+    let mut rooms = shared.rooms();
     rooms.sort();
     let entries: Vec<String> = rooms
         .iter()

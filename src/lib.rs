@@ -21,6 +21,7 @@
 //! | [`client`] | one client as all threads share it: socket, outbox, liveness clocks |
 //! | [`outbox`] | the per-client frame queue and its non-blocking `sendmsg`: the only path to a socket |
 //! | [`ratelimit`] | the per-client token bucket |
+//! | [`backplane`] | with `--redis`: messages go through Redis so several instances share rooms (threads in `redis_link`) |
 //! | [`shutdown`] | the shutdown handle, which also wakes a blocked `accept()` |
 //! | [`config`], [`stats`], [`error`] | flags and defaults, counters, the error type |
 //!
@@ -40,6 +41,7 @@
 //! println!("relayed {} messages", summary.messages_relayed);
 //! ```
 
+pub mod backplane;
 pub mod broadcaster;
 pub mod capacity;
 pub mod client;
@@ -52,6 +54,8 @@ pub mod hub;
 pub mod metrics;
 pub mod outbox;
 pub mod ratelimit;
+#[cfg(feature = "redis")]
+mod redis_link;
 pub mod server;
 pub mod shutdown;
 pub mod stats;

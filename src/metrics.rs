@@ -108,9 +108,69 @@ pub(crate) fn render(shared: &Shared) -> String {
     metric(
         "roomcast_threads",
         "gauge",
-        "Threads this server runs: one per connection, plus the acceptor and the broadcaster.",
-        &[(None, stats.threads() as u64 + 2)],
+        "Threads this server runs: one per connection, plus the acceptor and the broadcaster (and 3 for Redis).",
+        &[(None, stats.threads() as u64 + 2 + if shared.backplane.is_some() { 3 } else { 0 })],
     );
+    if let Some(backplane) = &shared.backplane {
+        metric(
+            "roomcast_redis_up",
+            "gauge",
+            "1 when messages go through Redis, 0 when degraded (relaying to local clients only).",
+            &[(None, u64::from(backplane.is_up()))],
+        );
+        metric(
+            "roomcast_redis_outages_total",
+            "counter",
+            "Times the Redis link went down.",
+            &[(None, load(&backplane.outages))],
+        );
+        metric(
+            "roomcast_redis_published_total",
+            "counter",
+            "Messages this instance published to Redis.",
+            &[(None, load(&backplane.published))],
+        );
+        metric(
+            "roomcast_redis_received_total",
+            "counter",
+            "Messages received from Redis, from every instance.",
+            &[(None, load(&backplane.received))],
+        );
+        metric(
+            "roomcast_redis_dropped_total",
+            "counter",
+            "Messages dropped on the Redis path, by reason.",
+            &[
+                (Some("queue_full"), load(&backplane.dropped_queue_full)),
+                (Some("malformed"), load(&backplane.dropped_malformed)),
+            ],
+        );
+        metric(
+            "roomcast_redis_publish_queue_depth",
+            "gauge",
+            "Messages waiting to be published to Redis.",
+            &[(None, backplane.queue_depth() as u64)],
+        );
+        let rooms = shared.rooms();
+        metric(
+            "roomcast_cluster_connections",
+            "gauge",
+            "WebSocket clients across every instance (others as of their last heartbeat).",
+            &[(None, rooms.iter().map(|(_, n)| *n as u64).sum())],
+        );
+        metric(
+            "roomcast_cluster_rooms",
+            "gauge",
+            "Rooms with at least one client on any instance.",
+            &[(None, rooms.len() as u64)],
+        );
+        metric(
+            "roomcast_cluster_instances",
+            "gauge",
+            "Instances seen at the last heartbeat, this one included.",
+            &[(None, backplane.instances() as u64)],
+        );
+    }
     if let Some(start) = process_start_time() {
         metric(
             "process_start_time_seconds",

@@ -16,7 +16,8 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
 use parking_lot::Mutex;
 
-use crate::broadcaster::{Broadcaster, Event, EVENT_QUEUE_CAPACITY};
+use crate::backplane::{self, Backplane, Outgoing};
+use crate::broadcaster::{Broadcaster, Event, MessageKind, EVENT_QUEUE_CAPACITY};
 use crate::capacity;
 use crate::config::Config;
 use crate::connection::{self, RETRY_AFTER_SECS};
@@ -62,11 +63,42 @@ pub(crate) struct Shared {
     /// never cleared. Connection threads read it: while draining, upgrades are refused and
     /// `/healthz` answers `503 draining`.
     pub draining: Arc<AtomicBool>,
+    /// The Redis link shared with other instances, with `--redis`.
+    pub backplane: Option<Arc<Backplane>>,
 }
 
 impl Shared {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Sends a message on its way to `room`: through Redis when the backplane is up, else
+    /// straight to the broadcaster. Fails only when the broadcaster has stopped (shutdown).
+    pub fn relay(
+        &self,
+        room: Arc<str>,
+        kind: MessageKind,
+        payload: tungstenite::Bytes,
+    ) -> Result<(), ()> {
+        backplane::relay(self.backplane.as_deref(), &self.events, room, kind, payload)
+    }
+
+    /// Every room with its member count: across the cluster with `--redis`, else here.
+    pub fn rooms(&self) -> Vec<(String, usize)> {
+        let local = self.hub.rooms();
+        match &self.backplane {
+            Some(backplane) => backplane.cluster_rooms(local),
+            None => local,
+        }
+    }
+
+    /// Members of one room: across the cluster with `--redis`, else here.
+    pub fn room_size(&self, room: &str) -> usize {
+        let local = self.hub.room_size(room);
+        match &self.backplane {
+            Some(backplane) => backplane.cluster_room_size(room, local),
+            None => local,
+        }
     }
 }
 
@@ -85,6 +117,8 @@ pub struct Server {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     events: Receiver<Event>,
+    /// The publish queue's receiving end, for the Redis publisher thread (with `--redis`).
+    outgoing: Option<Receiver<Outgoing>>,
     max_clients: usize,
 }
 
@@ -133,6 +167,19 @@ impl Server {
             );
         }
 
+        let (backplane, outgoing) = match &config.redis {
+            Some(url) => {
+                let instance = instance_name(local_addr);
+                info!("redis backplane: {url}, this instance is {instance:?}");
+                if config.max_message_bytes > REDIS_COMFORTABLE_MESSAGE_BYTES {
+                    warn!("--max-message-bytes is over 8 MiB: raise Redis's `client-output-buffer-limit pubsub` or Redis may drop the subscriber");
+                }
+                let (backplane, outgoing) =
+                    Backplane::new(instance, config.max_message_bytes, config.redis_ttl);
+                (Some(Arc::new(backplane)), Some(outgoing))
+            }
+            None => (None, None),
+        };
         let (sender, events) = crossbeam_channel::bounded(EVENT_QUEUE_CAPACITY);
         let shared = Arc::new(Shared {
             config: Arc::new(config),
@@ -141,12 +188,14 @@ impl Server {
             events: sender,
             per_ip: Mutex::new(HashMap::new()),
             draining: Arc::new(AtomicBool::new(false)),
+            backplane,
         });
         Ok(Server {
             listener,
             local_addr,
             shared,
             events,
+            outgoing,
             max_clients,
         })
     }
@@ -178,9 +227,11 @@ impl Server {
             local_addr,
             shared,
             events,
+            outgoing,
             max_clients,
         } = self;
         info!("listening on ws://{local_addr}/ws/<room>");
+        let redis_threads = start_redis_link(&shared, outgoing, shutdown)?;
 
         let broadcaster = {
             let (hub, stats, config, draining, shutdown) = (
@@ -245,6 +296,11 @@ impl Server {
         if broadcaster.join().is_err() {
             error!("the broadcaster thread panicked");
         }
+        for thread in redis_threads {
+            if thread.join().is_err() {
+                error!("a redis thread panicked");
+            }
+        }
         // The broadcaster has closed and cut every upgraded client. Connections still in their
         // handshake are cut here, so none waits out its handshake deadline.
         for connection in acceptor.connections.values() {
@@ -273,6 +329,48 @@ impl Server {
         );
         Ok(summary)
     }
+}
+
+/// Above this message size Redis's default pub/sub output buffer limits (8 MiB soft) come close.
+const REDIS_COMFORTABLE_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// A name for this instance in Redis that no other instance, here or on another host, shares:
+/// its address, process id and start time.
+fn instance_name(local_addr: SocketAddr) -> String {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.as_nanos());
+    format!("{local_addr}-{}-{started:x}", std::process::id())
+}
+
+/// Starts the threads that talk to Redis, with `--redis`.
+#[cfg(feature = "redis")]
+fn start_redis_link(
+    shared: &Shared,
+    outgoing: Option<Receiver<Outgoing>>,
+    shutdown: &Shutdown,
+) -> Result<Vec<JoinHandle<()>>, Error> {
+    match (&shared.config.redis, &shared.backplane, outgoing) {
+        (Some(url), Some(backplane), Some(outgoing)) => crate::redis_link::start(
+            url,
+            backplane.clone(),
+            outgoing,
+            shared.events.clone(),
+            shared.hub.clone(),
+            shutdown,
+        ),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Without the `redis` feature `Config::validate` refuses `--redis`, so there is nothing to start.
+#[cfg(not(feature = "redis"))]
+fn start_redis_link(
+    _shared: &Shared,
+    _outgoing: Option<Receiver<Outgoing>>,
+    _shutdown: &Shutdown,
+) -> Result<Vec<JoinHandle<()>>, Error> {
+    Ok(Vec::new())
 }
 
 /// The accept loop's own state; lives on the thread that called `run`.

@@ -25,6 +25,24 @@ fn a_bad_flag_exits_2_with_one_line_naming_it() {
     }
 }
 
+/// Without the `redis` feature, `--redis` is refused with a message that says how to get it,
+/// and the backplane tests (tests/integration/backplane.rs) are not built: say so.
+#[cfg(not(feature = "redis"))]
+#[test]
+fn without_the_redis_feature_the_redis_flag_is_refused_clearly() {
+    eprintln!("the Redis backplane tests need `--features redis` (scripts/test.sh runs them)");
+    let output = Command::new(BINARY)
+        .args(["--redis", "redis://127.0.0.1:6379/0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("--redis") && stderr.contains("--features redis"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn start_up_logs_capacity_limits_and_whether_publishing_is_on() {
     let mut off = Process::start(&[]);

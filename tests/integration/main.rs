@@ -2,6 +2,8 @@
 
 mod support;
 
+#[cfg(feature = "redis")]
+mod backplane;
 mod binary;
 mod browser;
 mod capacity;

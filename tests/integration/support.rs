@@ -567,3 +567,105 @@ fn forward_lines(stderr: ChildStderr) -> mpsc::Receiver<String> {
     });
     rx
 }
+
+/// A private `redis-server` on a free loopback port, persistence off; killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts one, or returns `None` (having said why) when `redis-server` is not installed and
+    /// `ROOMCAST_REQUIRE_ALL` is unset. scripts/test.sh installs it and sets that variable.
+    pub fn start() -> Option<RedisServer> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("ROOMCAST_REQUIRE_ALL").is_none(),
+                "redis-server is required (ROOMCAST_REQUIRE_ALL is set)"
+            );
+            eprintln!("skipping a Redis test: no redis-server found (scripts/test.sh installs it)");
+            return None;
+        }
+        for _ in 0..5 {
+            // A port the kernel just handed out and we released: free unless another process
+            // grabs it in between, in which case redis-server exits and we try another.
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut redis = RedisServer { port, child: None };
+            if redis.spawn() {
+                return Some(redis);
+            }
+        }
+        panic!("could not start redis-server on a free port");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills it at once (SIGKILL): the outage tests' "Redis goes down".
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty (no persistence).
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(
+            self.spawn(),
+            "redis-server did not restart on port {}",
+            self.port
+        );
+    }
+
+    /// Starts redis-server on `self.port`; returns whether it answers PING.
+    fn spawn(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let answers = wait_until(Duration::from_secs(10), || {
+            if child.try_wait().ok().flatten().is_some() {
+                return true; // exited: the port was taken
+            }
+            redis_ping(self.port)
+        }) && child.try_wait().ok().flatten().is_none();
+        if answers {
+            self.child = Some(child);
+        } else {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        answers
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reply = [0; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
