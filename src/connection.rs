@@ -383,25 +383,30 @@ fn close_in_order(shared: &Shared, client: &Arc<Client>, code: CloseCode, reason
 /// Sends what the ending owes the client, then closes the TCP connection.
 ///
 /// The server closes TCP first after a close handshake (RFC 6455 §7.1.1). Before that, the
-/// close frame must actually leave: we flush it (bounded by `LINGER`), half-close, and read
-/// until the peer's FIN, so that unread bytes in our receive buffer do not turn our close
-/// into an RST that could destroy the close frame in flight.
+/// close frame must actually leave: we flush it (bounded by `LINGER`). When we started the
+/// close, the client may still be sending, so we then half-close and read until its FIN:
+/// unread bytes in our receive buffer would turn our close into an RST that could destroy
+/// the close frame in flight. When the client started it, its close frame was its last, so
+/// nothing is left unread and the socket can close at once (a FIN, after our frame).
 fn finish(client: &Client, ending: Ending) {
-    match ending {
+    let client_closed = match ending {
         Ending::Gone => {
             let _ = client.socket().shutdown(Both::Both);
             return;
         }
         // Our close frame is already queued, by `close_in_order` or by the close reply.
-        Ending::ClosedByClient | Ending::Close(..) => {}
-    }
+        Ending::ClosedByClient => true,
+        Ending::Close(..) => false,
+    };
     let deadline = Instant::now() + LINGER;
     while client.flush() == Flush::Backlogged && Instant::now() < deadline {
         std::thread::sleep(LINGER_STEP);
     }
     let socket = client.socket();
-    let _ = socket.shutdown(Both::Write);
-    drain_until(socket, deadline);
+    if !client_closed {
+        let _ = socket.shutdown(Both::Write);
+        drain_until(socket, deadline);
+    }
     let _ = socket.shutdown(Both::Both);
 }
 

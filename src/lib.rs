@@ -12,6 +12,7 @@
 //! | module | role in the data flow |
 //! | --- | --- |
 //! | [`server`] | the acceptor: capacity checks, `503` when full, one small-stack thread per connection, shutdown and joins |
+//! | [`workers`] | the connection threads: one per connection, reused by the next connection when idle |
 //! | [`capacity`] | start-up preflight: how many clients the fd, thread, mapping and memory limits allow |
 //! | [`http`] | reading one request head under a deadline; plain responses |
 //! | [`connection`] | a connection thread: route, upgrade, join, read loop, leave, close |
@@ -26,7 +27,7 @@
 //! | [`config`], [`stats`], [`error`] | flags and defaults, counters, the error type |
 //!
 //! ```text
-//!  acceptor ── accept() ──► spawn conn thread (64 KiB stack)
+//!  acceptor ── accept() ──► hand to an idle conn thread, or spawn one (64 KiB stack)
 //!  conn thread: read head ─► 101 into outbox ─► hub.join ─► loop { ws.read() ─► Event ─► channel }
 //!  broadcaster: loop { select(channel, tick) ─► encode once, gather per room ─► queue in each member's outbox ─► sendmsg(MSG_DONTWAIT) }
 //! ```
@@ -59,6 +60,7 @@ mod redis_link;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod workers;
 
 pub use config::{parse_args, Command, Config, ConfigError};
 pub use error::Error;

@@ -72,8 +72,9 @@ fn run(config: Config) -> Result<(), Error> {
     Ok(())
 }
 
-/// Logs to stderr and, with `--log-file`, to that file too. Thread names (`conn-42`,
-/// `broadcaster`) are on every line so one client's story can be followed with grep.
+/// Logs to stderr and, with `--log-file`, to that file too. Thread names (`worker-7`,
+/// `broadcaster`) are on every line, and a connection's lines carry its id, so one client's
+/// story can be followed with grep.
 fn init_logging(config: &Config) -> Result<(), Error> {
     let log_config = ConfigBuilder::new()
         .set_thread_level(log::LevelFilter::Error)

@@ -108,8 +108,12 @@ pub(crate) fn render(shared: &Shared) -> String {
     metric(
         "roomcast_threads",
         "gauge",
-        "Threads this server runs: one per connection, plus the acceptor and the broadcaster (and 3 for Redis).",
-        &[(None, stats.threads() as u64 + 2 + if shared.backplane.is_some() { 3 } else { 0 })],
+        "Threads this server runs: one per connection, those waiting for the next connection, the acceptor and the broadcaster (and 3 for Redis).",
+        &[(
+            None,
+            (stats.threads() + stats.idle_workers.load(Ordering::SeqCst) + 2) as u64
+                + if shared.backplane.is_some() { 3 } else { 0 },
+        )],
     );
     if let Some(backplane) = &shared.backplane {
         metric(

@@ -1,7 +1,7 @@
 //! The server and its acceptor: bind, size the capacity, accept, refuse politely when full, and
-//! spawn one small-stack thread per connection. Also the orderly shutdown: drain (keep
-//! accepting, admit no new clients) while the broadcaster closes every client, then stop
-//! accepting and join every thread.
+//! give each connection a small-stack thread of its own (see `workers`). Also the orderly
+//! shutdown: drain (keep accepting, admit no new clients) while the broadcaster closes every
+//! client, then stop accepting and join every thread.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -26,13 +26,8 @@ use crate::http::Response;
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
 use crate::stats::{Refusal, Stats};
+use crate::workers::Workers;
 
-/// Stack size of a connection thread. The default 2 MiB would reserve 30 GiB of address
-/// space for 15,000 clients and touch more than needed. Measured with tungstenite 0.30: the
-/// handshake and read loop peak near 13 KB, and a panic with `RUST_BACKTRACE=1` needs about
-/// 27 KB, so 16–24 KiB would abort the process on a panic; 64 KiB is safe and costs no more
-/// resident memory than 32 KiB, since only touched pages are resident.
-pub const CONNECTION_STACK_BYTES: usize = 64 * 1024;
 /// Listen backlog asked for; the kernel caps it at `net.core.somaxconn`. std's `bind` uses
 /// 128, which a burst of thousands of connects per second overflows (clients see resets).
 const LISTEN_BACKLOG: i32 = 4096;
@@ -254,6 +249,7 @@ impl Server {
             shared: shared.clone(),
             max_clients,
             connections: HashMap::new(),
+            workers: Workers::new(shared.stats.clone()),
             refused: VecDeque::new(),
             next_id: AtomicU64::new(1),
         };
@@ -303,15 +299,10 @@ impl Server {
         }
         // The broadcaster has closed and cut every upgraded client. Connections still in their
         // handshake are cut here, so none waits out its handshake deadline.
-        for connection in acceptor.connections.values() {
-            if let Some(socket) = connection.socket.upgrade() {
-                let _ = socket.shutdown(Both::Both);
-            }
+        for socket in acceptor.connections.values().filter_map(Weak::upgrade) {
+            let _ = socket.shutdown(Both::Both);
         }
-        let mut panicked = 0;
-        for (_, connection) in acceptor.connections.drain() {
-            panicked += usize::from(connection.thread.join().is_err());
-        }
+        let panicked = acceptor.workers.join_all();
         if panicked > 0 {
             error!("{panicked} connection threads panicked");
         }
@@ -377,10 +368,12 @@ fn start_redis_link(
 struct Acceptor {
     shared: Arc<Shared>,
     max_clients: usize,
-    /// Every connection thread not yet joined, with a weak handle to its socket so shutdown
-    /// can cut connections still in their handshake. Weak, so the descriptor closes as soon as
-    /// the connection thread is done with it.
-    connections: HashMap<u64, Connection>,
+    /// A weak handle to the socket of every connection being served, so shutdown can cut
+    /// connections still in their handshake. Weak, so the descriptor closes as soon as the
+    /// connection thread is done with it.
+    connections: HashMap<u64, Weak<TcpStream>>,
+    /// The connection threads, busy or waiting for a connection.
+    workers: Workers,
     /// Refused sockets, write side already shut after the 503, kept open for
     /// `REFUSAL_LINGER` so the client's request can arrive and be read. Closing at once would
     /// often close with the request unread, and the kernel answers that with an RST that a
@@ -389,13 +382,8 @@ struct Acceptor {
     next_id: AtomicU64,
 }
 
-struct Connection {
-    thread: JoinHandle<()>,
-    socket: Weak<TcpStream>,
-}
-
-/// Owned by a connection thread; its drop is the thread's last act, whatever way it ends
-/// (return or panic): it releases the connection's slot and asks the acceptor to join it.
+/// Owned by a connection's job; its drop is the connection's last act, whatever way it ends
+/// (return or panic): it releases the connection's slot and tells the acceptor it is over.
 struct Slot {
     shared: Arc<Shared>,
     id: u64,
@@ -477,35 +465,22 @@ impl Acceptor {
             finished: finished.clone(),
         };
         let socket = Arc::new(socket);
-        let weak = Arc::downgrade(&socket);
+        self.connections.insert(id, Arc::downgrade(&socket));
         let thread_socket = socket.clone();
-        let spawned = thread::Builder::new()
-            .name(format!("conn-{id}"))
-            .stack_size(CONNECTION_STACK_BYTES)
-            .spawn(move || {
-                let slot = slot;
-                connection::serve(&slot.shared, thread_socket, peer, id);
-            });
-        match spawned {
-            Ok(thread) => {
-                self.connections.insert(
-                    id,
-                    Connection {
-                        thread,
-                        socket: weak,
-                    },
-                );
-                Ok(())
+        let served = self.workers.run(Box::new(move || {
+            let slot = slot;
+            connection::serve(&slot.shared, thread_socket, peer, id);
+        }));
+        if let Err(err) = served {
+            // The job, and with it the slot, was dropped: counters are already released.
+            self.connections.remove(&id);
+            refuse(&socket, peer, Refusal::Spawn, &self.shared);
+            if let Ok(socket) = Arc::try_unwrap(socket) {
+                self.linger(socket);
             }
-            Err(err) => {
-                // The closure, and with it the slot, was dropped: counters are already released.
-                refuse(&socket, peer, Refusal::Spawn, &self.shared);
-                if let Ok(socket) = Arc::try_unwrap(socket) {
-                    self.linger(socket);
-                }
-                Err(err)
-            }
+            return Err(err);
         }
+        Ok(())
     }
 
     fn linger(&mut self, socket: TcpStream) {
@@ -530,12 +505,10 @@ impl Acceptor {
         }
     }
 
-    /// Joins the connection threads that have announced their end.
+    /// Forgets the connections that have ended.
     fn reap(&mut self, finished: &Receiver<u64>) {
         for id in finished.try_iter() {
-            if let Some(connection) = self.connections.remove(&id) {
-                let _ = connection.thread.join();
-            }
+            self.connections.remove(&id);
         }
     }
 }

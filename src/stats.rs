@@ -75,6 +75,8 @@ pub struct Stats {
     /// Connection threads alive right now (handshaking or upgraded). Incremented by the
     /// acceptor before spawning, decremented by the thread's last act.
     pub connection_threads: AtomicUsize,
+    /// Connection threads done with their connection and waiting for another (see `workers`).
+    pub idle_workers: AtomicUsize,
     pub connections_accepted: AtomicU64,
     pub refused_capacity: AtomicU64,
     pub refused_per_ip: AtomicU64,
