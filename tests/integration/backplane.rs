@@ -286,3 +286,101 @@ fn a_crashed_instance_ages_out_of_cluster_counts() {
         "a cleanly stopped instance still counted after half the TTL"
     );
 }
+
+/// One sample of a metric with a `reason` label.
+fn metric_with_reason(server: &TestServer, name: &str, reason: &str) -> u64 {
+    let page = http(server.addr, "GET", "/metrics", &[], b"").text();
+    let prefix = format!("{name}{{reason=\"{reason}\"}} ");
+    page.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_backend_can_publish_through_redis_and_garbage_there_is_dropped() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = instance(redis_config(&redis));
+    let mut member = server.connect("feed");
+
+    // Not roomcast's format (no kind byte), text that is not UTF-8, a bad room name: dropped.
+    assert_eq!(
+        redis.command(&[b"PUBLISH", b"roomcast:room:feed", b"Xhello"]),
+        ":1"
+    );
+    assert_eq!(
+        redis.command(&[b"PUBLISH", b"roomcast:room:feed", b"T\xff\xfe"]),
+        ":1"
+    );
+    assert_eq!(
+        redis.command(&[b"PUBLISH", b"roomcast:room:bad room", b"Thi"]),
+        ":1"
+    );
+    // The documented format reaches the room, kind included.
+    assert_eq!(
+        redis.command(&[b"PUBLISH", b"roomcast:room:feed", b"Tfrom redis-cli"]),
+        ":1"
+    );
+    assert_eq!(
+        redis.command(&[b"PUBLISH", b"roomcast:room:feed", b"B\x00\x01"]),
+        ":1"
+    );
+    assert_eq!(next_text(&mut member), "from redis-cli");
+    assert_eq!(
+        next_data(&mut member),
+        Message::Binary(Bytes::from_static(b"\x00\x01"))
+    );
+    assert_eq!(
+        metric_with_reason(&server, "roomcast_redis_dropped_total", "malformed"),
+        3
+    );
+    assert_eq!(health(&server), "ok\n", "garbage does not disturb the link");
+}
+
+#[test]
+fn a_stalled_redis_overflows_the_publish_queue_without_blocking_clients() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = (
+        instance(redis_config(&redis)),
+        instance(redis_config(&redis)),
+    );
+    let mut sender = a.connect("flood");
+
+    // Redis stops answering but keeps its connections open: the publisher waits on its
+    // pipeline while the sender keeps going. The queue (4,096 messages) overflows; the
+    // sender's connection is never blocked by it.
+    redis.freeze(true);
+    for seq in 0..6000 {
+        sender.send(Message::text(format!("m{seq}"))).unwrap();
+    }
+    assert!(
+        wait_until(LINK_WAIT, || metric_with_reason(
+            &a,
+            "roomcast_redis_dropped_total",
+            "queue_full"
+        ) > 0),
+        "the publish queue never overflowed"
+    );
+    redis.freeze(false);
+
+    // The link recovers (if the publisher timed out it reconnects) and cross-instance
+    // delivery works again, in a fresh room.
+    for server in [&a, &b] {
+        assert!(
+            wait_until(LINK_WAIT, || health(server) == "ok\n"),
+            "link never recovered"
+        );
+    }
+    let mut there = b.connect("after");
+    let mut here = a.connect("after");
+    assert!(wait_until(LINK_WAIT, || room_size(&a, "after") == 2));
+    here.send(Message::text("still relaying")).unwrap();
+    assert_eq!(next_text(&mut there), "still relaying");
+    assert_eq!(next_text(&mut here), "still relaying");
+    drop(sender);
+}
