@@ -14,6 +14,7 @@
 //! timeout, so each thread notices shutdown within `POLL`.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -230,58 +231,72 @@ fn subscribe(client: &Client, backplane: &Backplane, events: &Sender<Event>, shu
             pubsub.psubscribe(format!("{}*", backplane::ROOM_CHANNEL_PREFIX))?;
             backplane.set_side(Side::Subscriber, true);
             reconnect.succeeded();
-            let mut last_heard = Instant::now();
-            let mut last_ping = Instant::now();
-            while !shutdown.is_triggered() {
-                match pubsub.get_message() {
-                    Ok(message) => {
-                        last_heard = Instant::now();
-                        backplane
-                            .received
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let room = backplane::room_of_channel(message.get_channel_name());
-                        let payload: Vec<u8> = message.get_payload().unwrap_or_default();
-                        let Some((room, (kind, payload))) = room.zip(backplane::decode(payload))
-                        else {
-                            backplane.count_drop(Dropped::Malformed);
-                            continue;
-                        };
-                        let event = Event::Message {
-                            room: room.into(),
-                            kind,
-                            payload,
-                        };
-                        if events.send(event).is_err() {
-                            return Ok(()); // the broadcaster has stopped
-                        }
-                    }
-                    Err(err) if err.is_timeout() => {}
-                    Err(err) => return Err(err),
-                }
-                // A quiet link is pinged, so a Redis that vanished without closing the
-                // connection is noticed; any reply, or any message, counts as hearing from it.
-                if last_ping.elapsed() >= backplane.heartbeat {
-                    last_ping = Instant::now();
-                    match pubsub.ping::<redis::Value>() {
-                        Ok(_) => last_heard = Instant::now(),
-                        Err(err) if err.is_timeout() => {}
-                        Err(err) => return Err(err),
-                    }
-                }
-                if last_heard.elapsed() > backplane.presence_ttl {
-                    return Err(redis::RedisError::from(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "no reply from redis within the presence TTL",
-                    )));
-                }
-            }
-            Ok(())
+            listen(&mut pubsub, backplane, events, shutdown)
         });
         backplane.set_side(Side::Subscriber, false);
         if let Err(err) = result {
             reconnect.failed(&err, shutdown);
         }
     }
+}
+
+/// Forwards room messages until shutdown, until the broadcaster stops, or until the
+/// connection fails or goes silent for the presence TTL.
+fn listen(
+    pubsub: &mut redis::PubSub<'_>,
+    backplane: &Backplane,
+    events: &Sender<Event>,
+    shutdown: &Shutdown,
+) -> RedisResult<()> {
+    let mut last_heard = Instant::now();
+    let mut last_ping = Instant::now();
+    while !shutdown.is_triggered() {
+        match pubsub.get_message() {
+            Ok(message) => {
+                last_heard = Instant::now();
+                if !forward(&message, backplane, events) {
+                    return Ok(()); // the broadcaster has stopped
+                }
+            }
+            Err(err) if err.is_timeout() => {}
+            Err(err) => return Err(err),
+        }
+        // A quiet link is pinged, so a Redis that vanished without closing the connection is
+        // noticed; any reply, or any message, counts as hearing from it.
+        if last_ping.elapsed() >= backplane.heartbeat {
+            last_ping = Instant::now();
+            match pubsub.ping::<redis::Value>() {
+                Ok(_) => last_heard = Instant::now(),
+                Err(err) if err.is_timeout() => {}
+                Err(err) => return Err(err),
+            }
+        }
+        if last_heard.elapsed() > backplane.presence_ttl {
+            return Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no reply from redis within the presence TTL",
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One message from Redis into the broadcaster's channel, or counted as malformed. Returns
+/// false once the broadcaster has stopped.
+fn forward(message: &redis::Msg, backplane: &Backplane, events: &Sender<Event>) -> bool {
+    backplane.received.fetch_add(1, Ordering::Relaxed);
+    let room = backplane::room_of_channel(message.get_channel_name());
+    let payload: Vec<u8> = message.get_payload().unwrap_or_default();
+    let Some((room, (kind, payload))) = room.zip(backplane::decode(payload)) else {
+        backplane.count_drop(Dropped::Malformed);
+        return true;
+    };
+    let event = Event::Message {
+        room: room.into(),
+        kind,
+        payload,
+    };
+    events.send(event).is_ok()
 }
 
 /// The presence heartbeat: publish this instance's counts, read everyone else's.
