@@ -306,28 +306,20 @@ fn a_backend_can_publish_through_redis_and_garbage_there_is_dropped() {
     let server = instance(redis_config(&redis));
     let mut member = server.connect("feed");
 
+    // What a backend could publish with redis-cli; each reaches one subscriber (ours).
+    let publish = |channel: &str, payload: &[u8]| {
+        assert_eq!(
+            redis.command(&[b"PUBLISH", channel.as_bytes(), payload]),
+            ":1"
+        );
+    };
     // Not roomcast's format (no kind byte), text that is not UTF-8, a bad room name: dropped.
-    assert_eq!(
-        redis.command(&[b"PUBLISH", b"roomcast:room:feed", b"Xhello"]),
-        ":1"
-    );
-    assert_eq!(
-        redis.command(&[b"PUBLISH", b"roomcast:room:feed", b"T\xff\xfe"]),
-        ":1"
-    );
-    assert_eq!(
-        redis.command(&[b"PUBLISH", b"roomcast:room:bad room", b"Thi"]),
-        ":1"
-    );
+    publish("roomcast:room:feed", b"Xhello");
+    publish("roomcast:room:feed", b"T\xff\xfe");
+    publish("roomcast:room:bad room", b"Thi");
     // The documented format reaches the room, kind included.
-    assert_eq!(
-        redis.command(&[b"PUBLISH", b"roomcast:room:feed", b"Tfrom redis-cli"]),
-        ":1"
-    );
-    assert_eq!(
-        redis.command(&[b"PUBLISH", b"roomcast:room:feed", b"B\x00\x01"]),
-        ":1"
-    );
+    publish("roomcast:room:feed", b"Tfrom redis-cli");
+    publish("roomcast:room:feed", b"B\x00\x01");
     assert_eq!(next_text(&mut member), "from redis-cli");
     assert_eq!(
         next_data(&mut member),
