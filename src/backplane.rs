@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use log::{info, warn};
 use parking_lot::{Mutex, RwLock};
 use tungstenite::Bytes;
@@ -157,11 +157,8 @@ impl Backplane {
         let len = message.payload.len();
         let fits =
             self.queued_bytes.fetch_add(len, Ordering::SeqCst) + len <= self.max_queued_bytes;
-        let sent = fits
-            && match self.queue.try_send(message) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
-            };
+        // Full, or disconnected at shutdown: either way the message is not queued.
+        let sent = fits && self.queue.try_send(message).is_ok();
         if !sent {
             self.queued_bytes.fetch_sub(len, Ordering::SeqCst);
             self.count_drop(Dropped::QueueFull);
@@ -175,7 +172,7 @@ impl Backplane {
     }
 
     /// Called by the publisher after Redis accepted a batch.
-    pub fn published(&self, messages: usize) {
+    pub fn count_published(&self, messages: usize) {
         self.published.fetch_add(messages as u64, Ordering::Relaxed);
         if self.overflow_logged.swap(false, Ordering::Relaxed) {
             info!("redis publish queue has room again");

@@ -161,7 +161,7 @@ fn publish(
         match result {
             Ok(()) => {
                 last_reply = Instant::now();
-                backplane.published(batch.len());
+                backplane.count_published(batch.len());
             }
             Err(err) => {
                 con = None;

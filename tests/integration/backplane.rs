@@ -43,12 +43,13 @@ fn instance(config: Config) -> TestServer {
     server
 }
 
-/// One sample of a metric without labels.
-fn metric(server: &TestServer, name: &str) -> u64 {
+/// The value of one sample on `/metrics`, named as it appears there: `name` or
+/// `name{reason="..."}`.
+fn metric(server: &TestServer, sample: &str) -> u64 {
     let page = http(server.addr, "GET", "/metrics", &[], b"").text();
     page.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+        .find_map(|line| line.strip_prefix(&format!("{sample} ")))
+        .unwrap_or_else(|| panic!("no {sample} in /metrics"))
         .parse()
         .unwrap()
 }
@@ -287,17 +288,6 @@ fn a_crashed_instance_ages_out_of_cluster_counts() {
     );
 }
 
-/// One sample of a metric with a `reason` label.
-fn metric_with_reason(server: &TestServer, name: &str, reason: &str) -> u64 {
-    let page = http(server.addr, "GET", "/metrics", &[], b"").text();
-    let prefix = format!("{name}{{reason=\"{reason}\"}} ");
-    page.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn a_backend_can_publish_through_redis_and_garbage_there_is_dropped() {
     let Some(redis) = RedisServer::start() else {
@@ -326,7 +316,10 @@ fn a_backend_can_publish_through_redis_and_garbage_there_is_dropped() {
         Message::Binary(Bytes::from_static(b"\x00\x01"))
     );
     assert_eq!(
-        metric_with_reason(&server, "roomcast_redis_dropped_total", "malformed"),
+        metric(
+            &server,
+            r#"roomcast_redis_dropped_total{reason="malformed"}"#
+        ),
         3
     );
     assert_eq!(health(&server), "ok\n", "garbage does not disturb the link");
@@ -351,10 +344,9 @@ fn a_stalled_redis_overflows_the_publish_queue_without_blocking_clients() {
         sender.send(Message::text(format!("m{seq}"))).unwrap();
     }
     assert!(
-        wait_until(LINK_WAIT, || metric_with_reason(
+        wait_until(LINK_WAIT, || metric(
             &a,
-            "roomcast_redis_dropped_total",
-            "queue_full"
+            r#"roomcast_redis_dropped_total{reason="queue_full"}"#
         ) > 0),
         "the publish queue never overflowed"
     );
