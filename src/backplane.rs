@@ -32,7 +32,7 @@ use log::{info, warn};
 use parking_lot::{Mutex, RwLock};
 use tungstenite::Bytes;
 
-use crate::broadcaster::{Event, MessageKind};
+use crate::broadcaster::{Events, MessageKind, Stopped};
 
 /// Prefix of the channel each room publishes to: `roomcast:room:<room>`.
 pub const ROOM_CHANNEL_PREFIX: &str = "roomcast:room:";
@@ -229,11 +229,11 @@ impl Backplane {
 /// up, else the local broadcaster. The error means the broadcaster has stopped (shutdown).
 pub(crate) fn relay(
     backplane: Option<&Backplane>,
-    events: &Sender<Event>,
+    events: &Events,
     room: std::sync::Arc<str>,
     kind: MessageKind,
     payload: Bytes,
-) -> Result<(), ()> {
+) -> Result<(), Stopped> {
     match backplane {
         Some(backplane) if backplane.is_up() => {
             backplane.publish(Outgoing {
@@ -246,13 +246,7 @@ pub(crate) fn relay(
         // Degraded or no backplane. A bounded channel: when the broadcaster is behind, this
         // blocks, which stops the connection thread reading, which lets TCP flow control push
         // back on the sender.
-        _ => events
-            .send(Event::Message {
-                room,
-                kind,
-                payload,
-            })
-            .map_err(|_| ()),
+        _ => events.send_message(room, kind, payload),
     }
 }
 

@@ -16,12 +16,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::{select, Receiver, SendTimeoutError, Sender};
 use log::{debug, info};
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::frame::Frame;
 use tungstenite::Bytes;
 
+use crate::budget::{Budget, Permit};
 use crate::client::{encode, Client};
 use crate::config::Config;
 use crate::hub::Hub;
@@ -29,9 +30,10 @@ use crate::outbox::{Flush, Push};
 use crate::shutdown::Shutdown;
 use crate::stats::{Eviction, Stats};
 
-/// Bound of the event channel. When connection threads produce faster than the broadcaster
-/// relays, they block on `send`, which is the backpressure we want; the bound only sizes the
-/// shock absorber (a few milliseconds of peak traffic).
+/// Bound of the event channel, in events; `budget::EVENT_QUEUE_BYTES` bounds its payload
+/// bytes. When connection threads produce faster than the broadcaster relays, they block on
+/// `send`, which is the backpressure we want; the bounds only size the shock absorber (a few
+/// milliseconds of peak traffic).
 pub const EVENT_QUEUE_CAPACITY: usize = 4096;
 /// Events handled before the touched clients are flushed. Larger batches mean fewer syscalls
 /// per frame under load; the bound keeps latency and the dirty list in check.
@@ -39,9 +41,9 @@ const MAX_BATCH: usize = 1024;
 /// Upper bound of a room's chunk of gathered frames (see `Broadcaster::gather`): large enough
 /// that a busy batch of small messages becomes one chunk, small enough to stay cache-friendly.
 const MAX_CHUNK: usize = 64 * 1024;
-/// How soon backlogged clients are retried. Short, because a healthy client that briefly
-/// filled its socket buffer should not wait long; the retry is one failed `sendmsg` per
-/// backlogged client, cheap enough to repeat 100 times a second.
+/// How often backlogged clients are retried. Short, because a healthy client that briefly
+/// filled its socket buffer should not wait long; long enough that a thousand stalled clients
+/// cost a thousand failing `sendmsg` calls 100 times a second, not once per batch.
 const BACKLOG_RETRY: Duration = Duration::from_millis(10);
 /// Bounds of the heartbeat sweep interval, which is a quarter of `--ping-interval`.
 const MIN_SWEEP: Duration = Duration::from_millis(10);
@@ -63,14 +65,18 @@ pub enum MessageKind {
     Binary,
 }
 
-/// What connection threads send the broadcaster.
+/// What connection threads (and the publish endpoint, and the Redis subscriber) send the
+/// broadcaster.
 #[derive(Debug)]
 pub enum Event {
-    /// A complete message for everyone in `room`, the sender included.
+    /// A complete message for everyone in `room`, the sender included. Sent with
+    /// [`Events::send_message`], which takes the payload's bytes from the channel's byte
+    /// budget; `permit` gives them back when the broadcaster drops the event.
     Message {
         room: Arc<str>,
         kind: MessageKind,
         payload: Bytes,
+        permit: Permit,
     },
     /// The server closes `client` (protocol error, limit, idle). Sent through the channel
     /// rather than queued directly so the close lands behind every message the client sent
@@ -82,6 +88,94 @@ pub enum Event {
         reason: &'static str,
         done: Sender<()>,
     },
+    /// A send made by the client's own connection thread (the `101`, a pong, a close reply)
+    /// left bytes the kernel would not take. From now on the broadcaster retries them on its
+    /// tick, like any backlog it left itself. The sender has already set
+    /// `client.is_backlog_tracked`, so each client is handed over once.
+    Backlogged(Arc<Client>),
+}
+
+/// The broadcaster has stopped (shutdown, or it failed): nothing more can be relayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stopped;
+
+/// The sending side of the broadcaster's channel, with its byte budget. Cloned to every
+/// connection thread (through `Shared`), the publish endpoint and the Redis threads.
+#[derive(Clone, Debug)]
+pub struct Events {
+    sender: Sender<Event>,
+    budget: Arc<Budget>,
+}
+
+impl Events {
+    /// The channel and its byte budget: the sending side for everyone, the receiving side for
+    /// the broadcaster.
+    pub fn channel(capacity: usize, bytes: usize) -> (Events, Receiver<Event>) {
+        let (sender, receiver) = crossbeam_channel::bounded(capacity);
+        let events = Events {
+            sender,
+            budget: Budget::new(bytes),
+        };
+        (events, receiver)
+    }
+
+    /// Sends a message to its room, blocking while the channel is full in events or in bytes.
+    pub fn send_message(
+        &self,
+        room: Arc<str>,
+        kind: MessageKind,
+        payload: Bytes,
+    ) -> Result<(), Stopped> {
+        let permit = self.budget.acquire(payload.len()).ok_or(Stopped)?;
+        self.send(Event::Message {
+            room,
+            kind,
+            payload,
+            permit,
+        })
+    }
+
+    /// Sends a control event, blocking while the channel is full.
+    pub fn send(&self, event: Event) -> Result<(), Stopped> {
+        self.sender.send(event).map_err(|_| Stopped)
+    }
+
+    /// Sends a control event, waiting at most `timeout` for room in the channel.
+    pub fn send_timeout(&self, event: Event, timeout: Duration) -> Result<(), Stopped> {
+        self.sender
+            .send_timeout(event, timeout)
+            .map_err(|err| match err {
+                SendTimeoutError::Timeout(_) | SendTimeoutError::Disconnected(_) => Stopped,
+            })
+    }
+
+    /// Hands a backlog a connection thread left to the broadcaster, unless it already has it.
+    pub fn hand_over_backlog(&self, client: &Arc<Client>) {
+        if !client.is_backlog_tracked.swap(true, Ordering::Relaxed) {
+            // Fails only when the broadcaster has stopped; then nobody needs to retry it.
+            let _ = self.send(Event::Backlogged(client.clone()));
+        }
+    }
+
+    /// Events waiting for the broadcaster.
+    pub fn len(&self) -> usize {
+        self.sender.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sender.is_empty()
+    }
+
+    /// Payload bytes waiting for the broadcaster.
+    pub fn bytes_in_flight(&self) -> usize {
+        self.budget.in_flight()
+    }
+
+    /// Makes every further `send_message` fail and wakes those waiting for the budget. The
+    /// broadcaster's thread does this as it ends, however it ends.
+    pub fn close_budget(&self) {
+        self.budget.close();
+    }
 }
 
 /// The broadcaster's state. Created by `Server::run`, owned by the broadcaster thread.
@@ -91,12 +185,19 @@ pub struct Broadcaster {
     config: Arc<Config>,
     /// Clients given a frame in the current batch and not yet flushed.
     dirty: Vec<Arc<Client>>,
+    /// Clients whose outbox was full when a frame was queued under the hub's lock; settled
+    /// (flushed, then queued again or evicted) right after the lock is released.
+    overflowed: Vec<Arc<Client>>,
     /// Frames gathered per room during the current batch, fanned out at its end (or earlier,
     /// see `gather`). Emptied after every batch.
     chunks: HashMap<Arc<str>, Chunk>,
-    /// Largest chunk: half the outbox bound (so a chunk can never evict a healthy client,
-    /// two always fit) and at most `MAX_CHUNK`.
+    /// Largest chunk: at most half the outbox bound, so one chunk can never overflow an
+    /// outbox that the client has drained, and at most `MAX_CHUNK`.
     chunk_limit: usize,
+    /// A chunk at least this large is flushed to its room as soon as it is queued rather than
+    /// at the end of the batch, so a burst of large messages reaches the kernel (and the
+    /// reader) as it is relayed instead of piling up in outboxes first.
+    early_flush: usize,
     /// Clients whose kernel send buffer was full at the last attempt.
     backlog: Vec<Arc<Client>>,
     ping: Bytes,
@@ -119,8 +220,10 @@ impl Broadcaster {
             stats,
             config,
             dirty: Vec::new(),
+            overflowed: Vec::new(),
             chunks: HashMap::new(),
             chunk_limit,
+            early_flush: chunk_limit / 2,
             backlog: Vec::new(),
             ping: encode(Frame::ping(Bytes::new())),
             sweep_every,
@@ -130,13 +233,16 @@ impl Broadcaster {
 
     /// Relays until shutdown, then closes every client within the grace period.
     pub fn run(mut self, events: Receiver<Event>, shutdown: &Shutdown) {
-        let mut next_sweep = Instant::now() + self.sweep_every;
+        let now = Instant::now();
+        let mut next_sweep = now + self.sweep_every;
+        let mut next_retry = now;
         loop {
-            let wait = if self.backlog.is_empty() {
-                next_sweep.saturating_duration_since(Instant::now())
+            let due = if self.backlog.is_empty() {
+                next_sweep
             } else {
-                BACKLOG_RETRY
+                next_sweep.min(next_retry)
             };
+            let wait = due.saturating_duration_since(Instant::now());
             select! {
                 recv(events) -> event => {
                     let Ok(event) = event else { break };
@@ -150,8 +256,14 @@ impl Broadcaster {
                 recv(shutdown.receiver()) -> _ => break,
                 default(wait) => {}
             }
+            // Backlogged clients are retried on their own tick, not after every batch: with
+            // many stalled clients, a retry per batch would cost each message that many
+            // failing sends.
             let now = Instant::now();
-            self.retry_backlog(now);
+            if now >= next_retry && !self.backlog.is_empty() {
+                self.retry_backlog(now);
+                next_retry = now + BACKLOG_RETRY;
+            }
             if now >= next_sweep {
                 self.sweep();
                 next_sweep = now + self.sweep_every;
@@ -160,15 +272,20 @@ impl Broadcaster {
         self.close_all(&events);
     }
 
-    /// Gathers a message into its room's chunk, or queues a close behind the messages before
-    /// it.
+    /// Gathers a message into its room's chunk, queues a close behind the messages before
+    /// it, or takes over a connection thread's backlog.
     fn handle(&mut self, event: Event) {
         match event {
             Event::Message {
                 room,
                 kind,
                 payload,
-            } => self.gather(room, kind, payload),
+                permit,
+            } => {
+                self.gather(room, kind, payload);
+                // The payload is copied into the room's chunk: its bytes leave the budget.
+                drop(permit);
+            }
             Event::Close {
                 client,
                 code,
@@ -180,6 +297,7 @@ impl Broadcaster {
                 client.queue_close(code, reason);
                 let _ = done.send(());
             }
+            Event::Backlogged(client) => self.backlog.push(client),
         }
     }
 
@@ -188,6 +306,13 @@ impl Broadcaster {
     /// chunk means each member costs one queue entry, one lock and one iovec per batch rather
     /// than per message. A chunk that would outgrow `chunk_limit` is fanned out first.
     fn gather(&mut self, room: Arc<str>, kind: MessageKind, payload: Bytes) {
+        if let Some(panic_room) = &self.config.test_panic_in_room {
+            // The test-only failure hook (see `Config::test_panic_in_room`).
+            assert!(
+                *panic_room != *room,
+                "test hook: panic on a message to {room}"
+            );
+        }
         let opcode = match kind {
             MessageKind::Text => OpCode::Data(Data::Text),
             MessageKind::Binary => OpCode::Data(Data::Binary),
@@ -213,25 +338,61 @@ impl Broadcaster {
         let Some(chunk) = self.chunks.get_mut(room).filter(|chunk| chunk.messages > 0) else {
             return;
         };
-        let bytes = Bytes::from(std::mem::take(&mut chunk.bytes));
+        let mut bytes = std::mem::take(&mut chunk.bytes);
         let messages = std::mem::take(&mut chunk.messages);
+        // A Vec grown by doubling may own nearly twice what it holds, and every outbox that
+        // holds the chunk keeps the whole allocation alive: give the slack back first, so the
+        // outbox bound (which counts what is held) is also what memory it costs.
+        if bytes.capacity() - bytes.len() > bytes.len() / 8 {
+            bytes.shrink_to_fit();
+        }
+        let bytes = Bytes::from(bytes);
         let mut delivered = 0;
-        let dirty = &mut self.dirty;
-        // The read lock is held only while queuing (memory operations); flushing happens in
-        // `flush_dirty`, after it is released.
-        self.hub.for_each_member(room, |client| {
-            if let Push::Queued { was_empty } = client.queue(bytes.clone()) {
-                delivered += messages;
-                // A client whose outbox was already non-empty is either in `dirty` already or
-                // backlogged (and retried on the tick), so each client is listed once.
-                if was_empty {
-                    dirty.push(client.clone());
+        let (dirty, overflowed) = (&mut self.dirty, &mut self.overflowed);
+        // The read lock is held only while queuing (memory operations). Sends, and the
+        // verdict on clients whose outbox is full, come after it is released.
+        self.hub
+            .for_each_member(room, |client| match client.queue(bytes.clone()) {
+                Push::Queued { was_empty } => {
+                    delivered += messages;
+                    // A client whose outbox was already non-empty is either in `dirty` already
+                    // or backlogged (and retried on the tick), so each client is listed once.
+                    if was_empty {
+                        dirty.push(client.clone());
+                    }
                 }
-            }
-        });
+                Push::Overflow => overflowed.push(client.clone()),
+                Push::Closed => {}
+            });
+        delivered += messages * self.settle_overflowed(&bytes);
         self.stats
             .messages_delivered
             .fetch_add(delivered, Ordering::Relaxed);
+        if bytes.len() >= self.early_flush {
+            self.flush_dirty();
+        }
+    }
+
+    /// Judges the clients whose outbox had no room for `frame`: each first gets a send attempt
+    /// (a reader keeping up has taken its backlog by now, or takes it now), then `frame` is
+    /// queued again, and only a client it still does not fit is evicted as too slow. Returns
+    /// how many took the frame. Runs after the hub's lock is released: it sends, shuts sockets
+    /// down and logs.
+    fn settle_overflowed(&mut self, frame: &Bytes) -> u64 {
+        let mut queued = 0;
+        for client in std::mem::take(&mut self.overflowed) {
+            client.flush();
+            match client.queue(frame.clone()) {
+                Push::Queued { .. } => {
+                    queued += 1;
+                    // Flushed with the batch; if it stays backlogged it is tracked then.
+                    self.dirty.push(client);
+                }
+                Push::Overflow => client.evict(Eviction::Slow),
+                Push::Closed => {}
+            }
+        }
+        queued
     }
 
     /// Fans out every room's chunk at the end of a batch.
@@ -245,11 +406,14 @@ impl Broadcaster {
 
     /// One non-blocking send per touched client: every frame of the batch in one `sendmsg`.
     fn flush_dirty(&mut self) {
-        for client in std::mem::take(&mut self.dirty) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for client in dirty.drain(..) {
             if client.flush() == Flush::Backlogged {
                 self.track_backlog(client);
             }
         }
+        // Keep the allocation for the next batch.
+        self.dirty = dirty;
     }
 
     fn track_backlog(&mut self, client: Arc<Client>) {
@@ -278,61 +442,78 @@ impl Broadcaster {
         });
     }
 
-    /// The heartbeat: pings clients quiet for `--ping-interval`, and picks up backlogs that
-    /// began on a connection thread's own send (a pong into a full socket buffer).
+    /// The heartbeat: pings clients quiet for `--ping-interval`.
     fn sweep(&mut self) {
         let interval = self.config.ping_interval;
-        let mut found_backlog = Vec::new();
-        let dirty = &mut self.dirty;
-        let ping = &self.ping;
+        let (dirty, overflowed, ping) = (&mut self.dirty, &mut self.overflowed, &self.ping);
         self.hub.for_each_client(|client| {
             if client.is_due_for_ping(interval) {
-                if let Push::Queued { was_empty: true } = client.queue(ping.clone()) {
-                    dirty.push(client.clone());
+                match client.queue(ping.clone()) {
+                    Push::Queued { was_empty: true } => dirty.push(client.clone()),
+                    Push::Overflow => overflowed.push(client.clone()),
+                    Push::Queued { was_empty: false } | Push::Closed => {}
                 }
-            } else if !client.is_backlog_tracked.load(Ordering::Relaxed) && client.has_backlog() {
-                found_backlog.push(client.clone());
             }
         });
-        for client in found_backlog {
-            self.track_backlog(client);
-        }
+        let ping = self.ping.clone();
+        self.settle_overflowed(&ping);
         self.flush_dirty();
     }
 
     /// Shutdown: queue `1001 going away` for everyone, give them `--shutdown-grace` to take it
-    /// and answer, then cut whoever is left. Cutting (socket shutdown) is what wakes each
-    /// connection thread from `read` so it can exit and be joined.
+    /// and answer, then cut whoever is left.
     fn close_all(&mut self, events: &Receiver<Event>) {
         // First, so that anyone who sees a 1001 also sees the server draining.
         self.draining.store(true, Ordering::SeqCst);
         info!("shutting down: closing {} clients", self.hub.client_count());
-        let deadline = Instant::now() + self.config.shutdown_grace;
-        let mut clients = Vec::new();
-        loop {
+        close_everyone(
+            &self.hub,
+            CloseCode::Away,
+            "server shutting down",
+            self.config.shutdown_grace,
             // Messages still arriving have nowhere to go: every outbox is sealed by its close.
-            for _ in events.try_iter() {}
-            // Taken afresh each step (clients that answered have left), which also catches a
-            // client that finished its handshake after shutdown began.
-            clients.clear();
-            self.hub
-                .for_each_client(|client| clients.push(client.clone()));
-            if clients.is_empty() || Instant::now() >= deadline {
-                break;
-            }
-            for client in &clients {
-                if !client.is_closing() {
-                    client.queue_close(CloseCode::Away, "server shutting down");
-                }
-                if client.has_backlog() {
-                    client.flush();
-                }
-            }
-            std::thread::sleep(GRACE_STEP);
+            || for _ in events.try_iter() {},
+        );
+    }
+}
+
+/// Queues a close frame for every client, gives them `grace` to take it and answer, then cuts
+/// whoever is left. Cutting (socket shutdown) is what wakes each connection thread from `read`
+/// so it can exit and be joined. `between_steps` runs every `GRACE_STEP`.
+///
+/// The broadcaster runs this at shutdown; the acceptor's supervisor runs it when the
+/// broadcaster itself has failed, since someone must still close the clients.
+pub(crate) fn close_everyone(
+    hub: &Hub,
+    code: CloseCode,
+    reason: &'static str,
+    grace: Duration,
+    mut between_steps: impl FnMut(),
+) {
+    let deadline = Instant::now() + grace;
+    let mut clients = Vec::new();
+    loop {
+        between_steps();
+        // Taken afresh each step (clients that answered have left), which also catches a
+        // client that finished its handshake after shutdown began. Collected under the lock,
+        // acted on after it.
+        clients.clear();
+        hub.for_each_client(|client| clients.push(client.clone()));
+        if clients.is_empty() || Instant::now() >= deadline {
+            break;
         }
         for client in &clients {
-            let _ = client.socket().shutdown(std::net::Shutdown::Both);
+            if !client.is_closing() {
+                client.queue_close(code, reason);
+            }
+            if client.has_backlog() {
+                client.flush();
+            }
         }
-        debug!("grace period over: {} clients cut", clients.len());
+        std::thread::sleep(GRACE_STEP);
     }
+    for client in &clients {
+        let _ = client.socket().shutdown(std::net::Shutdown::Both);
+    }
+    debug!("grace period over: {} clients cut", clients.len());
 }

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::net::{Shutdown as Both, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,13 @@ pub struct Client {
     outbox: Mutex<Outbox>,
     /// Byte bound of `outbox`, fixed at start-up.
     outbox_limit: usize,
-    /// Set when the broadcaster has added this client to its retry list, so it is added once.
+    /// Set when this client is on the broadcaster's retry list or on its way there (see
+    /// `Broadcaster::track_backlog` and `Event::Backlogged`), so it is listed once. Cleared by
+    /// the broadcaster when it drops the client from the list.
     pub(crate) is_backlog_tracked: AtomicBool,
+    /// This client's index in its room's member list. Written only by the hub, under its write
+    /// lock (join, and a `leave` that moves this client into the gap), so `leave` is O(1).
+    member_index: AtomicUsize,
     /// Milliseconds since `epoch` when the connection thread last read anything from the
     /// client. Written by the connection thread, read by the broadcaster's heartbeat.
     last_heard_ms: AtomicU64,
@@ -76,6 +81,7 @@ impl Client {
             outbox: Mutex::new(Outbox::new()),
             outbox_limit,
             is_backlog_tracked: AtomicBool::new(false),
+            member_index: AtomicUsize::new(usize::MAX),
             last_heard_ms: AtomicU64::new(0),
             last_ping_ms: AtomicU64::new(0),
             evicted: Mutex::new(None),
@@ -84,14 +90,39 @@ impl Client {
         }
     }
 
+    pub(crate) fn member_index(&self) -> usize {
+        self.member_index.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_member_index(&self, index: usize) {
+        self.member_index.store(index, Ordering::Relaxed);
+    }
+
     pub fn socket(&self) -> &TcpStream {
         &self.socket
     }
 
     /// Queues a frame and reports whether the client now has something to flush.
-    /// Evicts the client when the frame would overflow its outbox.
+    ///
+    /// `Push::Overflow` leaves the frame unqueued and the client untouched: the caller decides,
+    /// usually after a send attempt (see `queue_or_evict`), because a client is slow only if
+    /// it failed to take what it was sent, not because one batch queued a lot at once. The
+    /// broadcaster calls this under the hub's read lock, so it must stay a memory operation.
     pub fn queue(&self, frame: Bytes) -> Push {
-        let pushed = self.outbox.lock().push(frame, self.outbox_limit);
+        self.outbox.lock().push(frame, self.outbox_limit)
+    }
+
+    /// Queues a frame; if it does not fit, first sends what the kernel will take and tries
+    /// again, and only then evicts the client as too slow. Not for use under the hub's lock
+    /// (it may send, shut a socket down and log).
+    pub fn queue_or_evict(&self, frame: Bytes) -> Push {
+        let pushed = match self.queue(frame.clone()) {
+            Push::Overflow => {
+                self.flush();
+                self.queue(frame)
+            }
+            pushed => pushed,
+        };
         if pushed == Push::Overflow {
             self.evict(Eviction::Slow);
         }
@@ -152,29 +183,39 @@ impl Client {
     ///
     /// Shutting the socket down is what makes this safe from any thread: the connection
     /// thread, blocked in `read`, wakes with end-of-file and does the real clean-up
-    /// (deregistration, thread exit). Only the first eviction counts.
+    /// (deregistration, thread exit). Only the first removal of a client counts (see
+    /// `record_eviction`); a later one does nothing.
     pub fn evict(&self, reason: Eviction) {
-        {
-            let mut evicted = self.evicted.lock();
-            if evicted.is_some() {
-                return;
-            }
-            *evicted = Some(reason);
+        if !self.record_eviction(reason) {
+            return;
         }
         self.outbox.lock().clear();
         abort_on_close(&self.socket);
         let _ = self.socket.shutdown(Both::Both);
-        self.note_eviction(reason);
     }
 
-    /// Counts and logs a removal the server decided on, whether by `evict` or by the
-    /// connection thread closing the client with a code.
-    pub fn note_eviction(&self, reason: Eviction) {
+    /// Records that the server removes this client, counting and logging it, unless a removal
+    /// was already recorded; returns whether this one was the first.
+    ///
+    /// Every path that removes a client against its will comes through here: `evict` (slow,
+    /// from the broadcaster or a connection thread) and the connection thread's own closes
+    /// (rate, size, idle). A client can trip two of them at once, say its rate on its own
+    /// thread while the broadcaster finds its outbox full; it is still one removal, counted
+    /// once, logged once, under the first reason.
+    pub fn record_eviction(&self, reason: Eviction) -> bool {
+        {
+            let mut evicted = self.evicted.lock();
+            if evicted.is_some() {
+                return false;
+            }
+            *evicted = Some(reason);
+        }
         self.stats.count_eviction(reason);
         warn!(
             "removed client {} ({}) from room {}: {}",
             self.id, self.peer, self.room, reason
         );
+        true
     }
 
     pub fn eviction(&self) -> Option<Eviction> {

@@ -80,6 +80,11 @@ pub struct Config {
     /// `redis://HOST:PORT/DB` of the backplane shared with other instances; `None` runs alone.
     pub redis: Option<String>,
     pub redis_ttl: Duration,
+    /// Test-only failure hook, never set from the command line: the broadcaster panics when it
+    /// relays a message to this room. The supervision tests use it to check that a dead
+    /// broadcaster takes the server down loudly instead of leaving it up and relaying nothing.
+    #[doc(hidden)]
+    pub test_panic_in_room: Option<String>,
 }
 
 impl Default for Config {
@@ -105,6 +110,7 @@ impl Default for Config {
             log_file: None,
             redis: None,
             redis_ttl: DEFAULT_REDIS_TTL,
+            test_panic_in_room: None,
         }
     }
 }

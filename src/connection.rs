@@ -27,7 +27,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Bytes, Message, WebSocket};
 
-use crate::broadcaster::{Event, MessageKind};
+use crate::broadcaster::{Event, Events, MessageKind};
 use crate::client::Client;
 use crate::endpoints;
 use crate::http::{self, HeadError, Request, Response};
@@ -96,14 +96,14 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
     client.queue(Bytes::from(upgrade.response));
     let membership = Membership::join(&shared.hub, &client);
     shared.stats.clients_served.fetch_add(1, Ordering::Relaxed);
-    client.flush();
+    flush(shared, &client);
     debug!("client {id} ({peer}) joined room {}", client.room);
 
     let ending = session(shared, &client, leftover);
     // Still a member here, so messages the client sent before the close are echoed to it.
     if let Ending::Close(code, reason, eviction) = ending {
         if let Some(eviction) = eviction {
-            client.note_eviction(eviction);
+            client.record_eviction(eviction);
         }
         close_in_order(shared, &client, code, reason);
     }
@@ -273,6 +273,7 @@ fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
         .max_frame_size(Some(config.max_message_bytes));
     let stream = ClientStream {
         client: client.clone(),
+        events: shared.events.clone(),
     };
     let mut ws = WebSocket::from_partially_read(stream, leftover, Role::Server, Some(ws_config));
     let mut bucket = TokenBucket::new(config.rate, config.burst, Instant::now());
@@ -307,7 +308,7 @@ fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
                 // reply is then dropped by the sealed outbox.
                 let code = frame.map_or(CloseCode::Normal, |f| f.code);
                 client.queue_close(code, "");
-                client.flush();
+                flush(shared, client);
                 continue;
             }
         };
@@ -437,10 +438,21 @@ fn drain_until(socket: &TcpStream, deadline: Instant) {
     }
 }
 
+/// Sends what the kernel takes now from the connection thread itself (the `101`, a close
+/// reply). A backlog left behind is handed to the broadcaster at once, which alone retries
+/// backlogs: otherwise bytes stuck behind a full socket buffer would wait for the next
+/// message to the room, or for nothing at all.
+fn flush(shared: &Shared, client: &Arc<Client>) {
+    if client.flush() == Flush::Backlogged {
+        shared.events.hand_over_backlog(client);
+    }
+}
+
 /// What tungstenite reads from and writes to: reads come from the socket, writes go to the
-/// outbox (and are flushed without blocking).
+/// outbox (and are flushed without blocking; see `flush`).
 struct ClientStream {
     client: Arc<Client>,
+    events: Events,
 }
 
 impl Read for ClientStream {
@@ -458,13 +470,16 @@ impl Write for ClientStream {
         // Tungstenite hands over whole frames (pong or close replies), so queuing `buf` as one
         // entry keeps frames intact in the shared stream. Whatever the outbox does with it is
         // right: a sealed outbox drops it (nothing may follow our close frame), and an
-        // overflow evicts the client. Either way tungstenite must see it as written.
-        self.client.queue(Bytes::copy_from_slice(buf));
+        // overflow (after a send attempt) evicts the client. Either way tungstenite must see
+        // it as written.
+        self.client.queue_or_evict(Bytes::copy_from_slice(buf));
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.client.flush();
+        if self.client.flush() == Flush::Backlogged {
+            self.events.hand_over_backlog(&self.client);
+        }
         Ok(())
     }
 }

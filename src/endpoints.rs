@@ -112,6 +112,12 @@ pub(crate) fn answer(
 fn respond(shared: &Shared, request: &Request, resource: &Resource<'_>, body: Vec<u8>) -> Response {
     match resource {
         Resource::Demo => Response::ok(HTML, DEMO_PAGE),
+        Resource::Health if shared.supervisor.failure().is_some() => {
+            let thread = shared.supervisor.failure().unwrap_or_default();
+            Response::status(503).with_body(format!(
+                "failed: the {thread} thread panicked; shutting down\n"
+            ))
+        }
         Resource::Health if shared.is_draining() => Response::status(503).with_body("draining\n"),
         Resource::Health if shared.backplane.as_ref().is_some_and(|b| !b.is_up()) => {
             // Still 200: this instance serves its own clients, and a load balancer that

@@ -15,6 +15,9 @@ pub enum Error {
         what: &'static str,
         source: io::Error,
     },
+    /// A thread the server cannot run without panicked (see `supervisor`); the server shut
+    /// itself down.
+    Failed { thread: &'static str },
 }
 
 impl Error {
@@ -26,7 +29,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) => 2,
-            Error::Io { .. } => 1,
+            Error::Io { .. } | Error::Failed { .. } => 1,
         }
     }
 }
@@ -36,6 +39,10 @@ impl fmt::Display for Error {
         match self {
             Error::Config(err) => err.fmt(f),
             Error::Io { what, source } => write!(f, "{what}: {source}"),
+            Error::Failed { thread } => write!(
+                f,
+                "the {thread} thread panicked, so the server shut down (see the log above)"
+            ),
         }
     }
 }
@@ -45,6 +52,7 @@ impl std::error::Error for Error {
         match self {
             Error::Config(err) => Some(err),
             Error::Io { source, .. } => Some(source),
+            Error::Failed { .. } => None,
         }
     }
 }

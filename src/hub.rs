@@ -3,8 +3,11 @@
 //! This is the map the Go server in our origin story wrote from many goroutines without a lock
 //! (`fatal error: concurrent map writes`). Here the compiler makes that impossible: the map is
 //! only reachable through the lock. Connection threads take the write lock to join and leave;
-//! the broadcaster takes the read lock to walk a room. Nobody holds it across I/O: queueing a
-//! frame into an outbox is a memory operation, and sockets are flushed after the lock is gone.
+//! the broadcaster takes the read lock to walk a room. Both hold it for memory operations only:
+//! the broadcaster queues frames into outboxes under it, but sends, evictions (socket shutdown)
+//! and logging all happen after it is released, on lists it collected while holding it. A
+//! writer waiting for the lock also holds up new readers (parking_lot is fair), so anything slow
+//! under it would stall joins, leaves and every room's delivery at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,21 +34,31 @@ impl Hub {
     /// Adds a client to its room.
     pub fn join(&self, client: Arc<Client>) {
         let mut rooms = self.rooms.write();
-        rooms.entry(client.room.clone()).or_default().push(client);
+        let members = rooms.entry(client.room.clone()).or_default();
+        client.set_member_index(members.len());
+        members.push(client);
     }
 
     /// Removes a client from its room; returns whether it was there.
+    ///
+    /// O(1): each client knows its index in the member list, so ten thousand viewers leaving
+    /// at once cost ten thousand short write-lock holds, not a scan of the room each.
     pub fn leave(&self, client: &Client) -> bool {
         let mut rooms = self.rooms.write();
         let Some(members) = rooms.get_mut(&client.room) else {
             return false;
         };
-        let Some(index) = members.iter().position(|m| m.id == client.id) else {
+        let index = client.member_index();
+        if members.get(index).is_none_or(|m| m.id != client.id) {
             return false;
-        };
+        }
         // Order within a room's member list carries no meaning (delivery order is the order
-        // of messages, not of members), so the O(1) removal is fine.
+        // of messages, not of members), so the last member moves into the gap; its index is
+        // updated under the same lock.
         members.swap_remove(index);
+        if let Some(moved) = members.get(index) {
+            moved.set_member_index(index);
+        }
         if members.is_empty() {
             rooms.remove(&client.room);
         }

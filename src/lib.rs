@@ -44,6 +44,7 @@
 
 pub mod backplane;
 pub mod broadcaster;
+pub mod budget;
 pub mod capacity;
 pub mod client;
 pub mod config;
@@ -60,6 +61,7 @@ mod redis_link;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod supervisor;
 pub mod workers;
 
 pub use config::{parse_args, Command, Config, ConfigError};

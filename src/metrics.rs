@@ -106,6 +106,12 @@ pub(crate) fn render(shared: &Shared) -> String {
         &[(None, shared.events.len() as u64)],
     );
     metric(
+        "roomcast_broadcast_queue_bytes",
+        "gauge",
+        "Payload bytes of the messages waiting for the broadcaster (bounded; see the README's Limits).",
+        &[(None, shared.events.bytes_in_flight() as u64)],
+    );
+    metric(
         "roomcast_threads",
         "gauge",
         "Threads this server runs: one per connection, those waiting for the next connection, the acceptor and the broadcaster (and 3 for Redis).",

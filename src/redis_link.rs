@@ -19,12 +19,12 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, warn};
 use redis::{Client, Connection, RedisResult};
 
 use crate::backplane::{self, Backplane, Dropped, Outgoing, Side, INSTANCE_KEY_PREFIX};
-use crate::broadcaster::Event;
+use crate::broadcaster::Events;
 use crate::error::Error;
 use crate::hub::{is_valid_room_name, Hub};
 use crate::shutdown::Shutdown;
@@ -49,7 +49,7 @@ pub(crate) fn start(
     url: &str,
     backplane: Arc<Backplane>,
     outgoing: Receiver<Outgoing>,
-    events: Sender<Event>,
+    events: Events,
     hub: Arc<Hub>,
     shutdown: &Shutdown,
 ) -> Result<Vec<JoinHandle<()>>, Error> {
@@ -101,7 +101,7 @@ fn publish(
     client: &Client,
     backplane: &Backplane,
     outgoing: &Receiver<Outgoing>,
-    events: &Sender<Event>,
+    events: &Events,
     shutdown: &Shutdown,
 ) {
     let mut reconnect = Backoff::new("publisher");
@@ -210,19 +210,15 @@ fn take_batch(
 }
 
 /// Hands messages Redis will not relay for us to the local broadcaster.
-fn deliver_locally(messages: impl IntoIterator<Item = Outgoing>, events: &Sender<Event>) {
+fn deliver_locally(messages: impl IntoIterator<Item = Outgoing>, events: &Events) {
     for message in messages {
-        let _ = events.send(Event::Message {
-            room: message.room,
-            kind: message.kind,
-            payload: message.payload,
-        });
+        let _ = events.send_message(message.room, message.kind, message.payload);
     }
 }
 
 /// The subscriber: every room message of every instance, in Redis's order, into the
 /// broadcaster's channel.
-fn subscribe(client: &Client, backplane: &Backplane, events: &Sender<Event>, shutdown: &Shutdown) {
+fn subscribe(client: &Client, backplane: &Backplane, events: &Events, shutdown: &Shutdown) {
     let mut reconnect = Backoff::new("subscriber");
     while !shutdown.is_triggered() {
         let result = connect(client).and_then(|mut con| {
@@ -245,7 +241,7 @@ fn subscribe(client: &Client, backplane: &Backplane, events: &Sender<Event>, shu
 fn listen(
     pubsub: &mut redis::PubSub<'_>,
     backplane: &Backplane,
-    events: &Sender<Event>,
+    events: &Events,
     shutdown: &Shutdown,
 ) -> RedisResult<()> {
     let mut last_heard = Instant::now();
@@ -283,7 +279,7 @@ fn listen(
 
 /// One message from Redis into the broadcaster's channel, or counted as malformed. Returns
 /// false once the broadcaster has stopped.
-fn forward(message: &redis::Msg, backplane: &Backplane, events: &Sender<Event>) -> bool {
+fn forward(message: &redis::Msg, backplane: &Backplane, events: &Events) -> bool {
     backplane.received.fetch_add(1, Ordering::Relaxed);
     let room = backplane::room_of_channel(message.get_channel_name());
     let payload: Vec<u8> = message.get_payload().unwrap_or_default();
@@ -291,12 +287,7 @@ fn forward(message: &redis::Msg, backplane: &Backplane, events: &Sender<Event>) 
         backplane.count_drop(Dropped::Malformed);
         return true;
     };
-    let event = Event::Message {
-        room: room.into(),
-        kind,
-        payload,
-    };
-    events.send(event).is_ok()
+    events.send_message(room.into(), kind, payload).is_ok()
 }
 
 /// The presence heartbeat: publish this instance's counts, read everyone else's.

@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
 use parking_lot::Mutex;
+use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::backplane::{self, Backplane, Outgoing};
-use crate::broadcaster::{Broadcaster, Event, MessageKind, EVENT_QUEUE_CAPACITY};
+use crate::broadcaster::{self, Broadcaster, Events, MessageKind, Stopped, EVENT_QUEUE_CAPACITY};
+use crate::budget::EVENT_QUEUE_BYTES;
 use crate::capacity;
 use crate::config::Config;
 use crate::connection::{self, RETRY_AFTER_SECS};
@@ -26,6 +28,7 @@ use crate::http::Response;
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
 use crate::stats::{Refusal, Stats};
+use crate::supervisor::Supervisor;
 use crate::workers::Workers;
 
 /// Listen backlog asked for; the kernel caps it at `net.core.somaxconn`. std's `bind` uses
@@ -50,7 +53,7 @@ pub(crate) struct Shared {
     pub hub: Arc<Hub>,
     pub stats: Arc<Stats>,
     /// The broadcaster's inbox. Connection threads send; the broadcaster alone receives.
-    pub events: Sender<Event>,
+    pub events: Events,
     /// Connections per peer IP, for `--max-clients-per-ip`. Incremented by the acceptor,
     /// decremented by each connection thread as it ends; entries at zero are removed.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -60,6 +63,8 @@ pub(crate) struct Shared {
     pub draining: Arc<AtomicBool>,
     /// The Redis link shared with other instances, with `--redis`.
     pub backplane: Option<Arc<Backplane>>,
+    /// Which vital thread, if any, has died (see `supervisor`); read by `/healthz`.
+    pub supervisor: Arc<Supervisor>,
 }
 
 impl Shared {
@@ -74,7 +79,7 @@ impl Shared {
         room: Arc<str>,
         kind: MessageKind,
         payload: tungstenite::Bytes,
-    ) -> Result<(), ()> {
+    ) -> Result<(), Stopped> {
         backplane::relay(self.backplane.as_deref(), &self.events, room, kind, payload)
     }
 
@@ -111,7 +116,7 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     shared: Arc<Shared>,
-    events: Receiver<Event>,
+    events: Receiver<broadcaster::Event>,
     /// The publish queue's receiving end, for the Redis publisher thread (with `--redis`).
     outgoing: Option<Receiver<Outgoing>>,
     max_clients: usize,
@@ -175,15 +180,18 @@ impl Server {
             }
             None => (None, None),
         };
-        let (sender, events) = crossbeam_channel::bounded(EVENT_QUEUE_CAPACITY);
+        let bytes = EVENT_QUEUE_BYTES.max(config.max_message_bytes);
+        let (sender, events) = Events::channel(EVENT_QUEUE_CAPACITY, bytes);
+        let draining = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
             config: Arc::new(config),
             hub: Arc::new(Hub::new()),
             stats: Arc::new(Stats::default()),
             events: sender,
             per_ip: Mutex::new(HashMap::new()),
-            draining: Arc::new(AtomicBool::new(false)),
+            draining: draining.clone(),
             backplane,
+            supervisor: Supervisor::new(draining),
         });
         Ok(Server {
             listener,
@@ -229,58 +237,80 @@ impl Server {
         let redis_threads = start_redis_link(&shared, outgoing, shutdown)?;
 
         let broadcaster = {
-            let (hub, stats, config, draining, shutdown) = (
+            let (hub, stats, config, draining) = (
                 shared.hub.clone(),
                 shared.stats.clone(),
                 shared.config.clone(),
                 shared.draining.clone(),
-                shutdown.clone(),
             );
+            let watch = shared.supervisor.watch("broadcaster", shutdown.clone());
+            let budget = CloseBudgetOnExit(shared.events.clone());
+            let shutdown = shutdown.clone();
             thread::Builder::new()
                 .name("broadcaster".into())
                 .spawn(move || {
+                    // Dropped in reverse order, however the thread ends: the budget closes
+                    // (waiting senders give up), then the watch reports a panic.
+                    let (_watch, _budget) = (watch, budget);
                     Broadcaster::new(hub, stats, config, draining).run(events, &shutdown)
                 })
                 .map_err(Error::io("spawning the broadcaster thread"))?
         };
 
         shutdown.register_listener(local_addr);
+        let (finished_tx, finished_rx) = crossbeam_channel::unbounded();
         let mut acceptor = Acceptor {
             shared: shared.clone(),
             max_clients,
             connections: HashMap::new(),
             workers: Workers::new(shared.stats.clone()),
             refused: VecDeque::new(),
+            refusal_log: RefusalLog::default(),
+            backoff: Backoff::default(),
+            finished_tx,
+            finished_rx,
             next_id: AtomicU64::new(1),
         };
-        let (finished_tx, finished_rx) = crossbeam_channel::unbounded();
         // Checked after registering: a trigger that came before the registration is seen here,
         // one that comes after will connect to the listener and wake `accept`.
-        let mut backoff = Backoff::default();
         while !shutdown.is_triggered() {
             // Every accepted connection is handled, even one that arrives with the shutdown:
             // it may be a real client. The shutdown handle's own wake-up connection closes at
             // once, so its thread reads end-of-file and exits.
             let accepted = listener.accept();
-            acceptor.handle(accepted, &mut backoff, &finished_tx, &finished_rx);
+            acceptor.handle(accepted);
         }
 
         // Drain: the broadcaster is now closing every client. Keep accepting meanwhile, so a
         // load balancer's health check reads "503 draining" and a new client gets a 503 with
-        // Retry-After, rather than both meeting a refused connection. The listener turns
-        // non-blocking so the loop can also notice when the broadcaster is done.
+        // Retry-After, rather than both meeting a refused connection.
         info!("draining: admitting no new clients, closing existing ones");
-        if listener.set_nonblocking(true).is_ok() {
-            while !broadcaster.is_finished() {
-                if is_readable(&listener, DRAIN_POLL) {
-                    match listener.accept() {
-                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                        accepted => {
-                            acceptor.handle(accepted, &mut backoff, &finished_tx, &finished_rx)
-                        }
-                    }
-                }
+        let is_nonblocking = listener.set_nonblocking(true).is_ok();
+        if is_nonblocking {
+            acceptor.drain(&listener, || broadcaster.is_finished());
+        }
+        let broadcaster_failed = broadcaster.join().is_err();
+        if broadcaster_failed {
+            // The broadcaster died without closing anyone: do its last job from here, still
+            // answering "503" meanwhile. 1011: the server hit a condition it cannot handle.
+            let hub = shared.hub.clone();
+            let grace = shared.config.shutdown_grace;
+            let closer = thread::Builder::new()
+                .name("closer".into())
+                .spawn(move || {
+                    broadcaster::close_everyone(
+                        &hub,
+                        CloseCode::Error,
+                        "internal error",
+                        grace,
+                        || {},
+                    )
+                })
+                .map_err(Error::io("spawning the closer thread"))?;
+            if is_nonblocking {
+                acceptor.drain(&listener, || closer.is_finished());
             }
+            let _ = closer.join();
         }
         shutdown.unregister_listener(local_addr);
         drop(listener);
@@ -289,13 +319,9 @@ impl Server {
         }
         info!("stopped accepting");
 
-        if broadcaster.join().is_err() {
-            error!("the broadcaster thread panicked");
-        }
         for thread in redis_threads {
-            if thread.join().is_err() {
-                error!("a redis thread panicked");
-            }
+            // A panic was reported by the thread's watch as it happened.
+            let _ = thread.join();
         }
         // The broadcaster has closed and cut every upgraded client. Connections still in their
         // handshake are cut here, so none waits out its handshake deadline.
@@ -318,7 +344,20 @@ impl Server {
             "shut down: {} connections accepted, {} clients served, {} messages relayed, {} deliveries",
             summary.connections_accepted, summary.clients_served, summary.messages_relayed, summary.messages_delivered
         );
-        Ok(summary)
+        match shared.supervisor.failure() {
+            Some(thread) => Err(Error::Failed { thread }),
+            None => Ok(summary),
+        }
+    }
+}
+
+/// Closes the event channel's byte budget when dropped: held by the broadcaster thread, since
+/// only the broadcaster gives bytes back, so senders waiting on the budget must not outlive it.
+struct CloseBudgetOnExit(Events);
+
+impl Drop for CloseBudgetOnExit {
+    fn drop(&mut self) {
+        self.0.close_budget();
     }
 }
 
@@ -379,6 +418,15 @@ struct Acceptor {
     /// often close with the request unread, and the kernel answers that with an RST that a
     /// client still writing its request sees as "connection reset" instead of our 503.
     refused: VecDeque<(Instant, TcpStream)>,
+    /// One warning per episode of refusals, not one per refused connection.
+    refusal_log: RefusalLog,
+    /// The pause after resource exhaustion (see `Backoff`).
+    backoff: Backoff,
+    /// Connection ids of ended connections: each connection's `Slot` sends on drop, the
+    /// acceptor reaps before each accept. Unbounded, but it never holds more ids than there
+    /// were connections since the last accept.
+    finished_tx: Sender<u64>,
+    finished_rx: Receiver<u64>,
     next_id: AtomicU64,
 }
 
@@ -405,21 +453,17 @@ impl Drop for Slot {
 impl Acceptor {
     /// Deals with one `accept` result: admit the connection, or back off from a failure that
     /// would repeat at once.
-    fn handle(
-        &mut self,
-        accepted: io::Result<(TcpStream, SocketAddr)>,
-        backoff: &mut Backoff,
-        finished_tx: &Sender<u64>,
-        finished_rx: &Receiver<u64>,
-    ) {
-        self.reap(finished_rx);
+    fn handle(&mut self, accepted: io::Result<(TcpStream, SocketAddr)>) {
+        self.reap();
         self.close_lingering_refusals(Instant::now());
         match accepted {
-            Ok((socket, peer)) => match self.admit(socket, peer, finished_tx) {
-                Ok(()) => backoff.reset(),
-                Err(err) => backoff.wait(&format!("cannot spawn a connection thread: {err}")),
+            Ok((socket, peer)) => match self.admit(socket, peer) {
+                Ok(()) => self.backoff.reset(),
+                Err(err) => self
+                    .backoff
+                    .wait(&format!("cannot spawn a connection thread: {err}")),
             },
-            Err(err) if is_resource_exhaustion(&err) => backoff.wait(&format!(
+            Err(err) if is_resource_exhaustion(&err) => self.backoff.wait(&format!(
                 "accept failed: {err} ({} connections open)",
                 self.shared.stats.threads()
             )),
@@ -428,29 +472,39 @@ impl Acceptor {
         }
     }
 
+    /// Accepts (without blocking) and handles connections until `is_done`, polling every
+    /// `DRAIN_POLL`. The listener must be non-blocking.
+    fn drain(&mut self, listener: &TcpListener, is_done: impl Fn() -> bool) {
+        while !is_done() {
+            if is_readable(listener, DRAIN_POLL) {
+                match listener.accept() {
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    accepted => self.handle(accepted),
+                }
+            }
+        }
+    }
+
     /// Admits a connection (spawns its thread) or refuses it with `503`. Returns an error only
     /// when the OS refused the thread, so the caller can back off.
-    fn admit(
-        &mut self,
-        socket: TcpStream,
-        peer: SocketAddr,
-        finished: &Sender<u64>,
-    ) -> io::Result<()> {
-        let shared = &self.shared;
+    fn admit(&mut self, socket: TcpStream, peer: SocketAddr) -> io::Result<()> {
+        let shared = self.shared.clone();
         shared
             .stats
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
-        if shared.stats.threads() >= self.max_clients {
-            refuse(&socket, peer, Refusal::Capacity, shared);
-            self.linger(socket);
+        let refusal = if shared.stats.threads() >= self.max_clients {
+            Some(Refusal::Capacity)
+        } else if !claim_ip(&shared, peer.ip()) {
+            Some(Refusal::PerIp)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.refuse(socket, peer, reason);
             return Ok(());
         }
-        if !claim_ip(shared, peer.ip()) {
-            refuse(&socket, peer, Refusal::PerIp, shared);
-            self.linger(socket);
-            return Ok(());
-        }
+        self.refusal_log.admitted();
         // Small frames must not wait for the previous one's ACK (Nagle).
         let _ = socket.set_nodelay(true);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -462,7 +516,7 @@ impl Acceptor {
             shared: shared.clone(),
             id,
             ip: peer.ip(),
-            finished: finished.clone(),
+            finished: self.finished_tx.clone(),
         };
         let socket = Arc::new(socket);
         self.connections.insert(id, Arc::downgrade(&socket));
@@ -474,13 +528,29 @@ impl Acceptor {
         if let Err(err) = served {
             // The job, and with it the slot, was dropped: counters are already released.
             self.connections.remove(&id);
-            refuse(&socket, peer, Refusal::Spawn, &self.shared);
-            if let Ok(socket) = Arc::try_unwrap(socket) {
-                self.linger(socket);
+            match Arc::try_unwrap(socket) {
+                Ok(socket) => self.refuse(socket, peer, Refusal::Spawn),
+                Err(socket) => {
+                    answer_503(&socket, Refusal::Spawn);
+                    self.note_refusal(peer, Refusal::Spawn);
+                }
             }
             return Err(err);
         }
         Ok(())
+    }
+
+    /// Answers `503` and lingers the socket (see `refused`).
+    fn refuse(&mut self, socket: TcpStream, peer: SocketAddr, reason: Refusal) {
+        answer_503(&socket, reason);
+        self.note_refusal(peer, reason);
+        self.linger(socket);
+    }
+
+    fn note_refusal(&mut self, peer: SocketAddr, reason: Refusal) {
+        self.shared.stats.count_refusal(reason);
+        debug!("refused {peer}: {}", reason.as_str());
+        self.refusal_log.refused(reason, Instant::now());
     }
 
     fn linger(&mut self, socket: TcpStream) {
@@ -506,8 +576,8 @@ impl Acceptor {
     }
 
     /// Forgets the connections that have ended.
-    fn reap(&mut self, finished: &Receiver<u64>) {
-        for id in finished.try_iter() {
+    fn reap(&mut self) {
+        for id in self.finished_rx.try_iter() {
             self.connections.remove(&id);
         }
     }
@@ -545,9 +615,7 @@ fn release_ip(shared: &Shared, ip: IpAddr) {
 ///
 /// The socket is made non-blocking first: a fresh socket's send buffer is empty, so the
 /// response fits, and the acceptor must never wait on a client.
-fn refuse(socket: &TcpStream, peer: SocketAddr, reason: Refusal, shared: &Shared) {
-    shared.stats.count_refusal(reason);
-    warn!("refused {peer}: {}", reason.as_str());
+fn answer_503(socket: &TcpStream, reason: Refusal) {
     let response = Response::status(503)
         .with_header("Retry-After", RETRY_AFTER_SECS.to_string())
         .with_body(format!("server full ({}); retry later\n", reason.as_str()));
@@ -561,6 +629,60 @@ fn refuse(socket: &TcpStream, peer: SocketAddr, reason: Refusal, shared: &Shared
 fn drain_and_close(socket: TcpStream) {
     let mut sink = [0u8; 1024];
     while matches!((&socket).read(&mut sink), Ok(n) if n > 0) {}
+}
+
+/// How often a long episode of refusals is summarised while it lasts.
+const REFUSAL_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs refusals by episode: a warning when refusing begins, a summary with the count every
+/// `REFUSAL_REPORT_EVERY` while it goes on, and one line when a connection is admitted again.
+/// A flood of connections at the limit is thus a handful of log lines, not one per connection
+/// (each refused peer is still logged at debug).
+#[derive(Debug, Default)]
+struct RefusalLog {
+    /// When the current episode began; `None` between episodes.
+    since: Option<Instant>,
+    /// Refusals since the last line logged, and in the whole episode.
+    unreported: u64,
+    total: u64,
+    last_report: Option<Instant>,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, reason: Refusal, now: Instant) {
+        self.total += 1;
+        let Some(last_report) = self.last_report else {
+            warn!(
+                "refusing connections ({}): answering 503 until there is room again",
+                reason.as_str()
+            );
+            self.since = Some(now);
+            self.last_report = Some(now);
+            return;
+        };
+        self.unreported += 1;
+        if now.duration_since(last_report) >= REFUSAL_REPORT_EVERY {
+            warn!(
+                "still refusing connections: {} more refused in the last {:?} (last reason: {})",
+                self.unreported,
+                now.duration_since(last_report),
+                reason.as_str()
+            );
+            self.unreported = 0;
+            self.last_report = Some(now);
+        }
+    }
+
+    fn admitted(&mut self) {
+        if let Some(since) = self.since.take() {
+            info!(
+                "admitting connections again: {} refused in {:?}",
+                self.total,
+                since.elapsed()
+            );
+            *self = RefusalLog::default();
+        }
+    }
 }
 
 /// Pauses the accept loop after failures that repeat until something frees up, doubling

@@ -6,6 +6,7 @@ mod support;
 mod backplane;
 mod binary;
 mod browser;
+mod burst;
 mod capacity;
 mod endpoints;
 mod hostile;
