@@ -387,7 +387,8 @@ FLAGS (value as `--flag VALUE` or `--flag=VALUE`):
     --allowed-origin ORIGIN    allowed Origin header; repeatable; 403  [default: any]
                                for others
     --api-token TOKEN          bearer token for POST /api/rooms/ROOM/   [default: $ROOMCAST_API_TOKEN,
-                               messages; without one it is off (404)    else off]
+                               messages (off without one: 404), and     else off]
+                               for GET /metrics and /api/rooms
     --log-level LEVEL          off, error, warn, info, debug, trace    [default: info]
     --log-file PATH            also append the log to this file        [default: stderr only]
     --redis URL                share rooms with other instances        [default: off; needs the

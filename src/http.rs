@@ -44,7 +44,93 @@ impl Request {
             .flat_map(|(_, v)| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     }
+
+    /// Every value of a header, in order and trimmed; a comma-separated list stays one value.
+    fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+    }
+
+    /// The body length the request announces, `None` without a `Content-Length`.
+    ///
+    /// Strict on purpose (RFC 9112 §6.3): exactly one header whose value is nothing but ASCII
+    /// digits and fits `usize`. `usize::from_str` alone would take `+5`; a list (`5, 7`) or a
+    /// second header means a proxy in front of us may pick another length than we do and see
+    /// our "body" as its next request, which is how request smuggling starts.
+    pub fn content_length(&self) -> Result<Option<usize>, BadFraming> {
+        let mut values = self.header_values("Content-Length");
+        let Some(value) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(BadFraming::ContentLength);
+        }
+        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(BadFraming::ContentLength);
+        }
+        // Only digits are left, so the one way to fail is a number too large for usize.
+        value
+            .parse()
+            .map(Some)
+            .map_err(|_| BadFraming::ContentLength)
+    }
+
+    /// Refuses body framing that two parsers could read two ways: a `Content-Length` that is
+    /// not exactly one plain number, or one sent together with `Transfer-Encoding` (RFC 9112
+    /// §6.1 lets a server reject that pair, and it is the classic smuggling request).
+    pub fn check_framing(&self) -> Result<(), BadFraming> {
+        let length = self.content_length()?;
+        if length.is_some() && self.header("Transfer-Encoding").is_some() {
+            return Err(BadFraming::LengthAndTransferEncoding);
+        }
+        Ok(())
+    }
+
+    /// What the `Expect` header asks of us (RFC 9110 §10.1.1). Only `100-continue` is
+    /// defined; several headers or list members are all checked.
+    pub fn expectation(&self) -> Expectation {
+        let mut expectation = Expectation::Nothing;
+        for member in self
+            .header_values("Expect")
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .filter(|member| !member.is_empty())
+        {
+            if !member.eq_ignore_ascii_case("100-continue") {
+                return Expectation::Unsupported;
+            }
+            expectation = Expectation::Continue;
+        }
+        expectation
+    }
 }
+
+/// Body framing roomcast refuses with `400`: see [`Request::check_framing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadFraming {
+    /// Two or more `Content-Length` headers, or a value that is not one plain number.
+    ContentLength,
+    /// `Content-Length` and `Transfer-Encoding` together.
+    LengthAndTransferEncoding,
+}
+
+/// What a request's `Expect` header asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expectation {
+    /// No `Expect` header.
+    Nothing,
+    /// `100-continue`: the client waits for a `100 Continue` before it sends the body.
+    Continue,
+    /// Anything else, which no server can promise to meet: `417`.
+    Unsupported,
+}
+
+/// The interim response that tells a client waiting on `Expect: 100-continue` to send its
+/// body. curl waits a second for it before sending anyway, so skipping it costs every
+/// publish over 1 KiB that second.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// Why no request could be read. Each maps to one response (or to none, when the peer left).
 #[derive(Debug)]
@@ -138,22 +224,26 @@ pub fn parse_head(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         let value = std::str::from_utf8(header.value).map_err(|_| HeadError::Malformed)?;
         owned.push((header.name.to_string(), value.to_string()));
     }
-    Ok(Some((
-        Request {
-            method: method.to_string(),
-            path,
-            headers: owned,
-        },
-        head_len,
-    )))
+    let request = Request {
+        method: method.to_string(),
+        path,
+        headers: owned,
+    };
+    // Checked on every request, not only where a body is read: bad framing is an
+    // unrecoverable error for the whole message (RFC 9112 §6.3), whatever the path.
+    request.check_framing().map_err(|_| HeadError::Malformed)?;
+    Ok(Some((request, head_len)))
 }
 
 /// Reads a request body of exactly `Content-Length` bytes, starting with `leftover` (the bytes
 /// that arrived after the head), finishing by `deadline`.
 ///
 /// The length is checked against `max` before anything is read, so an announced gigabyte
-/// costs nothing. Chunked bodies are not supported: every client that POSTs here (curl, a
-/// backend's HTTP library) sends a length for a small body. Errors are the status to answer.
+/// costs nothing. A client that sent `Expect: 100-continue` gets its `100 Continue` only once
+/// the length is accepted (the caller has checked the token before), so a refused request
+/// gets its final status without the client ever sending the body. Chunked bodies are not
+/// supported: every client that POSTs here (curl, a backend's HTTP library) sends a length
+/// for a small body. Errors are the status to answer.
 pub fn read_body(
     stream: &TcpStream,
     request: &Request,
@@ -161,13 +251,17 @@ pub fn read_body(
     max: usize,
     deadline: Instant,
 ) -> Result<Vec<u8>, u16> {
+    request.check_framing().map_err(|_| 400u16)?;
     if request.header("Transfer-Encoding").is_some() {
         return Err(411);
     }
-    let length: usize = match request.header("Content-Length") {
-        Some(value) => value.parse().map_err(|_| 400u16)?,
-        None => return Err(411),
+    let Some(length) = request.content_length().map_err(|_| 400u16)? else {
+        return Err(411);
     };
+    let expectation = request.expectation();
+    if expectation == Expectation::Unsupported {
+        return Err(417);
+    }
     if length > max {
         return Err(413);
     }
@@ -176,6 +270,19 @@ pub fn read_body(
     let mut body = leftover;
     let mut filled = body.len();
     body.resize(length, 0);
+    // A client that has already sent the body (some do, without waiting) needs no 100.
+    if expectation == Expectation::Continue && filled < length {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(408);
+        }
+        stream
+            .set_write_timeout(Some(remaining))
+            .map_err(|_| 500u16)?;
+        (&*stream)
+            .write_all(CONTINUE)
+            .map_err(|e| status_for_io_error(&e))?;
+    }
     while filled < length {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
@@ -187,19 +294,20 @@ pub fn read_body(
         match (&*stream).read(&mut body[filled..]) {
             Ok(0) => return Err(400),
             Ok(n) => filled += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(408)
-            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(400),
+            Err(e) => return Err(status_for_io_error(&e)),
         }
     }
     Ok(body)
+}
+
+/// The status for a socket error while reading a body: `408` when the deadline ran out,
+/// `400` (an incomplete request) for anything else.
+fn status_for_io_error(error: &io::Error) -> u16 {
+    match error.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => 408,
+        _ => 400,
+    }
 }
 
 /// A plain HTTP response; always `Connection: close`, since each connection serves one request.
@@ -215,6 +323,10 @@ pub struct Response {
 pub const TEXT: &str = "text/plain; charset=utf-8";
 pub const JSON: &str = "application/json";
 pub const HTML: &str = "text/html; charset=utf-8";
+/// For the demo page's script and style sheet: with `nosniff`, browsers run a script only
+/// under a JavaScript type and apply a style sheet only as `text/css`.
+pub const JAVASCRIPT: &str = "text/javascript; charset=utf-8";
+pub const CSS: &str = "text/css; charset=utf-8";
 /// Prometheus text exposition format 0.0.4.
 pub const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -254,13 +366,15 @@ impl Response {
         self
     }
 
+    /// The response on the wire. Every response is `nosniff`: the content type we name is
+    /// the only one a browser may read it as (a JSON body never runs as a script).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
         for (name, value) in &self.headers {
             out.push_str(&format!("{name}: {value}\r\n"));
         }
         out.push_str(&format!(
-            "Content-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+            "Content-Type: {}\r\nContent-Length: {}\r\nX-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
             self.content_type,
             self.body.len()
         ));
@@ -278,6 +392,7 @@ impl Response {
 /// Reason phrases for the statuses roomcast sends.
 pub fn reason(status: u16) -> &'static str {
     match status {
+        100 => "Continue",
         101 => "Switching Protocols",
         200 => "OK",
         202 => "Accepted",
@@ -289,6 +404,7 @@ pub fn reason(status: u16) -> &'static str {
         408 => "Request Timeout",
         411 => "Length Required",
         413 => "Content Too Large",
+        417 => "Expectation Failed",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
@@ -328,6 +444,56 @@ mod tests {
         ));
     }
 
+    fn head_with(headers: &str) -> Result<Option<(Request, usize)>, HeadError> {
+        parse_head(format!("POST /api/rooms/r/messages HTTP/1.1\r\n{headers}\r\n").as_bytes())
+    }
+
+    #[test]
+    fn content_length_is_one_plain_number() {
+        let length = |headers: &str| head_with(headers).unwrap().unwrap().0.content_length();
+        assert_eq!(length(""), Ok(None));
+        assert_eq!(length("Content-Length: 5\r\n"), Ok(Some(5)));
+        assert_eq!(length("content-length:  007 \r\n"), Ok(Some(7)));
+        for bad in [
+            "Content-Length: +5\r\n",
+            "Content-Length: -5\r\n",
+            "Content-Length: 5, 7\r\n",
+            "Content-Length: 5, 5\r\n",
+            "Content-Length: 5 7\r\n",
+            "Content-Length: 0x10\r\n",
+            "Content-Length: \r\n",
+            "Content-Length: 99999999999999999999999\r\n",
+            "Content-Length: 5\r\nContent-Length: 5\r\n",
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            assert!(
+                matches!(head_with(bad), Err(HeadError::Malformed)),
+                "{bad:?} was accepted"
+            );
+        }
+        // Transfer-Encoding alone is framing we understand but do not serve (411, later).
+        assert!(head_with("Transfer-Encoding: chunked\r\n")
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn expectations() {
+        let expect = |headers: &str| head_with(headers).unwrap().unwrap().0.expectation();
+        assert_eq!(expect(""), Expectation::Nothing);
+        assert_eq!(expect("Expect: 100-continue\r\n"), Expectation::Continue);
+        assert_eq!(expect("expect: 100-Continue\r\n"), Expectation::Continue);
+        assert_eq!(expect("Expect: 200-ok\r\n"), Expectation::Unsupported);
+        assert_eq!(
+            expect("Expect: 100-continue, x\r\n"),
+            Expectation::Unsupported
+        );
+        assert_eq!(
+            expect("Expect: 100-continue\r\nExpect: x\r\n"),
+            Expectation::Unsupported
+        );
+    }
+
     #[test]
     fn response_bytes() {
         let text = String::from_utf8(
@@ -338,6 +504,7 @@ mod tests {
         .unwrap();
         assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
         assert!(text.contains("Retry-After: 5\r\n"));
+        assert!(text.contains("X-Content-Type-Options: nosniff\r\n"));
         assert!(text.ends_with("\r\n\r\nService Unavailable\n"));
     }
 }

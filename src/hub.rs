@@ -106,8 +106,14 @@ impl Hub {
 
 /// Room names as DESIGN §1 fixes them: `[A-Za-z0-9_.-]{1,64}`. Anything else would make room
 /// names ambiguous in URLs, logs and metrics labels.
+///
+/// Except exactly `.` and `..`: browsers and URL libraries resolve those path segments away
+/// (`/ws/..` becomes `/`), so a page could never reach such a room by its URL. Every other
+/// name with dots (`a.b`, `...`, `.hidden`) is left alone by URL normalisation and stays valid.
 pub fn is_valid_room_name(name: &str) -> bool {
     (1..=MAX_ROOM_NAME_LEN).contains(&name.len())
+        && name != "."
+        && name != ".."
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
@@ -122,10 +128,29 @@ mod tests {
 
     #[test]
     fn room_names() {
-        for good in ["lobby", "a", "Stream_42.live-1", &"x".repeat(64)] {
+        for good in [
+            "lobby",
+            "a",
+            "Stream_42.live-1",
+            "a.b",
+            "...",
+            ".hidden",
+            "..x",
+            &"x".repeat(64),
+        ] {
             assert!(is_valid_room_name(good), "{good}");
         }
-        for bad in ["", "a b", "a/b", "%41", "é", "room?", &"x".repeat(65)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a b",
+            "a/b",
+            "%41",
+            "é",
+            "room?",
+            &"x".repeat(65),
+        ] {
             assert!(!is_valid_room_name(bad), "{bad}");
         }
     }

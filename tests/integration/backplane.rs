@@ -46,7 +46,9 @@ fn instance(config: Config) -> TestServer {
 /// The value of one sample on `/metrics`, named as it appears there: `name` or
 /// `name{reason="..."}`.
 fn metric(server: &TestServer, sample: &str) -> u64 {
-    let page = http(server.addr, "GET", "/metrics", &[], b"").text();
+    // redis_config sets an API token, and with one /metrics needs it.
+    let auth = [("Authorization", "Bearer secret")];
+    let page = http(server.addr, "GET", "/metrics", &auth, b"").text();
     page.lines()
         .find_map(|line| line.strip_prefix(&format!("{sample} ")))
         .unwrap_or_else(|| panic!("no {sample} in /metrics"))

@@ -208,7 +208,8 @@ fn find_chromium() -> Option<String> {
 }
 
 /// Guards the whole demo path a newcomer takes: page served, WebSocket from a browser,
-/// JSON convention, viewer count polling, and both directions of chat.
+/// JSON convention, viewer count polling, and both directions of chat, all under the page's
+/// Content-Security-Policy, which must let the page work and must stop inline scripts.
 #[test]
 fn the_demo_page_chats_with_a_rust_client_in_a_real_browser() {
     let Some(chromium) = find_chromium() else {
@@ -223,11 +224,25 @@ fn the_demo_page_chats_with_a_rust_client_in_a_real_browser() {
     let server = start(test_config());
     let mut rust_client = server.connect("browser-test");
     let page_url = format!("http://{}/?room=browser-test&nick=page-user", server.addr);
-    let browser = Browser::launch(&chromium, &page_url);
-    let mut page = Page::connect(&browser.page_socket(&server.addr.to_string()));
+    // Start blank, so the violation recorder below is in place before the page's first byte.
+    let browser = Browser::launch(&chromium, "about:blank");
+    let mut page = Page::connect(&browser.page_socket("about:blank"));
+    // Every Content-Security-Policy violation the page meets, recorded from its very start.
+    // DevTools injects this script past the policy; the page's own scripts get no such pass.
+    // Chromium runs scripts added for new documents only once the Page domain is enabled.
+    page.call("Page.enable", json!({}));
+    page.call(
+        "Page.addScriptToEvaluateOnNewDocument",
+        json!({"source": "window.cspViolations = []; \
+            addEventListener('securitypolicyviolation', (e) => \
+                window.cspViolations.push(`${e.effectiveDirective} ${e.blockedURI}`));"}),
+    );
+    page.call("Page.navigate", json!({"url": page_url}));
 
+    // The page's script set this: under the policy, that means it came from /demo.js, since
+    // no inline script may run.
     page.wait_for(
-        "document.getElementById('state').dataset.state",
+        "document.getElementById('state')?.dataset.state",
         json!("connected"),
     );
     page.wait_for("document.getElementById('viewers').textContent", json!("2"));
@@ -261,6 +276,26 @@ fn the_demo_page_chats_with_a_rust_client_in_a_real_browser() {
     page.wait_for(
         "document.getElementById('tally-👏').textContent",
         json!("1"),
+    );
+
+    // Script, style sheet, WebSocket and the viewer-count fetch all passed the policy...
+    assert_eq!(page.eval("window.cspViolations"), json!([]));
+    assert_eq!(
+        page.eval("getComputedStyle(document.body).display"),
+        json!("flex"),
+        "the style sheet applied"
+    );
+    // ...and the policy is really enforced: an inline script, as injected markup would carry
+    // it, does not run. Without the policy header this probe runs and the test fails.
+    let inline_ran = page.eval(
+        "(() => { const s = document.createElement('script'); \
+         s.textContent = 'window.inlineRan = true'; document.head.append(s); \
+         return window.inlineRan === true; })()",
+    );
+    assert_eq!(inline_ran, json!(false), "an inline script ran");
+    page.wait_for(
+        "window.cspViolations.some((v) => v.startsWith('script-src'))",
+        json!(true),
     );
 
     let shot = page.call("Page.captureScreenshot", json!({"format": "png"}));

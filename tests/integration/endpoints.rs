@@ -399,3 +399,249 @@ fn the_demo_page_is_self_contained_html() {
         assert!(!page.contains(external), "external asset: {external}");
     }
 }
+
+/// The page's headers: its policy allows only this server's own script, style sheet and
+/// WebSocket, so markup injected into the page could not run; and the page has nothing inline
+/// that such a policy would block (browser.rs proves the page still works under it).
+#[test]
+fn the_demo_page_is_served_with_a_strict_content_security_policy() {
+    let server = start(test_config());
+    let response = http(server.addr, "GET", "/", &[], b"");
+    assert_eq!(response.status, 200);
+    let policy = response
+        .header("Content-Security-Policy")
+        .expect("a Content-Security-Policy");
+    let directives: Vec<&str> = policy.split(';').map(str::trim).collect();
+    let ws = format!("ws://{0} wss://{0}", server.addr);
+    for expected in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        &format!("connect-src 'self' {ws}"),
+        "base-uri 'none'",
+        "object-src 'none'",
+        "frame-ancestors 'none'",
+        "form-action 'none'",
+    ] {
+        assert!(directives.contains(&expected), "{expected:?} in {policy}");
+    }
+    assert!(!policy.contains("unsafe"), "{policy}");
+    assert_eq!(response.header("X-Content-Type-Options"), Some("nosniff"));
+    assert_eq!(response.header("Referrer-Policy"), Some("no-referrer"));
+    assert_eq!(response.header("X-Frame-Options"), Some("DENY"));
+
+    // Nothing inline: every script has a src, no style blocks, no style or handler attributes.
+    let page = response.text();
+    assert!(page.contains(r#"<script src="/demo.js"></script>"#));
+    assert!(page.contains(r#"<link rel="stylesheet" href="/demo.css">"#));
+    assert_eq!(
+        page.matches("<script").count(),
+        1,
+        "one script, from /demo.js"
+    );
+    assert!(!page.contains("<style"));
+    assert!(!page.contains(" style="));
+    let handlers = page.match_indices(" on").filter(|(at, _)| {
+        let name: String = page[at + 3..]
+            .chars()
+            .take_while(char::is_ascii_lowercase)
+            .collect();
+        !name.is_empty() && page[at + 3 + name.len()..].starts_with('=')
+    });
+    assert_eq!(handlers.count(), 0, "no inline event handler attributes");
+
+    // With nosniff, a browser runs the script and applies the style sheet only under these
+    // types; both come from the binary, so nothing is loaded from anywhere else.
+    for (path, content_type, marker) in [
+        (
+            "/demo.js",
+            "text/javascript; charset=utf-8",
+            "new WebSocket(",
+        ),
+        ("/demo.css", "text/css; charset=utf-8", "#log"),
+    ] {
+        let asset = http(server.addr, "GET", path, &[], b"");
+        assert_eq!(asset.status, 200, "{path}");
+        assert_eq!(asset.header("Content-Type"), Some(content_type), "{path}");
+        assert_eq!(asset.header("X-Content-Type-Options"), Some("nosniff"));
+        assert!(asset.text().contains(marker), "{path}");
+    }
+    // Every other response is nosniff too: a JSON body is never run as a script.
+    let rooms = http(server.addr, "GET", "/api/rooms/x", &[], b"");
+    assert_eq!(rooms.header("X-Content-Type-Options"), Some("nosniff"));
+}
+
+/// A Host header that is not a plain host name never reaches the policy: the page keeps
+/// `'self'` and the response is still one well-formed header (no injected directive).
+#[test]
+fn a_hostile_host_header_is_left_out_of_the_policy() {
+    let server = start(test_config());
+    let request = "GET / HTTP/1.1\r\nHost: evil.example; script-src *\r\n\r\n";
+    let response = parse_http_response(&raw_exchange_bytes(server.addr, request.as_bytes()));
+    assert_eq!(response.status, 200);
+    let policy = response.header("Content-Security-Policy").unwrap();
+    assert!(policy.contains("connect-src 'self'; "), "{policy}");
+    assert!(
+        !policy.contains("evil") && !policy.contains('*'),
+        "{policy}"
+    );
+}
+
+fn token_get(server: &TestServer, path: &str, authorization: Option<&str>) -> HttpResponse {
+    let headers: Vec<(&str, &str)> = authorization
+        .map(|value| ("Authorization", value))
+        .into_iter()
+        .collect();
+    http(server.addr, "GET", path, &headers, b"")
+}
+
+/// With a token configured, the metrics and the full room list (the size of every room) are
+/// the operator's; a single room's count stays public, since the demo page polls it.
+#[test]
+fn metrics_and_the_room_list_need_the_token_when_one_is_configured() {
+    let server = with_token();
+    let _member = server.connect("private");
+    let bearer = format!("Bearer {TOKEN}");
+    for path in ["/metrics", "/api/rooms"] {
+        for refused in [None, Some("Bearer wrong-token"), Some(TOKEN)] {
+            let response = token_get(&server, path, refused);
+            assert_eq!(response.status, 401, "{path} with {refused:?}");
+            assert_eq!(response.header("WWW-Authenticate"), Some("Bearer"));
+            assert!(!response.text().contains("private"), "{path} leaked");
+        }
+        assert_eq!(
+            token_get(&server, path, Some(&bearer)).status,
+            200,
+            "{path}"
+        );
+    }
+    let rooms = token_get(&server, "/api/rooms", Some(&bearer));
+    assert_eq!(rooms.text(), r#"[{"room":"private","clients":1}]"#);
+    let one = token_get(&server, "/api/rooms/private", None);
+    assert_eq!(
+        (one.status, one.text().as_str()),
+        (200, r#"{"room":"private","clients":1}"#)
+    );
+    assert_eq!(token_get(&server, "/healthz", None).status, 200);
+    assert_eq!(token_get(&server, "/", None).status, 200);
+
+    // Without a token configured, they stay open as before.
+    let open = start(test_config());
+    assert_eq!(token_get(&open, "/metrics", None).status, 200);
+    assert_eq!(token_get(&open, "/api/rooms", None).status, 200);
+}
+
+/// The scheme name is case-insensitive (RFC 9110 §11.1), with one or more spaces after it;
+/// the token itself is compared exactly.
+#[test]
+fn the_bearer_scheme_is_case_insensitive() {
+    let server = with_token();
+    let mut member = server.connect("schemes");
+    for accepted in [
+        format!("bearer {TOKEN}"),
+        format!("BEARER {TOKEN}"),
+        format!("Bearer   {TOKEN}"),
+    ] {
+        let response = publish_with(&server, "schemes", &accepted, accepted.as_bytes());
+        assert_eq!(response.status, 202, "{accepted:?}");
+        assert_eq!(next_text(&mut member), accepted);
+    }
+    for refused in [
+        format!("Bearer{TOKEN}"),
+        format!("Basic {TOKEN}"),
+        format!("Bearer {}", TOKEN.to_uppercase()),
+        format!("Bearer {TOKEN} extra"),
+    ] {
+        let response = publish_with(&server, "schemes", &refused, b"refused");
+        assert_eq!(response.status, 401, "{refused:?}");
+    }
+    assert_eq!(
+        token_get(&server, "/metrics", Some("bEaReR s3cret-token")).status,
+        200
+    );
+    // None of the refused ones reached the room.
+    member.send(Message::text("after the refusals")).unwrap();
+    assert_eq!(next_text(&mut member), "after the refusals");
+}
+
+fn publish_with(server: &TestServer, room: &str, authorization: &str, body: &[u8]) -> HttpResponse {
+    http(
+        server.addr,
+        "POST",
+        &format!("/api/rooms/{room}/messages"),
+        &[
+            ("Authorization", authorization),
+            ("Content-Type", "text/plain"),
+        ],
+        body,
+    )
+}
+
+/// Reads one response head (through its blank line) from a raw socket, without waiting for
+/// the connection to close: the 100 is an interim response on a connection that stays open.
+fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match std::io::Read::read(stream, &mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!("no complete head, got {other:?} after {head:?}"),
+        }
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// `Expect: 100-continue` (curl sends it for bodies over 1 KiB and otherwise waits a second):
+/// the client sends its body only after our 100, then gets the final 202.
+#[test]
+fn expect_100_continue_is_answered_before_the_body_is_read() {
+    let server = with_token();
+    let mut member = server.connect("patient");
+    let body = "a".repeat(1000);
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    let head = format!(
+        "POST /api/rooms/patient/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: text/plain\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // Without the 100 this read would time out (and curl would wait a second).
+    assert_eq!(read_head(&mut stream), "HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(body.as_bytes()).unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stream, &mut rest);
+    let response = parse_http_response(&rest);
+    assert_eq!(response.status, 202);
+    assert_eq!(next_text(&mut member), body);
+}
+
+/// A request that will be refused gets its final status at once, without a 100 inviting the
+/// body; an expectation other than 100-continue gets 417. Nothing reaches the room.
+#[test]
+fn refused_expectations_get_their_final_status_without_a_100() {
+    let mut config = test_config();
+    config.api_token = Some(TOKEN.into());
+    config.max_message_bytes = 1024;
+    let server = start(config);
+    let mut member = server.connect("refused");
+    let cases = [
+        ("Bearer wrong", "100-continue", 10, 401),
+        (&format!("Bearer {TOKEN}")[..], "100-continue", 2000, 413),
+        (&format!("Bearer {TOKEN}")[..], "200-ok", 10, 417),
+        (&format!("Bearer {TOKEN}")[..], "100-continue, x", 10, 417),
+    ];
+    for (authorization, expect, length, status) in cases {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        let head = format!(
+            "POST /api/rooms/refused/messages HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\n\
+             Content-Type: text/plain\r\nContent-Length: {length}\r\nExpect: {expect}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let first = read_head(&mut stream);
+        assert_eq!(status_of(&first), status, "{expect} {length}: {first}");
+    }
+    member.send(Message::text("nothing before me")).unwrap();
+    assert_eq!(next_text(&mut member), "nothing before me");
+}

@@ -291,3 +291,106 @@ fn two_thousand_silent_connections_are_dropped_and_real_clients_still_get_in() {
     bystander.finish();
     server.assert_back_to_baseline();
 }
+
+/// Body framing two parsers could read two ways is the start of request smuggling: a proxy
+/// in front that took another length than we do would see our "body" as its next request.
+/// Every such request gets 400 (on any path, upgrades included), and nothing reaches a room.
+#[test]
+fn ambiguous_body_framing_gets_400_and_never_reaches_a_room() {
+    const TOKEN: &str = "framing-token";
+    let mut config = test_config();
+    config.api_token = Some(TOKEN.into());
+    let server = start(config);
+    let bystander = Bystander::start(&server);
+    let mut member = server.connect("framing");
+    let publish = |framing: &str| {
+        format!(
+            "POST /api/rooms/framing/messages HTTP/1.1\r\nHost: x\r\n\
+             Authorization: Bearer {TOKEN}\r\nContent-Type: text/plain\r\n{framing}\r\nhello"
+        )
+    };
+    for framing in [
+        "Content-Length: +5\r\n",
+        "Content-Length: -5\r\n",
+        "Content-Length: 5, 7\r\n",
+        "Content-Length: 5, 5\r\n",
+        "Content-Length: 5\r\nContent-Length: 5\r\n",
+        "Content-Length: 5\r\nContent-Length: 7\r\n",
+        "Content-Length: 0x5\r\n",
+        "Content-Length: 5 5\r\n",
+        "Content-Length: \r\n",
+        "Content-Length: 184467440737095516160\r\n",
+        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+    ] {
+        let response = raw_exchange(server.addr, publish(framing).as_bytes());
+        assert_eq!(status_of(&response), 400, "{framing:?}: {response}");
+    }
+    // Transfer-Encoding alone is unambiguous but unsupported: a length is required.
+    let chunked = raw_exchange(
+        server.addr,
+        publish("Transfer-Encoding: chunked\r\n").as_bytes(),
+    );
+    assert_eq!(status_of(&chunked), 411);
+    // The same rule on requests that have no body to read, upgrades included.
+    let health = "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: +0\r\n\r\n";
+    assert_eq!(
+        status_of(&raw_exchange(server.addr, health.as_bytes())),
+        400
+    );
+    let upgrade =
+        upgrade_request("/ws/framing").replace("\r\n\r\n", "\r\nContent-Length: 1, 2\r\n\r\n");
+    assert_eq!(
+        status_of(&raw_exchange(server.addr, upgrade.as_bytes())),
+        400
+    );
+    // A plain length still works, padded or with leading zeros.
+    let fine = raw_exchange(server.addr, publish("Content-Length:  005 \r\n").as_bytes());
+    assert_eq!(status_of(&fine), 202, "{fine}");
+    assert_eq!(next_text(&mut member), "hello");
+    member
+        .send(tungstenite::Message::text("only that one"))
+        .unwrap();
+    assert_eq!(next_text(&mut member), "only that one");
+    drop(member);
+    bystander.finish();
+    server.assert_back_to_baseline();
+}
+
+/// `.` and `..` are path segments every browser and URL library resolves away (`/ws/..` is
+/// `/`), so no page could ever name such a room: refused with 400 wherever a room is named.
+/// Other names with dots are ordinary names and stay valid.
+#[test]
+fn the_dot_segments_are_refused_as_room_names() {
+    const TOKEN: &str = "dots-token";
+    let mut config = test_config();
+    config.api_token = Some(TOKEN.into());
+    let server = start(config);
+    let bystander = Bystander::start(&server);
+    for room in [".", ".."] {
+        let ws = raw_exchange(
+            server.addr,
+            upgrade_request(&format!("/ws/{room}")).as_bytes(),
+        );
+        assert_eq!(status_of(&ws), 400, "/ws/{room}: {ws}");
+        assert!(ws.contains("bad room name"), "{ws}");
+        let count = format!("GET /api/rooms/{room} HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(status_of(&raw_exchange(server.addr, count.as_bytes())), 400);
+        let publish = format!(
+            "POST /api/rooms/{room}/messages HTTP/1.1\r\nHost: x\r\n\
+             Authorization: Bearer {TOKEN}\r\nContent-Length: 1\r\n\r\nx"
+        );
+        assert_eq!(
+            status_of(&raw_exchange(server.addr, publish.as_bytes())),
+            400
+        );
+    }
+    assert_eq!(server.hub.room_count(), 1, "only the bystanders' room");
+    for room in ["...", "a.b", ".hidden"] {
+        let mut client = server.connect(room);
+        client.send(tungstenite::Message::text(room)).unwrap();
+        assert_eq!(next_text(&mut client), room);
+    }
+    bystander.finish();
+    server.assert_back_to_baseline();
+}
