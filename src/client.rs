@@ -277,3 +277,60 @@ pub fn encode(frame: Frame) -> Bytes {
         .expect("writing into a Vec cannot fail");
     Bytes::from(buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn new_client() -> (Client, Arc<Stats>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer_side = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, peer) = listener.accept().unwrap();
+        let stats = Arc::new(Stats::default());
+        let client = Client::new(7, "r".into(), peer, Arc::new(socket), 1024, stats.clone());
+        (client, stats, peer_side)
+    }
+
+    fn total(stats: &Stats) -> u64 {
+        Eviction::ALL.iter().map(|r| stats.evictions(*r)).sum()
+    }
+
+    /// A client that trips two rules at once (its rate on its own thread, a full outbox in the
+    /// broadcaster) is one removal: counted once, under the first reason.
+    #[test]
+    fn an_eviction_is_counted_once_whatever_the_mix_of_paths() {
+        let (client, stats, _peer) = new_client();
+        assert!(client.record_eviction(Eviction::Rate));
+        client.evict(Eviction::Slow);
+        assert!(!client.record_eviction(Eviction::Idle));
+        assert_eq!(total(&stats), 1);
+        assert_eq!(stats.evictions(Eviction::Rate), 1);
+        assert_eq!(client.eviction(), Some(Eviction::Rate));
+
+        let (client, stats, _peer) = new_client();
+        client.evict(Eviction::Slow);
+        client.evict(Eviction::Slow);
+        assert!(!client.record_eviction(Eviction::Size));
+        assert_eq!(total(&stats), 1);
+        assert_eq!(stats.evictions(Eviction::Slow), 1);
+    }
+
+    /// The bound is judged after a send attempt: a frame that does not fit beside unsent
+    /// bytes the peer can take now is queued, not a reason to evict.
+    #[test]
+    fn a_full_outbox_is_flushed_before_the_client_is_judged() {
+        let (client, stats, _peer) = new_client();
+        assert_eq!(
+            client.queue(Bytes::from(vec![1; 1000])),
+            Push::Queued { was_empty: true }
+        );
+        // 1000 + 100 > 1024, but the kernel takes the first 1000 bytes at once.
+        assert_eq!(client.queue(Bytes::from(vec![2; 100])), Push::Overflow);
+        assert_eq!(
+            client.queue_or_evict(Bytes::from(vec![2; 100])),
+            Push::Queued { was_empty: true }
+        );
+        assert_eq!(total(&stats), 0);
+    }
+}

@@ -49,7 +49,10 @@ impl Hub {
             return false;
         };
         let index = client.member_index();
-        if members.get(index).is_none_or(|m| m.id != client.id) {
+        if members
+            .get(index)
+            .is_none_or(|m| !std::ptr::eq(&**m, client))
+        {
             return false;
         }
         // Order within a room's member list carries no meaning (delivery order is the order
@@ -125,6 +128,66 @@ pub const MAX_ROOM_NAME_LEN: usize = 64;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::Stats;
+    use std::net::{TcpListener, TcpStream};
+
+    /// Clients on duplicates of one loopback socket: the hub never touches sockets.
+    fn clients(n: u64, room: &str) -> Vec<Arc<Client>> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let peer = socket.local_addr().unwrap();
+        let stats = Arc::new(Stats::default());
+        (0..n)
+            .map(|id| {
+                let socket = Arc::new(socket.try_clone().unwrap());
+                Arc::new(Client::new(
+                    id,
+                    room.into(),
+                    peer,
+                    socket,
+                    1024,
+                    stats.clone(),
+                ))
+            })
+            .collect()
+    }
+
+    /// `leave` finds members by the index each keeps; after any order of leaves, every index
+    /// must still point at its own client.
+    #[test]
+    fn members_leave_in_any_order() {
+        let hub = Hub::new();
+        let members = clients(64, "r");
+        for client in &members {
+            hub.join(client.clone());
+        }
+        // A fixed shuffle: every 7th, wrapping, visits all 64 (7 and 64 are coprime).
+        for (left, i) in (0..64).map(|k| (k * 7) % 64).enumerate() {
+            assert!(hub.leave(&members[i]), "member {i} was not found");
+            assert!(!hub.leave(&members[i]), "member {i} left twice");
+            assert_eq!(hub.room_size("r"), 63 - left);
+            let mut position = 0;
+            hub.for_each_member("r", |m| {
+                assert_eq!(m.member_index(), position, "client {} lost its index", m.id);
+                position += 1;
+            });
+        }
+        assert_eq!(hub.room_count(), 0, "an empty room is removed");
+    }
+
+    /// A client that is not a member but claims a member's index is not mistaken for it.
+    #[test]
+    fn leave_checks_identity_not_just_the_index() {
+        let hub = Hub::new();
+        let (a, b) = (clients(1, "r"), clients(1, "r"));
+        hub.join(a[0].clone());
+        // Same room, same index 0 and even the same id as `a`, but never joined: it must not
+        // remove `a`.
+        b[0].set_member_index(0);
+        assert!(!hub.leave(&b[0]));
+        assert_eq!(hub.room_size("r"), 1);
+        assert!(hub.leave(&a[0]));
+    }
 
     #[test]
     fn room_names() {

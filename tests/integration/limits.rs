@@ -127,3 +127,40 @@ fn a_client_that_stops_answering_pings_is_closed_after_the_idle_timeout() {
     assert_eq!(server.hub.room_size("idle"), 1);
     assert!(server.stats.bytes_sent.load(Ordering::Relaxed) > 0);
 }
+
+/// A connection flood at the limit is a handful of log lines, not one per refused connection:
+/// one warning when refusing begins, one line with the count when it ends.
+#[test]
+fn refusals_are_logged_once_per_episode_with_a_count() {
+    const REFUSED: usize = 40;
+    let mut server = Process::start(&["--max-clients", "1"]);
+    let held = server.connect("full");
+    for _ in 0..REFUSED {
+        let response = raw_exchange(server.addr, upgrade_request("/ws/full").as_bytes());
+        assert_eq!(status_of(&response), 503);
+    }
+    let refusal_lines = server
+        .lines_until_quiet(Duration::from_millis(300))
+        .iter()
+        .filter(|line| line.contains("refus"))
+        .count();
+    assert_eq!(refusal_lines, 1, "one warning for the whole episode");
+    // Room again: the next client is admitted, and the episode is summed up in one line.
+    drop(held);
+    let url = format!("ws://{}/ws/full", server.addr);
+    let mut admitted = None;
+    assert!(wait_until(READ_TIMEOUT, || {
+        admitted = upgrade(TcpStream::connect(server.addr).unwrap(), &url).ok();
+        admitted.is_some()
+    }));
+    let summary = server.wait_for_line("admitting connections again");
+    // At least the flood; a retry above may have come before the held client's exit.
+    let count: usize = summary
+        .split("again: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {summary:?}"));
+    assert!(count >= REFUSED, "{summary}");
+    drop(admitted);
+}

@@ -14,4 +14,5 @@ mod limits;
 mod relay;
 mod shutdown;
 mod slow;
+mod supervision;
 mod threshold;

@@ -1,6 +1,7 @@
 //! The slow-client policy: a client that stops reading is evicted, never waited for, and the
 //! memory it can pin is bounded by its outbox.
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::thread;
@@ -105,4 +106,47 @@ fn a_client_backlogged_past_the_slow_timeout_is_evicted() {
         .evictions(Eviction::Slow)
         == 1));
     assert!(server.stats.bytes_sent.load(Ordering::Relaxed) > 0);
+}
+
+/// A backlog the connection thread leaves itself: pongs to a client that pinged and stopped
+/// reading. With no room traffic and no heartbeat due, only the hand-over to the broadcaster
+/// (which retries backlogs on its tick) can deliver them once the client reads again; before
+/// it, they waited for the next heartbeat sweep to notice them.
+#[test]
+fn a_backlog_left_by_the_connection_thread_is_delivered_without_other_traffic() {
+    const PINGS: usize = 60_000;
+    const PAYLOAD: usize = 125;
+    let mut config = test_config();
+    config.rate = 0;
+    config.outbox_bytes = 64 * 1024 * 1024;
+    config.slow_timeout = Duration::from_secs(60);
+    // No ping from the server during the test, so no sweep-driven send either.
+    config.ping_interval = Duration::from_secs(1800);
+    config.idle_timeout = Duration::from_secs(3600);
+    let server = start(config);
+    let mut stream = stalled_client(server.addr, &server.url("pongs"));
+    // 7.6 MB of pongs: more than the kernel buffers of a peer that is not reading (the
+    // server's send buffer autotunes up to 4 MiB).
+    let ping = client_frame(true, 0, 0x9, &[7u8; PAYLOAD], true);
+    stream.write_all(&ping.repeat(PINGS)).unwrap();
+    // Let the connection thread answer every ping and go back to waiting for more, so the
+    // last of its own sends is long over when this client starts reading.
+    let mut last = u64::MAX;
+    assert!(wait_until(READ_TIMEOUT, || {
+        thread::sleep(Duration::from_millis(200));
+        let sent = server.stats.bytes_sent.load(Ordering::Relaxed);
+        std::mem::replace(&mut last, sent) == sent
+    }));
+
+    let pong_len = 2 + PAYLOAD;
+    let mut received = vec![0u8; PINGS * pong_len];
+    stream
+        .read_exact(&mut received)
+        .expect("every pong arrives");
+    let frames = parse_frames(&received);
+    assert_eq!(frames.len(), PINGS);
+    assert!(frames
+        .iter()
+        .all(|f| f.opcode == 0xA && f.payload == [7u8; PAYLOAD]));
+    assert_eq!(server.stats.evictions(Eviction::Slow), 0);
 }

@@ -521,6 +521,14 @@ impl Process {
         }
     }
 
+    /// Every log line so far, after reading what arrives within `quiet` of the last one.
+    pub fn lines_until_quiet(&mut self, quiet: Duration) -> &[String] {
+        while let Ok(line) = self.lines.recv_timeout(quiet) {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on a child we spawned and have not yet reaped.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
