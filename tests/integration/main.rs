@@ -8,6 +8,7 @@ mod binary;
 mod browser;
 mod capacity;
 mod endpoints;
+mod flags;
 mod hostile;
 mod limits;
 mod relay;
