@@ -1,14 +1,24 @@
-//! Command-line configuration: every limit the server enforces, its default, and flag parsing.
+//! Command-line configuration: every limit the server enforces, its default, its range, and
+//! the parsing of flags and of their environment variables.
 //!
-//! Parsing uses `std::env` only. Every flag has a safe default so `roomcast` with no arguments
-//! is a sensible server; `--help` prints the same table as the README.
+//! Every flag has a safe default so `roomcast` with no arguments is a sensible server, and an
+//! upper bound, so no value can overflow a deadline or an allocation later on. Each flag can
+//! also be set by an environment variable (`--max-clients` ↔ `ROOMCAST_MAX_CLIENTS`), which
+//! keeps secrets out of `ps`; a flag on the command line wins. `--help` prints the same table
+//! as the README.
 
+use std::ffi::OsString;
 use std::fmt;
+use std::fs::File;
+use std::io::Read;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use log::LevelFilter;
+
+use crate::origin::Origin;
 
 /// Where the server listens unless `--listen` says otherwise: loopback, so a first
 /// `cargo run` never exposes anything to the network.
@@ -39,20 +49,94 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// A client from which nothing (not even a pong) arrives for this long is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// The environment variable `main` reads the publish API token from when `--api-token` is absent.
-pub const API_TOKEN_ENV: &str = "ROOMCAST_API_TOKEN";
 /// How long shutdown waits for clients to take their close frames before cutting sockets.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a crashed instance's clients still count in the cluster-wide room counts (the TTL
 /// of its presence hash in Redis, refreshed every third of it).
 pub const DEFAULT_REDIS_TTL: Duration = Duration::from_secs(15);
-/// Shortest `--redis-ttl`: the heartbeat (a third of it) must leave Redis time to answer.
-pub const MIN_REDIS_TTL: Duration = Duration::from_millis(300);
 /// Whether this build has the Redis backplane (cargo feature `redis`).
 pub const HAS_REDIS: bool = cfg!(feature = "redis");
 
+// The ranges. Every size and duration has an upper bound: a deadline computed as
+// `Instant::now() + timeout` panics on overflow, and a size multiplies into allocations, so an
+// absurd value must be refused at start rather than hit by the first client. Each bound is far
+// beyond any sensible setting, so it refuses typos, not choices.
+
+/// `--max-clients` and `--max-clients-per-ip`: every client is a thread, and Linux caps
+/// `pid_max` (and so the threads of the whole system) at 2^22.
+pub const MAX_CLIENTS_RANGE: RangeInclusive<usize> = 1..=1 << 22;
+/// `--max-clients-per-ip`; 0 is off.
+pub const MAX_CLIENTS_PER_IP_RANGE: RangeInclusive<usize> = 0..=1 << 22;
+/// `--max-message-bytes` (see `MAX_MESSAGE_BYTES_LIMIT`).
+pub const MAX_MESSAGE_BYTES_RANGE: RangeInclusive<usize> = 1..=MAX_MESSAGE_BYTES_LIMIT;
+/// `--rate`, messages per second per client; 0 is off. A million a second is more than one
+/// client can send over loopback: a larger limit would never bind, so use 0.
+pub const RATE_RANGE: RangeInclusive<u32> = 0..=1_000_000;
+/// `--burst`, messages at once; at least 1 while `--rate` is on (checked in `validate`).
+pub const BURST_RANGE: RangeInclusive<u32> = 0..=1_000_000;
+/// `--outbox-bytes`, the unsent bytes one client may pin. Below `OUTBOX_MESSAGE_MULTIPLE`
+/// messages it is raised (so 0 means "that minimum"); 4 GiB for one client is already more
+/// than the machines this runs on have.
+pub const OUTBOX_BYTES_RANGE: RangeInclusive<usize> = 0..=4 << 30;
+/// `--handshake-timeout`: a request head that takes an hour is an attack, not a client.
+pub const HANDSHAKE_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(60 * 60);
+/// `--slow-timeout`: an hour of backlog is a dead client.
+pub const SLOW_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(60 * 60);
+/// `--ping-interval`, below `--idle-timeout` (checked in `validate`), whose bound is twice
+/// this: a ping twice a day is no heartbeat any more.
+pub const PING_INTERVAL_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(12 * 60 * 60);
+/// `--idle-timeout`: a day of silence is longer than any stream.
+pub const IDLE_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(24 * 60 * 60);
+/// `--shutdown-grace`: orchestrators kill a process long before ten minutes (systemd's
+/// default stop timeout is 90 s, Kubernetes' grace period 30 s).
+pub const SHUTDOWN_GRACE_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(10 * 60);
+/// `--redis-ttl`: the heartbeat (a third of it) must leave Redis time to answer, and a crashed
+/// instance's clients should not linger for more than an hour.
+pub const REDIS_TTL_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(300)..=Duration::from_secs(60 * 60);
+/// The publish API token, in bytes. 16 random bytes are beyond guessing even at the rate a
+/// server answers; a token must also fit easily in the 16 KiB request head that carries it.
+pub const API_TOKEN_BYTES_RANGE: RangeInclusive<usize> = 16..=4096;
+
+/// The environment variable that sets the publish API token (`env_var("--api-token")`).
+pub const API_TOKEN_ENV: &str = "ROOMCAST_API_TOKEN";
+/// What every environment variable's name starts with.
+pub const ENV_PREFIX: &str = "ROOMCAST_";
+
+/// Every flag that takes a value, in `--help` order. Each has an environment variable, named
+/// by `env_var`.
+pub const FLAGS: &[&str] = &[
+    "--listen",
+    "--max-clients",
+    "--max-clients-per-ip",
+    "--max-message-bytes",
+    "--rate",
+    "--burst",
+    "--outbox-bytes",
+    "--slow-timeout",
+    "--handshake-timeout",
+    "--ping-interval",
+    "--idle-timeout",
+    "--shutdown-grace",
+    "--allowed-origin",
+    "--api-token",
+    "--api-token-file",
+    "--log-level",
+    "--log-file",
+    "--redis",
+    "--redis-ttl",
+];
+
 /// Everything the server needs to know, fixed at start-up and shared read-only by every thread.
-#[derive(Clone, Debug)]
+///
+/// `Debug` is written by hand so that a `{:?}` of a config never shows the API token or the
+/// Redis password.
+#[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     /// `None` derives the limit from the machine at start-up (see `capacity`).
@@ -70,14 +154,15 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
     /// Empty allows any origin (and clients that send none).
-    pub allowed_origins: Vec<String>,
+    pub allowed_origins: Vec<Origin>,
     /// Bearer token for `POST /api/rooms/<room>/messages`; `None` turns that endpoint off.
-    /// From `--api-token`, else the `API_TOKEN_ENV` environment variable (read by `main`),
-    /// which keeps the secret out of `ps` output.
+    /// From `--api-token`, `--api-token-file` or their variables; `parse_args` holds it to
+    /// `API_TOKEN_BYTES_RANGE` of printable ASCII. A secret: never logged.
     pub api_token: Option<String>,
     pub log_level: LevelFilter,
     pub log_file: Option<PathBuf>,
-    /// `redis://HOST:PORT/DB` of the backplane shared with other instances; `None` runs alone.
+    /// `redis://[USER:PASSWORD@]HOST:PORT/DB` of the backplane shared with other instances;
+    /// `None` runs alone. It may hold a password: print it only through `redact_url`.
     pub redis: Option<String>,
     pub redis_ttl: Duration,
     /// Test-only failure hook, never set from the command line: the broadcaster panics when it
@@ -115,6 +200,55 @@ impl Default for Config {
     }
 }
 
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured without `..`, so a field added later does not compile until it is
+        // listed here, and whoever adds it decides whether it is a secret.
+        let Config {
+            listen,
+            max_clients,
+            max_clients_per_ip,
+            max_message_bytes,
+            rate,
+            burst,
+            outbox_bytes,
+            slow_timeout,
+            handshake_timeout,
+            ping_interval,
+            idle_timeout,
+            shutdown_grace,
+            allowed_origins,
+            api_token,
+            log_level,
+            log_file,
+            redis,
+            redis_ttl,
+            test_panic_in_room,
+        } = self;
+        f.debug_struct("Config")
+            .field("listen", listen)
+            .field("max_clients", max_clients)
+            .field("max_clients_per_ip", max_clients_per_ip)
+            .field("max_message_bytes", max_message_bytes)
+            .field("rate", rate)
+            .field("burst", burst)
+            .field("outbox_bytes", outbox_bytes)
+            .field("slow_timeout", slow_timeout)
+            .field("handshake_timeout", handshake_timeout)
+            .field("ping_interval", ping_interval)
+            .field("idle_timeout", idle_timeout)
+            .field("shutdown_grace", shutdown_grace)
+            .field("allowed_origins", allowed_origins)
+            .field("api_token", &api_token.as_ref().map(|_| "***"))
+            .field("log_level", log_level)
+            .field("log_file", log_file)
+            .field("redis", &redis.as_deref().map(redact_url))
+            .field("redis_ttl", redis_ttl)
+            .field("test_panic_in_room", test_panic_in_room)
+            .finish()
+    }
+}
+
 impl Config {
     /// The outbox bound actually enforced: the configured one, raised if needed so that
     /// `OUTBOX_MESSAGE_MULTIPLE` maximum-size messages always fit.
@@ -123,18 +257,49 @@ impl Config {
             .max(OUTBOX_MESSAGE_MULTIPLE.saturating_mul(self.max_message_bytes))
     }
 
-    /// Checks relations between flags that no single flag can check alone.
+    /// Checks every value against its range, and the relations between flags that no single
+    /// flag can check alone. `parse_args` has already checked the ranges (naming the flag or
+    /// variable the value came from); this catches a `Config` built in code, before a
+    /// deadline overflows.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(max_clients) = self.max_clients {
+            check_count("--max-clients", max_clients, &MAX_CLIENTS_RANGE)?;
+        }
+        check_count(
+            "--max-clients-per-ip",
+            self.max_clients_per_ip,
+            &MAX_CLIENTS_PER_IP_RANGE,
+        )?;
+        check_bytes(
+            "--max-message-bytes",
+            self.max_message_bytes,
+            &MAX_MESSAGE_BYTES_RANGE,
+        )?;
+        check_count("--rate", self.rate, &RATE_RANGE)?;
+        check_count("--burst", self.burst, &BURST_RANGE)?;
+        check_bytes("--outbox-bytes", self.outbox_bytes, &OUTBOX_BYTES_RANGE)?;
+        for (flag, value, range) in [
+            ("--slow-timeout", self.slow_timeout, &SLOW_TIMEOUT_RANGE),
+            (
+                "--handshake-timeout",
+                self.handshake_timeout,
+                &HANDSHAKE_TIMEOUT_RANGE,
+            ),
+            ("--ping-interval", self.ping_interval, &PING_INTERVAL_RANGE),
+            ("--idle-timeout", self.idle_timeout, &IDLE_TIMEOUT_RANGE),
+            (
+                "--shutdown-grace",
+                self.shutdown_grace,
+                &SHUTDOWN_GRACE_RANGE,
+            ),
+            ("--redis-ttl", self.redis_ttl, &REDIS_TTL_RANGE),
+        ] {
+            check_duration(flag, value, range)?;
+        }
         if self.ping_interval >= self.idle_timeout {
             return Err(ConfigError::new(
                 "--ping-interval",
                 "must be less than --idle-timeout",
-            ));
-        }
-        if !(1..=MAX_MESSAGE_BYTES_LIMIT).contains(&self.max_message_bytes) {
-            return Err(ConfigError::new(
-                "--max-message-bytes",
-                "must be between 1 and 1GiB",
             ));
         }
         if self.rate > 0 && self.burst == 0 {
@@ -142,9 +307,6 @@ impl Config {
                 "--burst",
                 "must be at least 1 when --rate is on",
             ));
-        }
-        if self.max_clients == Some(0) {
-            return Err(ConfigError::new("--max-clients", "must be at least 1"));
         }
         if let Some(url) = &self.redis {
             if !HAS_REDIS {
@@ -156,12 +318,12 @@ impl Config {
             if !url.starts_with("redis://") || !is_redis_url(url) {
                 return Err(ConfigError::new(
                     "--redis",
-                    format!("{url:?} is not a URL like redis://127.0.0.1:6379/0"),
+                    format!(
+                        "{:?} is not a URL like redis://127.0.0.1:6379/0",
+                        redact_url(url)
+                    ),
                 ));
             }
-        }
-        if self.redis_ttl < MIN_REDIS_TTL {
-            return Err(ConfigError::new("--redis-ttl", "must be at least 300ms"));
         }
         Ok(())
     }
@@ -175,7 +337,8 @@ pub enum Command {
     Version,
 }
 
-/// A bad flag or value. Displays as one line naming the flag, as `main` prints it.
+/// A bad flag or value. Displays as one line naming the flag (or the environment variable the
+/// value came from), as `main` prints it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ConfigError {
     pub flag: String,
@@ -199,94 +362,310 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Parses the arguments after the program name.
-///
-/// Flags take their value either as the next argument (`--rate 10`) or inline
-/// (`--rate=10`). Unknown flags and stray arguments are errors, never ignored: a typo in a
-/// limit must not silently leave the default in force.
+/// The environment variable of a flag: `ROOMCAST_` and the flag's name upper-cased, `-` as
+/// `_` (`--max-clients` ↔ `ROOMCAST_MAX_CLIENTS`).
+pub fn env_var(flag: &str) -> String {
+    let name = flag.trim_start_matches('-').to_ascii_uppercase();
+    format!("{ENV_PREFIX}{}", name.replace('-', "_"))
+}
+
+/// Parses the arguments after the program name, with the process environment for the flags
+/// they leave out. See `parse_args_from`.
 pub fn parse_args<I, S>(args: I) -> Result<Command, ConfigError>
 where
     I: IntoIterator<Item = S>,
     S: Into<String>,
 {
-    let mut config = Config::default();
+    parse_args_from(args, |name| std::env::var_os(name))
+}
+
+/// One value for a flag, and where it came from.
+struct Setting {
+    flag: &'static str,
+    /// What the user wrote: the flag, or its environment variable. Errors name this.
+    source: String,
+    value: String,
+}
+
+/// Parses the arguments after the program name; `env` looks up an environment variable (the
+/// process's in `parse_args`, a map in tests).
+///
+/// Flags take their value either as the next argument (`--rate 10`) or inline
+/// (`--rate=10`). Unknown flags and stray arguments are errors, never ignored: a typo in a
+/// limit must not silently leave the default in force.
+///
+/// A flag left out of the command line is read from its variable (`env_var`); an empty
+/// variable counts as unset. `--api-token` and `--api-token-file` set the same thing, so either
+/// on the command line overrides both variables.
+pub fn parse_args_from<I, S>(
+    args: I,
+    env: impl Fn(&str) -> Option<OsString>,
+) -> Result<Command, ConfigError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let mut from_args = Vec::new();
     let mut args = args.into_iter().map(Into::into);
     while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_string(), Some(value.to_string()))
-            }
-            _ => (arg.clone(), None),
-        };
-        match flag.as_str() {
+        let (flag, inline) = split_flag(&arg);
+        match flag {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
             _ => {}
         }
         if !flag.starts_with("--") {
-            return Err(ConfigError::new(&flag, "unexpected argument (see --help)"));
+            return Err(ConfigError::new(flag, "unexpected argument (see --help)"));
         }
+        let Some(&flag) = FLAGS.iter().find(|known| **known == flag) else {
+            return Err(ConfigError::new(flag, "unknown flag (see --help)"));
+        };
         let value = match inline {
-            Some(value) => value,
+            Some(value) => value.to_string(),
             None => args
                 .next()
-                .ok_or_else(|| ConfigError::new(&flag, "needs a value"))?,
+                .ok_or_else(|| ConfigError::new(flag, "needs a value"))?,
         };
-        let value = value.as_str();
-        let f = flag.as_str();
-        match f {
-            "--listen" => {
-                config.listen = value.parse().map_err(|_| {
-                    ConfigError::new(
-                        f,
-                        format!("{value:?} is not an address like 127.0.0.1:9001"),
-                    )
-                })?
-            }
-            "--max-clients" => {
-                config.max_clients = match value {
-                    "auto" => None,
-                    _ => Some(parse_whole(f, value)?),
-                }
-            }
-            "--max-clients-per-ip" => config.max_clients_per_ip = parse_whole(f, value)?,
-            "--max-message-bytes" => config.max_message_bytes = parse_bytes(f, value)?,
-            "--rate" => config.rate = parse_whole(f, value)?,
-            "--burst" => config.burst = parse_whole(f, value)?,
-            "--outbox-bytes" => config.outbox_bytes = parse_bytes(f, value)?,
-            "--slow-timeout" => config.slow_timeout = parse_duration(f, value)?,
-            "--handshake-timeout" => config.handshake_timeout = parse_duration(f, value)?,
-            "--ping-interval" => config.ping_interval = parse_duration(f, value)?,
-            "--idle-timeout" => config.idle_timeout = parse_duration(f, value)?,
-            "--shutdown-grace" => config.shutdown_grace = parse_duration(f, value)?,
-            "--allowed-origin" => {
-                if value.is_empty() {
-                    return Err(ConfigError::new(f, "must not be empty"));
-                }
-                config.allowed_origins.push(value.to_string())
-            }
-            "--api-token" => {
-                if value.is_empty() {
-                    return Err(ConfigError::new(f, "must not be empty"));
-                }
-                config.api_token = Some(value.to_string())
-            }
-            "--log-level" => {
-                config.log_level = value.parse().map_err(|_| {
-                    ConfigError::new(
-                        f,
-                        format!("{value:?} is not one of off, error, warn, info, debug, trace"),
-                    )
-                })?
-            }
-            "--log-file" => config.log_file = Some(PathBuf::from(value)),
-            "--redis" => config.redis = Some(value.to_string()),
-            "--redis-ttl" => config.redis_ttl = parse_duration(f, value)?,
-            _ => return Err(ConfigError::new(f, "unknown flag (see --help)")),
+        if value.is_empty() {
+            return Err(ConfigError::new(flag, "must not be empty"));
+        }
+        from_args.push(Setting {
+            flag,
+            source: flag.to_string(),
+            value,
+        });
+    }
+
+    let mut settings = Vec::new();
+    for &flag in FLAGS {
+        let is_on_command_line = from_args
+            .iter()
+            .any(|given| given.flag == flag || (is_token_flag(flag) && is_token_flag(given.flag)));
+        if is_on_command_line {
+            continue;
+        }
+        let name = env_var(flag);
+        let Some(value) = env(&name) else { continue };
+        let value = value
+            .into_string()
+            .map_err(|_| ConfigError::new(&name, "is not valid UTF-8"))?;
+        if !value.is_empty() {
+            settings.push(Setting {
+                flag,
+                source: name,
+                value,
+            });
         }
     }
-    config.validate()?;
+    // After the variables, so the command line has the last word.
+    settings.extend(from_args);
+
+    let mut config = Config::default();
+    let mut token: Option<&Setting> = None;
+    for setting in &settings {
+        if is_token_flag(setting.flag) {
+            if let Some(earlier) = token.filter(|earlier| earlier.flag != setting.flag) {
+                return Err(ConfigError::new(
+                    &setting.source,
+                    format!("conflicts with {}: give the token one way", earlier.source),
+                ));
+            }
+            token = Some(setting);
+        } else {
+            apply(&mut config, setting)?;
+        }
+    }
+    if let Some(setting) = token {
+        let value = match setting.flag {
+            "--api-token-file" => read_token_file(&setting.source, &setting.value)?,
+            _ => setting.value.clone(),
+        };
+        check_token(&setting.source, &value)?;
+        config.api_token = Some(value);
+    }
+    config.validate().map_err(|mut err| {
+        // A relation between flags fails on the value as given: name where it came from.
+        if let Some(setting) = settings.iter().rev().find(|s| s.flag == err.flag) {
+            err.flag.clone_from(&setting.source);
+        }
+        err
+    })?;
     Ok(Command::Run(Box::new(config)))
+}
+
+/// Splits `--flag=value` into the flag and its inline value; anything else is all flag.
+fn split_flag(arg: &str) -> (&str, Option<&str>) {
+    match arg.split_once('=') {
+        Some((flag, value)) if flag.starts_with("--") => (flag, Some(value)),
+        _ => (arg, None),
+    }
+}
+
+fn is_token_flag(flag: &str) -> bool {
+    flag == "--api-token" || flag == "--api-token-file"
+}
+
+/// Sets one flag's value in `config`. Errors name `setting.source`.
+fn apply(config: &mut Config, setting: &Setting) -> Result<(), ConfigError> {
+    let (name, value) = (setting.source.as_str(), setting.value.as_str());
+    match setting.flag {
+        "--listen" => {
+            config.listen = value.parse().map_err(|_| {
+                ConfigError::new(
+                    name,
+                    format!("{value:?} is not an address like 127.0.0.1:9001"),
+                )
+            })?
+        }
+        "--max-clients" => {
+            config.max_clients = match value {
+                "auto" => None,
+                _ => Some(parse_count(name, value, &MAX_CLIENTS_RANGE)?),
+            }
+        }
+        "--max-clients-per-ip" => {
+            config.max_clients_per_ip = parse_count(name, value, &MAX_CLIENTS_PER_IP_RANGE)?
+        }
+        "--max-message-bytes" => {
+            config.max_message_bytes = parse_bytes(name, value, &MAX_MESSAGE_BYTES_RANGE)?
+        }
+        "--rate" => config.rate = parse_count(name, value, &RATE_RANGE)?,
+        "--burst" => config.burst = parse_count(name, value, &BURST_RANGE)?,
+        "--outbox-bytes" => config.outbox_bytes = parse_bytes(name, value, &OUTBOX_BYTES_RANGE)?,
+        "--slow-timeout" => config.slow_timeout = parse_duration(name, value, &SLOW_TIMEOUT_RANGE)?,
+        "--handshake-timeout" => {
+            config.handshake_timeout = parse_duration(name, value, &HANDSHAKE_TIMEOUT_RANGE)?
+        }
+        "--ping-interval" => {
+            config.ping_interval = parse_duration(name, value, &PING_INTERVAL_RANGE)?
+        }
+        "--idle-timeout" => config.idle_timeout = parse_duration(name, value, &IDLE_TIMEOUT_RANGE)?,
+        "--shutdown-grace" => {
+            config.shutdown_grace = parse_duration(name, value, &SHUTDOWN_GRACE_RANGE)?
+        }
+        "--allowed-origin" => {
+            // A comma never occurs in an origin, so a list is unambiguous; it is the only way
+            // to give several origins in the one variable.
+            for item in value.split(',').map(str::trim) {
+                if item.is_empty() {
+                    return Err(ConfigError::new(name, "has an empty origin in its list"));
+                }
+                let origin = Origin::parse(item)
+                    .map_err(|reason| ConfigError::new(name, format!("{item:?}: {reason}")))?;
+                config.allowed_origins.push(origin);
+            }
+        }
+        "--log-level" => {
+            config.log_level = value.parse().map_err(|_| {
+                ConfigError::new(
+                    name,
+                    format!("{value:?} is not one of off, error, warn, info, debug, trace"),
+                )
+            })?
+        }
+        "--log-file" => config.log_file = Some(PathBuf::from(value)),
+        "--redis" => config.redis = Some(value.to_string()),
+        "--redis-ttl" => config.redis_ttl = parse_duration(name, value, &REDIS_TTL_RANGE)?,
+        // The token flags are read by `parse_args_from` itself; every other flag is above.
+        _ => return Err(ConfigError::new(name, "unknown flag (see --help)")),
+    }
+    Ok(())
+}
+
+/// Reads the API token from a file, as systemd's `LoadCredential=` and secret mounts provide
+/// it: the whole file, less one trailing newline. Bounded, so `/dev/zero` cannot hang start-up.
+fn read_token_file(name: &str, path: &str) -> Result<String, ConfigError> {
+    let cannot_read =
+        |err: std::io::Error| ConfigError::new(name, format!("cannot read {path:?}: {err}"));
+    let limit = *API_TOKEN_BYTES_RANGE.end() + "\r\n".len();
+    let mut bytes = Vec::new();
+    File::open(path)
+        .map_err(cannot_read)?
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    if bytes.len() > limit {
+        return Err(ConfigError::new(
+            name,
+            format!(
+                "{path:?} is longer than a token can be ({} bytes)",
+                API_TOKEN_BYTES_RANGE.end()
+            ),
+        ));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| ConfigError::new(name, format!("{path:?} is not text")))?;
+    let token = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(&text);
+    Ok(token.to_string())
+}
+
+/// Holds a token to `API_TOKEN_BYTES_RANGE` of printable ASCII. A shorter token can be
+/// guessed; one with spaces or control characters could never match, because the
+/// `Authorization` header it is compared with is trimmed. The error never shows the token.
+fn check_token(name: &str, token: &str) -> Result<(), ConfigError> {
+    if !API_TOKEN_BYTES_RANGE.contains(&token.len()) {
+        return Err(ConfigError::new(
+            name,
+            format!(
+                "the token is {} bytes: it must be between {} and {} (make one with `openssl rand -hex 16`)",
+                token.len(),
+                API_TOKEN_BYTES_RANGE.start(),
+                API_TOKEN_BYTES_RANGE.end()
+            ),
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            name,
+            "the token must be printable ASCII without spaces (a token file may end in one newline)",
+        ));
+    }
+    Ok(())
+}
+
+/// The secret-bearing flags given on the command line itself, where every local user can read
+/// them (`ps`, `/proc/PID/cmdline`): `--api-token`, and `--redis` with credentials in its URL.
+/// `main` warns about each; the variables and `--api-token-file` keep them private.
+pub fn secrets_on_command_line<S: AsRef<str>>(args: &[S]) -> Vec<&'static str> {
+    let mut found = Vec::new();
+    let mut args = args.iter().map(AsRef::as_ref);
+    while let Some(arg) = args.next() {
+        let (flag, inline) = split_flag(arg);
+        if !FLAGS.contains(&flag) {
+            continue;
+        }
+        let value = inline.or_else(|| args.next()).unwrap_or_default();
+        match flag {
+            "--api-token" => found.push("--api-token"),
+            "--redis" if redact_url(value) != value => found.push("--redis"),
+            _ => {}
+        }
+    }
+    found
+}
+
+/// A URL fit to print: its user info (`user:password@`) shown as `user:***@`, or as `***@`
+/// when it is a lone name (some clients read that as the password). Never fails, so even a
+/// malformed URL can be echoed in its error: everything before the last `@` after the
+/// scheme counts as user info, since a password may hold `/`, `?` or `#` unencoded.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(at) => url.split_at(at + "://".len()),
+        None => ("", url),
+    };
+    match rest.rfind('@') {
+        None => url.to_string(),
+        Some(at) => {
+            let (user_info, host_and_path) = rest.split_at(at);
+            match user_info.split_once(':') {
+                Some((user, _password)) => format!("{scheme}{user}:***{host_and_path}"),
+                None => format!("{scheme}***{host_and_path}"),
+            }
+        }
+    }
 }
 
 /// Whether the `redis` crate accepts `url` (host, port, database, credentials). Connecting is
@@ -301,64 +680,231 @@ fn is_redis_url(_url: &str) -> bool {
     false
 }
 
-/// Parses a whole number of any unsigned type.
-fn parse_whole<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, ConfigError> {
-    value
-        .parse()
-        .map_err(|_| ConfigError::new(flag, format!("{value:?} is not a whole number")))
+/// `problem` for a value outside its range, naming the range: what `main` prints after the
+/// flag (or variable).
+fn out_of_range(
+    value: impl fmt::Display,
+    low: impl fmt::Display,
+    high: impl fmt::Display,
+) -> String {
+    format!("{value} is out of range: must be between {low} and {high}")
 }
 
-/// Splits `"64KiB"` into `(64, "KiB")`; `None` when there is no leading number.
-fn number_and_unit(value: &str) -> Option<(u64, &str)> {
+fn check_count<T: PartialOrd + fmt::Display>(
+    name: &str,
+    value: T,
+    range: &RangeInclusive<T>,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        name,
+        out_of_range(&value, range.start(), range.end()),
+    ))
+}
+
+fn check_bytes(name: &str, value: usize, range: &RangeInclusive<usize>) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        name,
+        out_of_range(
+            show_bytes(value),
+            show_bytes(*range.start()),
+            show_bytes(*range.end()),
+        ),
+    ))
+}
+
+fn check_duration(
+    name: &str,
+    value: Duration,
+    range: &RangeInclusive<Duration>,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        name,
+        out_of_range(
+            show_duration(value),
+            show_duration(*range.start()),
+            show_duration(*range.end()),
+        ),
+    ))
+}
+
+/// Splits `"64KiB"` into `("64", "KiB")`; `None` when there is no leading digit.
+fn digits_and_unit(value: &str) -> Option<(&str, &str)> {
     let digits_end = value
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(value.len());
-    let (number, unit) = value.split_at(digits_end);
-    Some((number.parse().ok()?, unit))
+    match digits_end {
+        0 => None,
+        _ => Some(value.split_at(digits_end)),
+    }
 }
 
-/// Parses a byte size: a whole number with an optional binary suffix (`K`/`KiB`, `M`/`MiB`).
-pub fn parse_bytes(flag: &str, value: &str) -> Result<usize, ConfigError> {
+/// Parses a whole number within `range`. Digits only: no sign, no spaces. A number too large
+/// for any type is out of range, and says so.
+pub fn parse_count<T>(name: &str, value: &str, range: &RangeInclusive<T>) -> Result<T, ConfigError>
+where
+    T: TryFrom<u64> + PartialOrd + fmt::Display,
+{
+    let too_large = || {
+        ConfigError::new(
+            name,
+            out_of_range(format!("{value:?}"), range.start(), range.end()),
+        )
+    };
+    match digits_and_unit(value) {
+        Some((digits, "")) => {
+            // Only digits are left, so the one way parsing can fail is overflow.
+            let number: u64 = digits.parse().map_err(|_| too_large())?;
+            let number = T::try_from(number).map_err(|_| too_large())?;
+            if !range.contains(&number) {
+                return Err(too_large());
+            }
+            Ok(number)
+        }
+        _ => Err(ConfigError::new(
+            name,
+            format!("{value:?} is not a whole number"),
+        )),
+    }
+}
+
+/// Parses a byte size within `range`: a whole number with an optional binary suffix
+/// (`K`/`KiB`, `M`/`MiB`, `G`/`GiB`).
+pub fn parse_bytes(
+    name: &str,
+    value: &str,
+    range: &RangeInclusive<usize>,
+) -> Result<usize, ConfigError> {
+    let out_of_range = || {
+        ConfigError::new(
+            name,
+            out_of_range(
+                format!("{value:?}"),
+                show_bytes(*range.start()),
+                show_bytes(*range.end()),
+            ),
+        )
+    };
     let bad = || {
         ConfigError::new(
-            flag,
+            name,
             format!("{value:?} is not a size like 65536, 64KiB or 1MiB"),
         )
     };
-    let (number, unit) = number_and_unit(value).ok_or_else(bad)?;
-    let multiplier = match unit {
+    let (digits, unit) = digits_and_unit(value).ok_or_else(bad)?;
+    let multiplier: u64 = match unit {
         "" | "B" => 1,
-        "K" | "KiB" => 1024,
-        "M" | "MiB" => 1024 * 1024,
-        "G" | "GiB" => 1024 * 1024 * 1024,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
         _ => return Err(bad()),
     };
-    let bytes = number.checked_mul(multiplier).ok_or_else(bad)?;
-    usize::try_from(bytes).map_err(|_| bad())
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|number| number.checked_mul(multiplier))
+        .and_then(|bytes| usize::try_from(bytes).ok())
+        .ok_or_else(out_of_range)?;
+    if !range.contains(&bytes) {
+        return Err(out_of_range());
+    }
+    Ok(bytes)
 }
 
-/// Parses a duration: a whole number with a unit (`ms`, `s`, `m`); a bare number is seconds.
-pub fn parse_duration(flag: &str, value: &str) -> Result<Duration, ConfigError> {
-    let bad = || {
+/// Parses a duration within `range`: a whole number with a unit (`ms`, `s`, `m`, `h`); a bare
+/// number is seconds. One too large to represent is out of range, never a panic later.
+pub fn parse_duration(
+    name: &str,
+    value: &str,
+    range: &RangeInclusive<Duration>,
+) -> Result<Duration, ConfigError> {
+    let out_of_range = || {
         ConfigError::new(
-            flag,
-            format!("{value:?} is not a duration like 500ms, 10s or 2m"),
+            name,
+            out_of_range(
+                format!("{value:?}"),
+                show_duration(*range.start()),
+                show_duration(*range.end()),
+            ),
         )
     };
-    let (number, unit) = number_and_unit(value).ok_or_else(bad)?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(number),
-        "" | "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number.checked_mul(60).ok_or_else(bad)?),
+    let bad = || {
+        ConfigError::new(
+            name,
+            format!("{value:?} is not a duration like 500ms, 10s, 2m or 1h"),
+        )
+    };
+    let (digits, unit) = digits_and_unit(value).ok_or_else(bad)?;
+    let seconds_per_unit = match unit {
+        "ms" => None,
+        "" | "s" => Some(1),
+        "m" => Some(60),
+        "h" => Some(60 * 60),
         _ => return Err(bad()),
     };
-    if duration.is_zero() {
-        return Err(ConfigError::new(flag, "must be greater than zero"));
+    let number: u64 = digits.parse().map_err(|_| out_of_range())?;
+    let duration = match seconds_per_unit {
+        None => Duration::from_millis(number),
+        Some(seconds) => Duration::from_secs(number.checked_mul(seconds).ok_or_else(out_of_range)?),
+    };
+    if !range.contains(&duration) {
+        return Err(out_of_range());
     }
     Ok(duration)
 }
 
-/// The `--help` text: every flag, its default, and what it bounds.
+/// A size as the flags take it, in the largest binary unit that divides it.
+fn show_bytes(bytes: usize) -> String {
+    for (unit, size) in [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= size && bytes % size == 0 {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// A duration as the flags take it, in the largest unit that divides it (`Debug` for one
+/// built in code with a fraction of a millisecond).
+fn show_duration(duration: Duration) -> String {
+    if duration.subsec_nanos() % 1_000_000 != 0 {
+        return format!("{duration:?}");
+    }
+    let millis = duration.as_millis();
+    for (unit, size) in [("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        if millis >= size && millis % size == 0 {
+            return format!("{}{unit}", millis / size);
+        }
+    }
+    format!("{millis}ms")
+}
+
+/// `"1ms to 1h"`: a duration range as `--help` shows it.
+fn durations(range: &RangeInclusive<Duration>) -> String {
+    format!(
+        "{} to {}",
+        show_duration(*range.start()),
+        show_duration(*range.end())
+    )
+}
+
+/// `"1B to 1GiB"`: a size range as `--help` shows it.
+fn sizes(range: &RangeInclusive<usize>) -> String {
+    format!(
+        "{} to {}",
+        show_bytes(*range.start()),
+        show_bytes(*range.end())
+    )
+}
+
+/// The `--help` text: every flag, its default, its range and what it bounds.
 pub fn help() -> String {
     format!(
         "\
@@ -370,54 +916,124 @@ Every text or binary message is relayed verbatim to everyone in the room, the se
 USAGE:
     roomcast [FLAGS]
 
-FLAGS (value as `--flag VALUE` or `--flag=VALUE`):
-    --listen ADDR              address to listen on                    [default: {listen}]
-    --max-clients N|auto       connections held at once; over it: 503  [default: auto, from fd/thread/memory limits]
-    --max-clients-per-ip N     connections per client IP; over it: 503 [default: 0 = off]
-    --max-message-bytes SIZE   largest message accepted; over it: 1009 [default: 64KiB]
-    --rate N                   messages/s per client; over it: 1008    [default: {rate}, 0 = off]
-    --burst N                  messages a client may send at once      [default: {burst}]
-    --outbox-bytes SIZE        unsent bytes queued per client before   [default: 1MiB, at least
-                               it is evicted as slow                    {multiple} x --max-message-bytes]
-    --slow-timeout DUR         time a client may stay backlogged       [default: 10s]
-    --handshake-timeout DUR    deadline for the HTTP request head      [default: 5s]
-    --ping-interval DUR        ping clients quiet for this long        [default: 20s, < --idle-timeout]
-    --idle-timeout DUR         close clients silent for this long      [default: 60s]
-    --shutdown-grace DUR       time to flush close frames on shutdown  [default: 5s]
-    --allowed-origin ORIGIN    allowed Origin header; repeatable; 403  [default: any]
-                               for others
-    --api-token TOKEN          bearer token for POST /api/rooms/ROOM/   [default: $ROOMCAST_API_TOKEN,
-                               messages (off without one: 404), and     else off]
-                               for GET /metrics and /api/rooms
-    --log-level LEVEL          off, error, warn, info, debug, trace    [default: info]
-    --log-file PATH            also append the log to this file        [default: stderr only]
-    --redis URL                share rooms with other instances        [default: off; needs the
-                               through Redis, e.g. redis://HOST:6379/0  `redis` cargo feature]
-    --redis-ttl DUR            how long a crashed instance's clients   [default: 15s]
+FLAGS (value as `--flag VALUE` or `--flag=VALUE`; [default; range]):
+    --listen ADDR              address to listen on                    [{listen}]
+    --max-clients N|auto       connections held at once; over it: 503  [auto, from fd/thread/memory
+                                                                        limits; {max_clients}]
+    --max-clients-per-ip N     connections per client IP; over it: 503 [0 = off; up to {per_ip_max}]
+    --max-message-bytes SIZE   largest message accepted; over it: 1009 [64KiB; {message}]
+    --rate N                   messages/s per client; over it: 1008    [{rate}, 0 = off; up to {rate_max}]
+    --burst N                  messages a client may send at once      [{burst}; up to {burst_max}]
+    --outbox-bytes SIZE        unsent bytes queued per client before   [1MiB, at least {multiple} x
+                               it is evicted as slow                    --max-message-bytes; up to {outbox_max}]
+    --slow-timeout DUR         time a client may stay backlogged       [10s; {slow}]
+    --handshake-timeout DUR    deadline for the HTTP request head      [5s; {handshake}]
+    --ping-interval DUR        ping clients quiet for this long        [20s, < --idle-timeout; {ping}]
+    --idle-timeout DUR         close clients silent for this long      [60s; {idle}]
+    --shutdown-grace DUR       time to flush close frames on shutdown  [5s; {grace}]
+    --allowed-origin ORIGIN    allowed Origin: scheme://host[:port],   [any]
+                               repeatable or comma-separated; 403 for
+                               any other
+    --api-token TOKEN          bearer token for POST /api/rooms/ROOM/  [off (404); {token} bytes
+                               messages, GET /metrics and /api/rooms;   of printable ASCII]
+                               visible in ps, so prefer the variable
+                               or --api-token-file
+    --api-token-file PATH      read the token from this file, less one [off]
+                               trailing newline
+    --log-level LEVEL          off, error, warn, info, debug, trace    [info]
+    --log-file PATH            also append the log to this file        [stderr only]
+    --redis URL                share rooms with other instances        [off; needs the `redis`
+                               through Redis, e.g. redis://HOST:6379/0  cargo feature]
+    --redis-ttl DUR            how long a crashed instance's clients   [15s; {redis_ttl}]
                                still count in cluster-wide room counts
     -h, --help                 print this help
     -V, --version              print the version
 
-SIZE is bytes with an optional K/KiB or M/MiB suffix; DUR is a number with ms, s or m (bare = s).
+SIZE is bytes with an optional K/KiB, M/MiB or G/GiB suffix; DUR is a number with ms, s, m or h
+(bare = s). An out-of-range or malformed value exits with status 2, naming the flag.
+
+ENVIRONMENT:
+    Every flag can also be set by an environment variable: {prefix} and the flag's name in
+    capitals, - as _ (--max-clients is {prefix}MAX_CLIENTS, --api-token is {token_env}).
+    A flag on the command line wins over its variable; an empty variable counts as unset.
+    {prefix}ALLOWED_ORIGIN takes a comma-separated list. Either token flag overrides both
+    {token_env} and {prefix}API_TOKEN_FILE.
 ",
         version = env!("CARGO_PKG_VERSION"),
         listen = DEFAULT_LISTEN,
+        max_clients = format_args!("{} to {}", MAX_CLIENTS_RANGE.start(), MAX_CLIENTS_RANGE.end()),
+        per_ip_max = MAX_CLIENTS_PER_IP_RANGE.end(),
+        message = sizes(&MAX_MESSAGE_BYTES_RANGE),
         rate = DEFAULT_RATE,
+        rate_max = RATE_RANGE.end(),
         burst = DEFAULT_BURST,
+        burst_max = BURST_RANGE.end(),
         multiple = OUTBOX_MESSAGE_MULTIPLE,
+        outbox_max = show_bytes(*OUTBOX_BYTES_RANGE.end()),
+        slow = durations(&SLOW_TIMEOUT_RANGE),
+        handshake = durations(&HANDSHAKE_TIMEOUT_RANGE),
+        ping = durations(&PING_INTERVAL_RANGE),
+        idle = durations(&IDLE_TIMEOUT_RANGE),
+        grace = durations(&SHUTDOWN_GRACE_RANGE),
+        token = format_args!("{} to {}", API_TOKEN_BYTES_RANGE.start(), API_TOKEN_BYTES_RANGE.end()),
+        redis_ttl = durations(&REDIS_TTL_RANGE),
+        prefix = ENV_PREFIX,
+        token_env = API_TOKEN_ENV,
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
-    fn run(args: &[&str]) -> Result<Config, ConfigError> {
-        match parse_args(args.iter().copied())? {
+    /// Parses with the given variables as the whole environment, so no test depends on (or
+    /// changes) the process's own.
+    fn run_with_env(args: &[&str], vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(name, value)| (name.to_string(), OsString::from(value)))
+            .collect();
+        match parse_args_from(args.iter().copied(), |name| vars.get(name).cloned())? {
             Command::Run(config) => Ok(*config),
             other => panic!("expected Run, got {other:?}"),
         }
     }
+
+    fn run(args: &[&str]) -> Result<Config, ConfigError> {
+        run_with_env(args, &[])
+    }
+
+    fn origins(texts: &[&str]) -> Vec<Origin> {
+        texts
+            .iter()
+            .map(|text| Origin::parse(text).expect("a valid origin"))
+            .collect()
+    }
+
+    /// A file with `contents`, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, contents: &[u8]) -> TempFile {
+            let path =
+                std::env::temp_dir().join(format!("roomcast-config-{}-{name}", std::process::id()));
+            std::fs::write(&path, contents).expect("the temp dir is writable");
+            TempFile(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().expect("temp paths are UTF-8 here")
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    const TOKEN: &str = "0123456789abcdef-token";
 
     #[test]
     fn no_flags_gives_documented_defaults() {
@@ -428,6 +1044,8 @@ mod tests {
         assert_eq!((config.rate, config.burst), (50, 100));
         assert_eq!(config.effective_outbox_bytes(), 1024 * 1024);
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.api_token, None);
+        assert!(Config::default().validate().is_ok());
     }
 
     #[test]
@@ -439,11 +1057,13 @@ mod tests {
             "--max-message-bytes",
             "2MiB",
             "--slow-timeout=250ms",
+            "--idle-timeout=2h",
         ])
         .unwrap();
         assert_eq!((config.rate, config.burst), (7, 9));
         assert_eq!(config.max_message_bytes, 2 * 1024 * 1024);
         assert_eq!(config.slow_timeout, Duration::from_millis(250));
+        assert_eq!(config.idle_timeout, Duration::from_secs(2 * 60 * 60));
     }
 
     #[test]
@@ -453,25 +1073,58 @@ mod tests {
     }
 
     #[test]
-    fn origins_repeat() {
+    fn origins_repeat_and_take_lists() {
         let config = run(&[
             "--allowed-origin",
             "https://a.example",
-            "--allowed-origin=https://b.example",
+            "--allowed-origin=https://b.example, http://c.example:8080",
         ])
         .unwrap();
         assert_eq!(
             config.allowed_origins,
-            ["https://a.example", "https://b.example"]
+            origins(&[
+                "https://a.example",
+                "https://b.example",
+                "http://c.example:8080"
+            ])
         );
+    }
+
+    #[test]
+    fn origins_are_normalised_at_start() {
+        let config = run(&["--allowed-origin", "HTTPS://A.example:443"]).unwrap();
+        assert_eq!(config.allowed_origins, origins(&["https://a.example"]));
+        assert_eq!(config.allowed_origins[0].to_string(), "https://a.example");
+    }
+
+    #[test]
+    fn malformed_origins_exit_with_the_reason() {
+        for (value, reason) in [
+            ("https://a.example/", "path"),
+            ("https://a.example/path", "path"),
+            ("a.example", "scheme"),
+            ("ftp://a", "http or https"),
+            ("https://", "no host"),
+            ("https://a:99999", "port"),
+            ("null", "scheme"),
+            ("https://a.example,", "empty origin"),
+        ] {
+            let err = run(&["--allowed-origin", value]).unwrap_err();
+            assert_eq!(err.flag, "--allowed-origin", "{value:?} gave {err}");
+            assert!(err.problem.contains(reason), "{value:?} gave {err}");
+            assert!(!err.to_string().contains('\n'));
+        }
     }
 
     #[test]
     fn errors_name_the_flag() {
         for (args, flag) in [
             (&["--bogus", "1"][..], "--bogus"),
+            (&["--bogus"][..], "--bogus"),
             (&["--rate", "fast"][..], "--rate"),
+            (&["--rate", "-1"][..], "--rate"),
             (&["--rate"][..], "--rate"),
+            (&["--rate="][..], "--rate"),
             (&["--listen", "nowhere"][..], "--listen"),
             (&["--max-message-bytes", "12XB"][..], "--max-message-bytes"),
             (
@@ -480,13 +1133,194 @@ mod tests {
             ),
             (&["--max-message-bytes", "2GiB"][..], "--max-message-bytes"),
             (&["--idle-timeout", "0s"][..], "--idle-timeout"),
+            (&["--idle-timeout", "5d"][..], "--idle-timeout"),
             (&["--ping-interval", "90s"][..], "--ping-interval"),
+            (&["--rate", "5", "--burst", "0"][..], "--burst"),
             (&["stray"][..], "stray"),
         ] {
             let err = run(args).unwrap_err();
             assert_eq!(err.flag, flag, "{args:?} gave {err}");
             assert!(!err.to_string().contains('\n'));
         }
+    }
+
+    /// For each flag: the lowest and highest values accepted, and the values just outside,
+    /// which must be refused with the flag and the range on one line.
+    #[test]
+    fn every_size_duration_and_count_flag_is_bounded() {
+        for (flag, lowest, highest, below, above, range) in [
+            (
+                "--max-clients",
+                "1",
+                "4194304",
+                Some("0"),
+                "4194305",
+                "1 and 4194304",
+            ),
+            (
+                "--max-clients-per-ip",
+                "0",
+                "4194304",
+                None,
+                "4194305",
+                "0 and 4194304",
+            ),
+            (
+                "--max-message-bytes",
+                "1",
+                "1GiB",
+                Some("0"),
+                "1073741825",
+                "1B and 1GiB",
+            ),
+            ("--rate", "0", "1000000", None, "1000001", "0 and 1000000"),
+            ("--burst", "1", "1000000", None, "1000001", "0 and 1000000"),
+            (
+                "--outbox-bytes",
+                "0",
+                "4GiB",
+                None,
+                "4097MiB",
+                "0B and 4GiB",
+            ),
+            (
+                "--slow-timeout",
+                "1ms",
+                "1h",
+                Some("0ms"),
+                "3601s",
+                "1ms and 1h",
+            ),
+            (
+                "--handshake-timeout",
+                "1ms",
+                "1h",
+                Some("0"),
+                "61m",
+                "1ms and 1h",
+            ),
+            (
+                "--ping-interval",
+                "1ms",
+                "12h",
+                Some("0s"),
+                "721m",
+                "1ms and 12h",
+            ),
+            (
+                "--idle-timeout",
+                "2ms",
+                "24h",
+                Some("0s"),
+                "86400001ms",
+                "1ms and 24h",
+            ),
+            (
+                "--shutdown-grace",
+                "1ms",
+                "10m",
+                Some("0s"),
+                "601s",
+                "1ms and 10m",
+            ),
+            (
+                "--redis-ttl",
+                "300ms",
+                "1h",
+                Some("299ms"),
+                "3601s",
+                "300ms and 1h",
+            ),
+        ] {
+            // The ping interval must stay below the idle timeout, whichever is being probed.
+            let others: &[&str] = match flag {
+                "--ping-interval" => &["--idle-timeout", "24h"],
+                "--idle-timeout" => &["--ping-interval", "1ms"],
+                _ => &[],
+            };
+            for ok in [lowest, highest] {
+                let args = [&[flag, ok][..], others].concat();
+                assert!(run(&args).is_ok(), "{args:?}: {:?}", run(&args));
+            }
+            for bad in below.into_iter().chain([above]) {
+                let err = run(&[&[flag, bad][..], others].concat()).unwrap_err();
+                assert_eq!(err.flag, flag, "{bad}: {err}");
+                assert!(
+                    err.problem.contains("out of range") && err.problem.contains(range),
+                    "{flag} {bad}: {err}"
+                );
+            }
+        }
+    }
+
+    /// `10000000000000000000` seconds parses as a `Duration` but overflows the first
+    /// `Instant::now() + timeout`, which panicked every connection thread.
+    #[test]
+    fn huge_durations_are_refused_not_overflowed_later() {
+        for value in [
+            "10000000000000000000",
+            "10000000000000000000s",
+            "99999999999999999999",
+            "18446744073709551615ms",
+            "10000000000000000000m",
+            "307445734561825861m",
+            "5124095576030432h",
+        ] {
+            let err = run(&["--handshake-timeout", value]).unwrap_err();
+            assert_eq!(err.flag, "--handshake-timeout");
+            assert!(err.problem.contains("between 1ms and 1h"), "{value}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_config_built_in_code_is_held_to_the_same_ranges() {
+        let check = |config: Config, flag: &str| {
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.flag, flag, "{err}");
+            assert!(err.problem.contains("out of range"), "{err}");
+        };
+        check(
+            Config {
+                handshake_timeout: Duration::MAX,
+                ..Config::default()
+            },
+            "--handshake-timeout",
+        );
+        check(
+            Config {
+                shutdown_grace: Duration::from_secs(3600),
+                ..Config::default()
+            },
+            "--shutdown-grace",
+        );
+        check(
+            Config {
+                outbox_bytes: usize::MAX,
+                ..Config::default()
+            },
+            "--outbox-bytes",
+        );
+        check(
+            Config {
+                max_clients: Some(0),
+                ..Config::default()
+            },
+            "--max-clients",
+        );
+        check(
+            Config {
+                rate: u32::MAX,
+                ..Config::default()
+            },
+            "--rate",
+        );
+        check(
+            Config {
+                redis_ttl: Duration::from_millis(100),
+                ..Config::default()
+            },
+            "--redis-ttl",
+        );
     }
 
     #[test]
@@ -505,45 +1339,326 @@ mod tests {
             assert_eq!(err.flag, "--redis");
             assert!(err.problem.contains("--features redis"), "{err}");
         }
-        assert_eq!(
-            run(&["--redis-ttl", "100ms"]).unwrap_err().flag,
-            "--redis-ttl"
-        );
+    }
+
+    #[test]
+    fn a_malformed_redis_url_is_not_echoed_with_its_password() {
+        let err = Config {
+            redis: Some("redis://:hunter2secret@127.0.0.1:notaport/0".into()),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.flag, "--redis");
+        assert!(!err.to_string().contains("hunter2secret"), "{err}");
     }
 
     #[test]
     fn durations_and_sizes() {
-        assert_eq!(parse_duration("f", "2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("f", "3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("f", "-1s").is_err());
-        assert_eq!(parse_bytes("f", "64KiB").unwrap(), 65536);
-        assert!(parse_bytes("f", "99999999999999999999M").is_err());
+        let any = Duration::ZERO..=Duration::MAX;
+        assert_eq!(
+            parse_duration("f", "2m", &any).unwrap(),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            parse_duration("f", "3", &any).unwrap(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            parse_duration("f", "1h", &any).unwrap(),
+            Duration::from_secs(3600)
+        );
+        assert!(parse_duration("f", "-1s", &any).is_err());
+        assert!(parse_duration("f", "1.5s", &any).is_err());
+        let bytes = 0..=usize::MAX;
+        assert_eq!(parse_bytes("f", "64KiB", &bytes).unwrap(), 65536);
+        assert!(parse_bytes("f", "99999999999999999999M", &bytes)
+            .unwrap_err()
+            .problem
+            .contains("out of range"));
+        assert!(parse_bytes("f", "17179869184G", &bytes).is_err());
+        assert_eq!(show_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(show_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(show_duration(Duration::from_micros(1500)), "1.5ms");
+        assert_eq!(show_bytes(3 << 20), "3MiB");
+        assert_eq!(show_bytes(1025), "1025B");
     }
 
     #[test]
-    fn help_mentions_every_flag() {
-        let text = help();
-        for flag in [
-            "--listen",
-            "--max-clients",
-            "--max-clients-per-ip",
-            "--max-message-bytes",
-            "--rate",
-            "--burst",
-            "--outbox-bytes",
-            "--slow-timeout",
-            "--handshake-timeout",
-            "--ping-interval",
-            "--idle-timeout",
-            "--shutdown-grace",
-            "--allowed-origin",
-            "--api-token",
-            "--log-level",
-            "--log-file",
-            "--redis",
-            "--redis-ttl",
+    fn env_var_names_follow_the_flags() {
+        assert_eq!(env_var("--max-clients"), "ROOMCAST_MAX_CLIENTS");
+        assert_eq!(env_var("--api-token"), API_TOKEN_ENV);
+        assert_eq!(env_var("--api-token-file"), "ROOMCAST_API_TOKEN_FILE");
+        assert_eq!(env_var("--allowed-origin"), "ROOMCAST_ALLOWED_ORIGIN");
+    }
+
+    #[test]
+    fn a_variable_sets_its_flag_and_the_flag_wins() {
+        let vars = [("ROOMCAST_MAX_CLIENTS", "7"), ("ROOMCAST_RATE", "3")];
+        let config = run_with_env(&[], &vars).unwrap();
+        assert_eq!((config.max_clients, config.rate), (Some(7), 3));
+        let config = run_with_env(&["--max-clients", "9"], &vars).unwrap();
+        assert_eq!((config.max_clients, config.rate), (Some(9), 3));
+        // Every flag reads its variable.
+        for (flag, value) in [
+            ("--listen", "127.0.0.1:7000"),
+            ("--max-clients-per-ip", "2"),
+            ("--max-message-bytes", "1KiB"),
+            ("--burst", "4"),
+            ("--outbox-bytes", "8MiB"),
+            ("--slow-timeout", "2s"),
+            ("--handshake-timeout", "2s"),
+            ("--ping-interval", "2s"),
+            ("--idle-timeout", "90s"),
+            ("--shutdown-grace", "2s"),
+            ("--allowed-origin", "https://a.example"),
+            ("--api-token", TOKEN),
+            ("--log-level", "debug"),
+            ("--log-file", "/tmp/roomcast.log"),
+            ("--redis-ttl", "2s"),
         ] {
+            let from_env = run_with_env(&[], &[(&env_var(flag), value)]).unwrap();
+            let from_flag = run(&[flag, value]).unwrap();
+            assert_eq!(format!("{from_env:?}"), format!("{from_flag:?}"), "{flag}");
+            assert_ne!(
+                format!("{from_env:?}"),
+                format!("{:?}", Config::default()),
+                "{flag}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_variable_is_unset() {
+        let config = run_with_env(&[], &[("ROOMCAST_RATE", ""), (API_TOKEN_ENV, "")]).unwrap();
+        assert_eq!(config.rate, DEFAULT_RATE);
+        assert_eq!(config.api_token, None);
+    }
+
+    #[test]
+    fn a_bad_variable_is_named() {
+        for (name, value) in [
+            ("ROOMCAST_RATE", "fast"),
+            ("ROOMCAST_HANDSHAKE_TIMEOUT", "10000000000000000000"),
+            (
+                "ROOMCAST_ALLOWED_ORIGIN",
+                "https://a.example,https://b.example/",
+            ),
+            (API_TOKEN_ENV, "short"),
+            ("ROOMCAST_PING_INTERVAL", "2m"),
+        ] {
+            let err = run_with_env(&[], &[(name, value)]).unwrap_err();
+            assert_eq!(err.flag, name, "{err}");
+        }
+        // The flag wins, so a bad variable under a good flag is never read.
+        assert!(run_with_env(&["--rate", "5"], &[("ROOMCAST_RATE", "fast")]).is_ok());
+    }
+
+    #[test]
+    fn a_variable_that_is_not_utf8_is_named() {
+        use std::os::unix::ffi::OsStringExt;
+        let result = parse_args_from(Vec::<String>::new(), |name| {
+            (name == "ROOMCAST_LOG_FILE").then(|| OsString::from_vec(vec![b'/', 0xff]))
+        });
+        assert_eq!(result.unwrap_err().flag, "ROOMCAST_LOG_FILE");
+    }
+
+    #[test]
+    fn a_flag_list_of_origins_replaces_the_variables() {
+        let vars = [(
+            "ROOMCAST_ALLOWED_ORIGIN",
+            "https://a.example, https://b.example",
+        )];
+        let config = run_with_env(&[], &vars).unwrap();
+        assert_eq!(
+            config.allowed_origins,
+            origins(&["https://a.example", "https://b.example"])
+        );
+        let config = run_with_env(&["--allowed-origin", "https://c.example"], &vars).unwrap();
+        assert_eq!(config.allowed_origins, origins(&["https://c.example"]));
+    }
+
+    #[test]
+    fn the_token_comes_from_the_flag_the_variable_or_a_file() {
+        assert_eq!(
+            run(&["--api-token", TOKEN]).unwrap().api_token.as_deref(),
+            Some(TOKEN)
+        );
+        assert_eq!(
+            run_with_env(&[], &[(API_TOKEN_ENV, TOKEN)])
+                .unwrap()
+                .api_token
+                .as_deref(),
+            Some(TOKEN)
+        );
+        for (name, contents) in [
+            ("lf", format!("{TOKEN}\n")),
+            ("crlf", format!("{TOKEN}\r\n")),
+            ("bare", TOKEN.to_string()),
+        ] {
+            let file = TempFile::new(name, contents.as_bytes());
+            let from_flag = run(&["--api-token-file", file.path()]).unwrap();
+            assert_eq!(from_flag.api_token.as_deref(), Some(TOKEN), "{name}");
+            let from_env = run_with_env(&[], &[("ROOMCAST_API_TOKEN_FILE", file.path())]).unwrap();
+            assert_eq!(from_env.api_token.as_deref(), Some(TOKEN), "{name}");
+        }
+    }
+
+    #[test]
+    fn either_token_flag_beats_both_variables() {
+        let file = TempFile::new("beats", b"from-the-file-0123456789\n");
+        let vars = [(API_TOKEN_ENV, TOKEN)];
+        let config = run_with_env(&["--api-token-file", file.path()], &vars).unwrap();
+        assert_eq!(
+            config.api_token.as_deref(),
+            Some("from-the-file-0123456789")
+        );
+        let vars = [("ROOMCAST_API_TOKEN_FILE", file.path())];
+        let config = run_with_env(&["--api-token", TOKEN], &vars).unwrap();
+        assert_eq!(config.api_token.as_deref(), Some(TOKEN));
+    }
+
+    #[test]
+    fn bad_tokens_exit_naming_their_source_without_showing_them() {
+        let file = TempFile::new("both", format!("{TOKEN}\n").as_bytes());
+        let short = TempFile::new("short", b"tiny\n");
+        let blank_line = TempFile::new("blank-line", format!("{TOKEN}\n\n").as_bytes());
+        let huge = TempFile::new("huge", &[b'a'; 5000]);
+        let missing = "/nonexistent/roomcast/token";
+        for (args, vars, source, problem) in [
+            (
+                vec!["--api-token", TOKEN, "--api-token-file", file.path()],
+                vec![],
+                "--api-token-file",
+                "conflicts with --api-token",
+            ),
+            (
+                vec![],
+                vec![
+                    (API_TOKEN_ENV, TOKEN),
+                    ("ROOMCAST_API_TOKEN_FILE", file.path()),
+                ],
+                "ROOMCAST_API_TOKEN_FILE",
+                "conflicts with ROOMCAST_API_TOKEN",
+            ),
+            (
+                vec!["--api-token", "s3cret"],
+                vec![],
+                "--api-token",
+                "6 bytes",
+            ),
+            (
+                vec![],
+                vec![(API_TOKEN_ENV, "s3cret")],
+                API_TOKEN_ENV,
+                "between 16 and 4096",
+            ),
+            (
+                vec!["--api-token-file", short.path()],
+                vec![],
+                "--api-token-file",
+                "4 bytes",
+            ),
+            (
+                vec!["--api-token", "0123456789 abcdef"],
+                vec![],
+                "--api-token",
+                "printable ASCII",
+            ),
+            (
+                vec!["--api-token-file", blank_line.path()],
+                vec![],
+                "--api-token-file",
+                "printable ASCII",
+            ),
+            (
+                vec!["--api-token-file", huge.path()],
+                vec![],
+                "--api-token-file",
+                "longer than a token",
+            ),
+            (
+                vec!["--api-token-file", missing],
+                vec![],
+                "--api-token-file",
+                "cannot read",
+            ),
+            (
+                vec![],
+                vec![("ROOMCAST_API_TOKEN_FILE", missing)],
+                "ROOMCAST_API_TOKEN_FILE",
+                "cannot read",
+            ),
+            (vec!["--api-token", ""], vec![], "--api-token", "empty"),
+        ] {
+            let err = run_with_env(&args, &vars).unwrap_err();
+            assert_eq!(err.flag, source, "{args:?} {vars:?}: {err}");
+            assert!(err.problem.contains(problem), "{args:?} {vars:?}: {err}");
+            for secret in [TOKEN, "s3cret", "tiny"] {
+                assert!(!err.problem.contains(secret), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_the_token_or_the_redis_password() {
+        let config = Config {
+            api_token: Some(TOKEN.into()),
+            redis: Some("redis://admin:hunter2secret@10.0.0.5:6379/0".into()),
+            ..Config::default()
+        };
+        let debug = format!("{config:?} {:?}", Command::Run(Box::new(config.clone())));
+        assert!(!debug.contains(TOKEN), "{debug}");
+        assert!(!debug.contains("hunter2secret"), "{debug}");
+        assert!(
+            debug.contains("redis://admin:***@10.0.0.5:6379/0"),
+            "{debug}"
+        );
+        assert!(debug.contains("handshake_timeout"), "{debug}");
+    }
+
+    #[test]
+    fn redacted_urls_keep_everything_but_the_secret() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            (
+                "redis://:hunter2secret@127.0.0.1:1/0",
+                "redis://:***@127.0.0.1:1/0",
+            ),
+            (
+                "redis://user:hunter2secret@h:6379/2",
+                "redis://user:***@h:6379/2",
+            ),
+            ("redis://hunter2secret@h", "redis://***@h"),
+            // Unencoded `/` and `@` in the password, and no scheme at all: still hidden.
+            ("redis://:hunter2/secret@h/0", "redis://:***@h/0"),
+            ("redis://:hunter2@secret@h", "redis://:***@h"),
+            ("redis:/:hunter2secret@h", "redis:***@h"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn secrets_on_the_command_line_are_found() {
+        let found = |args: &[&str]| secrets_on_command_line(args);
+        assert_eq!(found(&["--api-token", TOKEN]), ["--api-token"]);
+        assert_eq!(found(&["--api-token=x"]), ["--api-token"]);
+        assert!(found(&["--api-token-file", "/run/token"]).is_empty());
+        assert_eq!(found(&["--redis", "redis://:pw@h/0"]), ["--redis"]);
+        assert!(found(&["--redis=redis://h/0", "--rate", "5"]).is_empty());
+        // A flag's value is not mistaken for a flag.
+        assert!(found(&["--log-file", "--api-token"]).is_empty());
+    }
+
+    #[test]
+    fn help_mentions_every_flag_and_the_variables() {
+        let text = help();
+        for flag in FLAGS {
             assert!(text.contains(flag), "help lacks {flag}");
         }
+        assert!(text.contains("ROOMCAST_MAX_CLIENTS"), "{text}");
+        assert!(text.contains("wins over its variable"), "{text}");
+        assert!(text.contains("1ms to 1h"), "{text}");
     }
 }

@@ -32,6 +32,7 @@ use crate::client::Client;
 use crate::endpoints;
 use crate::http::{self, HeadError, Request, Response};
 use crate::hub::{is_valid_room_name, Hub};
+use crate::origin::{self, Origin};
 use crate::outbox::Flush;
 use crate::ratelimit::TokenBucket;
 use crate::server::Shared;
@@ -180,7 +181,7 @@ pub struct Upgrade {
 ///
 /// Checks run from the most general to the most specific (path, method, upgrade headers,
 /// version, key, origin), so each status names the first thing wrong with the request.
-pub fn route(request: &Request, allowed_origins: &[String]) -> Result<Upgrade, Response> {
+pub fn route(request: &Request, allowed_origins: &[Origin]) -> Result<Upgrade, Response> {
     let room = match request.path.as_str() {
         "/ws" => DEFAULT_ROOM,
         path => match path.strip_prefix("/ws/") {
@@ -217,9 +218,10 @@ pub fn route(request: &Request, allowed_origins: &[String]) -> Result<Upgrade, R
     };
     // Browsers always send Origin; the allow-list exists to stop other sites' pages from
     // connecting with a visitor's cookies. Non-browser clients may omit it (and could forge
-    // it anyway), so a missing Origin is not a reason to refuse.
+    // it anyway), so a missing Origin is not a reason to refuse. Both sides are compared as
+    // normalised origins (case, default port), and an Origin that does not parse matches none.
     if let Some(origin) = request.header("Origin") {
-        if !allowed_origins.is_empty() && !allowed_origins.iter().any(|o| o == origin) {
+        if !allowed_origins.is_empty() && !origin::is_allowed(allowed_origins, origin) {
             return Err(Response::status(403).with_body("origin not allowed\n"));
         }
     }
@@ -519,13 +521,13 @@ mod tests {
         );
     }
 
+    fn ok_origin() -> Origin {
+        Origin::parse("https://ok.example").expect("a valid origin")
+    }
+
     #[test]
     fn statuses_for_bad_requests() {
-        let status = |r: Request| {
-            route(&r, &["https://ok.example".into()])
-                .unwrap_err()
-                .status
-        };
+        let status = |r: Request| route(&r, &[ok_origin()]).unwrap_err().status;
         assert_eq!(status(request("GET", "/", UPGRADE)), 404);
         assert_eq!(status(request("GET", "/wsx", UPGRADE)), 404);
         assert_eq!(status(request("GET", "/ws/", UPGRADE)), 400);
@@ -543,10 +545,6 @@ mod tests {
         assert_eq!(status(request("GET", "/ws/a", &foreign)), 403);
         let mut allowed = UPGRADE.to_vec();
         allowed.push(("Origin", "https://ok.example"));
-        assert!(route(
-            &request("GET", "/ws/a", &allowed),
-            &["https://ok.example".into()]
-        )
-        .is_ok());
+        assert!(route(&request("GET", "/ws/a", &allowed), &[ok_origin()]).is_ok());
     }
 }

@@ -25,6 +25,7 @@
 //! | [`backplane`] | with `--redis`: messages go through Redis so several instances share rooms (threads in `redis_link`) |
 //! | [`shutdown`] | the shutdown handle, which also wakes a blocked `accept()` |
 //! | [`config`], [`stats`], [`error`] | flags and defaults, counters, the error type |
+//! | [`origin`] | `--allowed-origin` and the `Origin` header, compared as normalised origins |
 //!
 //! ```text
 //!  acceptor ── accept() ──► hand to an idle conn thread, or spawn one (64 KiB stack)
@@ -54,6 +55,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod origin;
 pub mod outbox;
 pub mod ratelimit;
 #[cfg(feature = "redis")]

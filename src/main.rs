@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::process::exit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use log::info;
+use log::{info, warn};
 use roomcast::{Command, Config, Error, Shutdown};
 use simplelog::{
     ColorChoice, CombinedLogger, ConfigBuilder, SharedLogger, TermLogger, TerminalMode,
@@ -17,7 +17,14 @@ use simplelog::{
 const EXIT_INTERRUPTED: i32 = 130;
 
 fn main() {
-    let config = match roomcast::parse_args(std::env::args().skip(1)) {
+    let args = match utf8_args() {
+        Ok(args) => args,
+        Err(err) => {
+            eprintln!("roomcast: {err}");
+            exit(2);
+        }
+    };
+    let config = match roomcast::parse_args(args.iter().cloned()) {
         Ok(Command::Run(config)) => *config,
         Ok(Command::Help) => {
             print!("{}", roomcast::config::help());
@@ -32,20 +39,40 @@ fn main() {
             exit(2);
         }
     };
-    let mut config = config;
-    if config.api_token.is_none() {
-        config.api_token = std::env::var(roomcast::config::API_TOKEN_ENV)
-            .ok()
-            .filter(|t| !t.is_empty());
-    }
-    if let Err(err) = run(config) {
+    if let Err(err) = run(config, &roomcast::config::secrets_on_command_line(&args)) {
         eprintln!("roomcast: {err}");
         exit(err.exit_code());
     }
 }
 
-fn run(config: Config) -> Result<(), Error> {
+/// The arguments after the program name. `std::env::args` panics on one that is not UTF-8;
+/// this says which one and exits 2 like any other bad flag. It does not echo the argument,
+/// which may be a secret.
+fn utf8_args() -> Result<Vec<String>, String> {
+    std::env::args_os()
+        .skip(1)
+        .enumerate()
+        .map(|(i, arg)| {
+            arg.into_string()
+                .map_err(|_| format!("argument {} is not valid UTF-8", i + 1))
+        })
+        .collect()
+}
+
+/// `exposed_secrets` are the secret-bearing flags given on the command line, warned about once
+/// logging is up.
+fn run(config: Config, exposed_secrets: &[&str]) -> Result<(), Error> {
     init_logging(&config)?;
+    for &flag in exposed_secrets {
+        let instead = match flag {
+            "--api-token" => " or --api-token-file",
+            _ => "",
+        };
+        warn!(
+            "{flag} is on the command line, where any local user can read it (ps): use {}{instead} instead",
+            roomcast::config::env_var(flag)
+        );
+    }
     let listener = TcpListener::bind(config.listen).map_err(|source| Error::Io {
         what: "binding --listen",
         source,

@@ -56,7 +56,10 @@ pub(crate) fn start(
     let client = Client::open(url).map_err(|err| {
         Error::Config(crate::ConfigError {
             flag: "--redis".into(),
-            problem: format!("{url:?} is not a Redis URL like redis://127.0.0.1:6379/0 ({err})"),
+            problem: format!(
+                "{:?} is not a Redis URL like redis://127.0.0.1:6379/0 ({err})",
+                crate::config::redact_url(url)
+            ),
         })
     })?;
     let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {

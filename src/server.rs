@@ -170,7 +170,10 @@ impl Server {
         let (backplane, outgoing) = match &config.redis {
             Some(url) => {
                 let instance = instance_name(local_addr);
-                info!("redis backplane: {url}, this instance is {instance:?}");
+                info!(
+                    "redis backplane: {}, this instance is {instance:?}",
+                    crate::config::redact_url(url)
+                );
                 if config.max_message_bytes > REDIS_COMFORTABLE_MESSAGE_BYTES {
                     warn!("--max-message-bytes is over 8 MiB: raise Redis's `client-output-buffer-limit pubsub` or Redis may drop the subscriber");
                 }

@@ -49,7 +49,7 @@ fn start_up_logs_capacity_limits_and_whether_publishing_is_on() {
     assert!(off.wait_for_line("capacity: ").contains("bound by"));
     off.wait_for_line("limits: max clients");
     off.wait_for_line("publish API off");
-    let mut on = Process::start(&["--api-token", "t0ken"]);
+    let mut on = Process::start(&["--api-token", "t0ken-of-16-bytes"]);
     on.wait_for_line("publish API on");
 }
 

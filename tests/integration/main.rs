@@ -9,6 +9,7 @@ mod browser;
 mod burst;
 mod capacity;
 mod endpoints;
+mod flags;
 mod hostile;
 mod limits;
 mod relay;
