@@ -19,11 +19,13 @@
 //! | [`endpoints`], [`metrics`] | the plain HTTP side: health, metrics, rooms API, publish, demo page |
 //! | [`hub`] | the `RwLock`'d map of rooms to clients |
 //! | [`broadcaster`] | the one thread that encodes each message once and fans it out without blocking |
+//! | [`budget`] | the byte bound of the broadcaster's event channel |
 //! | [`client`] | one client as all threads share it: socket, outbox, liveness clocks |
 //! | [`outbox`] | the per-client frame queue and its non-blocking `sendmsg`: the only path to a socket |
 //! | [`ratelimit`] | the per-client token bucket |
 //! | [`backplane`] | with `--redis`: messages go through Redis so several instances share rooms (threads in `redis_link`) |
 //! | [`shutdown`] | the shutdown handle, which also wakes a blocked `accept()` |
+//! | [`supervisor`] | watches the broadcaster and Redis threads: a panic fails the server loudly |
 //! | [`config`], [`stats`], [`error`] | flags and defaults, counters, the error type |
 //! | [`origin`] | `--allowed-origin` and the `Origin` header, compared as normalised origins |
 //!
