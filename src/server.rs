@@ -67,14 +67,14 @@ impl Shared {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Sends a message on its way to `room`: through Redis when the backplane is up, else
-    /// straight to the broadcaster. Fails only when the broadcaster has stopped (shutdown).
+    /// Sends a message on its way to `room`: with `--redis` into the publish queue (which
+    /// drops it when full), else straight to the broadcaster. See `backplane::relay`.
     pub fn relay(
         &self,
         room: Arc<str>,
         kind: MessageKind,
         payload: tungstenite::Bytes,
-    ) -> Result<(), ()> {
+    ) -> backplane::Relayed {
         backplane::relay(self.backplane.as_deref(), &self.events, room, kind, payload)
     }
 
