@@ -6,61 +6,173 @@
 //! included) through a pattern subscription:
 //!
 //! ```text
-//!  conn thread ─► publish queue (bounded) ─► redis-publisher: PUBLISH roomcast:room:<room>
-//!                                                   │
-//!                                                 Redis (orders each room's messages)
-//!                                                   │
+//!  conn thread ─► publish queue (bounded, never blocks) ─► redis-publisher: number it,
+//!                                      hold it in the ledger, PUBLISH roomcast:room:<room>
+//!                                                     │
+//!                                                   Redis (orders each room's messages)
+//!                                                     │
 //!  broadcaster ◄── events channel ◄── redis-subscriber: PSUBSCRIBE roomcast:room:*
+//!                                     (this instance's own messages come out of the ledger)
 //! ```
 //!
 //! Redis is thus the one point that orders a room's messages, so members on different
 //! instances see the same order. The price is one round trip to Redis per message, even for
 //! members on the sender's own instance.
 //!
-//! When Redis is unreachable the link is *degraded*: messages go to the local broadcaster, so
-//! each instance keeps serving its own members, and `/healthz` says so. The threads that talk
-//! to Redis live in `redis_link`; this module holds only what connection threads and endpoints
-//! touch, and compiles without the `redis` feature (a server without `--redis` never builds
-//! one).
+//! # One sender's order, whatever the link does
+//!
+//! Every event this instance sends towards its broadcaster passes through the publish queue,
+//! while the link is up *and* while it is degraded, so nothing can overtake what is queued
+//! ahead of it. The publisher numbers each event and holds it in the *ledger* until it is
+//! handed to the broadcaster, which happens exactly once, in number order, by one of two
+//! paths:
+//! - the subscriber, when Redis brings one of our messages back (messages carry their origin
+//!   instance and number, see `encode_sequenced`): that message, and before it any held one
+//!   Redis did not bring back;
+//! - local delivery of everything held, when the link is degraded: by the publisher (its
+//!   pipeline failed, or the subscriber is down) or by the subscriber as its connection ends.
+//!
+//! Server-initiated closes join the same queue. Redis cannot carry a client, so the publisher
+//! publishes a *marker* (its number) on this instance's control channel,
+//! `roomcast:control:<instance>`, which only this instance subscribes to; Redis delivers one
+//! connection's publishes to a subscriber in order across channels, so the marker arrives
+//! behind the client's messages and the subscriber takes the close out of the ledger.
+//!
+//! The cost of this is a lock (the ledger's) taken by the publisher and the subscriber, never by
+//! connection threads, and held while a delivery is handed to the broadcaster's bounded
+//! channel: that is what keeps the two paths from interleaving.
+//!
+//! Other instances' messages carry their numbers too: each instance drops a message at or
+//! below the last number it relayed from that origin (`Origins`), so the copy a publisher's
+//! retry sends again is relayed once, and a late one cannot overtake.
+//!
+//! The threads that talk to Redis live in `redis_link`; this module holds only what connection
+//! threads and endpoints touch, plus the ledger and the wire format, and compiles without the
+//! `redis` feature (a server without `--redis` never builds one).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use log::{info, warn};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 use tungstenite::Bytes;
 
-use crate::broadcaster::{Events, MessageKind, Stopped};
+use crate::broadcaster::{Event, Events, MessageKind};
 
 /// Prefix of the channel each room publishes to: `roomcast:room:<room>`.
 pub const ROOM_CHANNEL_PREFIX: &str = "roomcast:room:";
+/// Prefix of each instance's control channel, `roomcast:control:<instance>`: the markers that
+/// hold a close's place among the instance's messages.
+pub const CONTROL_CHANNEL_PREFIX: &str = "roomcast:control:";
 /// Prefix of each instance's presence hash, `roomcast:instance:<id>`: room → local clients.
 pub const INSTANCE_KEY_PREFIX: &str = "roomcast:instance:";
 /// Messages the publish queue holds. A few tens of milliseconds of peak traffic: enough to
 /// ride out a slow Redis reply, small enough that a dead link is noticed before memory grows.
 pub const PUBLISH_QUEUE_MESSAGES: usize = 4096;
-/// Bytes the publish queue holds at most (it is never below two maximum-size messages).
+/// Payload bytes of this instance's messages between the connection threads and the
+/// broadcaster (in the publish queue or the ledger) at most; never below two maximum-size
+/// messages.
 pub const PUBLISH_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// Events the ledger holds at most. Normally it holds one round trip's worth; when the
+/// subscriber falls this far behind, the publisher stops taking from the queue until it catches
+/// up (and the queue, filling, drops).
+pub const MAX_HELD_EVENTS: usize = PUBLISH_QUEUE_MESSAGES;
+/// Other instances whose last message number each instance remembers (`Origins`). Far more
+/// than a cluster has; the excess (instances restarted many times) forgets the quietest.
+pub const MAX_ORIGINS: usize = 1024;
 
-/// A message on its way to Redis.
+/// What the publish queue carries: an event for the broadcaster, on its way through Redis.
 #[derive(Debug)]
-pub struct Outgoing {
-    pub room: std::sync::Arc<str>,
-    pub kind: MessageKind,
-    pub payload: Bytes,
+pub enum Outgoing {
+    /// A room message: published to Redis, so every instance relays it.
+    Message {
+        room: Arc<str>,
+        kind: MessageKind,
+        payload: Bytes,
+    },
+    /// Any other event (a server-initiated close): it never leaves this instance, but a marker
+    /// on the control channel keeps its place behind the messages queued before it.
+    Local(Event),
 }
 
-/// Why a message meant for Redis was dropped.
+impl Outgoing {
+    /// The bytes it counts against the publish queue's bound.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Outgoing::Message { payload, .. } => payload.len(),
+            Outgoing::Local(_) => 0,
+        }
+    }
+}
+
+impl From<Event> for Outgoing {
+    fn from(event: Event) -> Outgoing {
+        match event {
+            // The message's claim on the event channel's byte budget is given back here: the
+            // publish queue counts its bytes instead, and the broadcaster's channel will take
+            // them again when the ledger delivers it.
+            Event::Message {
+                room,
+                kind,
+                payload,
+                permit: _,
+            } => Outgoing::Message {
+                room,
+                kind,
+                payload,
+            },
+            other => Outgoing::Local(other),
+        }
+    }
+}
+
+impl Outgoing {
+    /// Hands it to the broadcaster (a message takes its bytes from the channel's budget).
+    /// Blocks while the broadcaster is behind; fails only once it has stopped.
+    fn deliver(self, events: &Events) -> Result<(), crate::broadcaster::Stopped> {
+        match self {
+            Outgoing::Message {
+                room,
+                kind,
+                payload,
+            } => events.send_message(room, kind, payload),
+            Outgoing::Local(event) => events.send(event),
+        }
+    }
+}
+
+/// What became of a message handed to `relay`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relayed {
+    /// On its way to the room.
+    Queued,
+    /// Dropped (and counted): the publish queue was full, Redis is slower than the clients.
+    Dropped,
+    /// The broadcaster or the publisher has stopped: the server is shutting down.
+    Stopped,
+}
+
+/// Why a message meant for Redis, or from it, was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dropped {
     /// The publish queue was full: Redis is slower than the clients.
     QueueFull,
-    /// A message from Redis that is not ours to relay: bad room name, unknown kind byte, or
-    /// text that is not UTF-8.
+    /// A message from Redis that is not ours to relay: bad room name, unknown kind byte, text
+    /// that is not UTF-8, or a marker or number this instance never published.
     Malformed,
+    /// A message from Redis at or below the last number relayed from its origin: a second copy
+    /// (a publisher's retry), or a late one that would overtake.
+    Duplicate,
 }
+
+/// A position in this instance's sequence that the ledger never handed out: a forged marker,
+/// or a message claiming to be ours.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NeverNumbered;
 
 /// The two connections a working relay needs; the link is up only when both are.
 #[derive(Clone, Copy, Debug)]
@@ -69,15 +181,41 @@ pub enum Side {
     Subscriber,
 }
 
+/// This instance's events between the publish queue and the broadcaster (see the module doc).
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Events numbered `delivered + 1`, `delivered + 2`, ..., oldest first.
+    held: VecDeque<Outgoing>,
+    /// The number of the last event handed to the broadcaster.
+    delivered: u64,
+}
+
+impl Ledger {
+    /// The number of the last event the publisher took off the queue.
+    fn last_numbered(&self) -> u64 {
+        self.delivered + self.held.len() as u64
+    }
+}
+
 /// What the server knows about its Redis link. Shared by connection threads (which publish),
 /// endpoints (health, counts, metrics) and the three `redis_link` threads (which update it).
 #[derive(Debug)]
 pub struct Backplane {
-    /// This instance's name in Redis (its presence hash).
+    /// This instance's name in Redis (its presence hash and control channel).
     pub instance: String,
+    /// This instance's origin in sequenced messages: random, so no two instances share one.
+    pub origin: u64,
+    control_channel: String,
     queue: Sender<Outgoing>,
+    /// Payload bytes in the publish queue and the ledger: added by connection threads as they
+    /// queue, released as the ledger delivers.
     queued_bytes: AtomicUsize,
     max_queued_bytes: usize,
+    /// Written by the publisher (which holds) and by the subscriber and publisher (which
+    /// deliver); lives as long as the backplane.
+    ledger: Mutex<Ledger>,
+    /// Signalled after every delivery: the publisher waits on it while the ledger is full.
+    ledger_drained: Condvar,
     /// Publisher and subscriber connected, in that order; changed together under the lock so
     /// transitions (and outages) are counted once.
     sides: Mutex<(bool, bool)>,
@@ -93,6 +231,7 @@ pub struct Backplane {
     pub received: AtomicU64,
     pub dropped_queue_full: AtomicU64,
     pub dropped_malformed: AtomicU64,
+    pub dropped_duplicate: AtomicU64,
     /// Heartbeat period and the TTL of the presence hash (three heartbeats).
     pub heartbeat: Duration,
     pub presence_ttl: Duration,
@@ -107,10 +246,15 @@ impl Backplane {
     ) -> (Backplane, Receiver<Outgoing>) {
         let (queue, outgoing) = crossbeam_channel::bounded(PUBLISH_QUEUE_MESSAGES);
         let backplane = Backplane {
+            // RandomState is keyed from the OS's randomness, afresh for each one.
+            origin: RandomState::new().hash_one(&instance),
+            control_channel: control_channel(&instance),
             instance,
             queue,
             queued_bytes: AtomicUsize::new(0),
             max_queued_bytes: PUBLISH_QUEUE_BYTES.max(max_message_bytes.saturating_mul(2)),
+            ledger: Mutex::new(Ledger::default()),
+            ledger_drained: Condvar::new(),
             sides: Mutex::new((false, false)),
             up: AtomicBool::new(false),
             overflow_logged: AtomicBool::new(false),
@@ -121,15 +265,31 @@ impl Backplane {
             received: AtomicU64::new(0),
             dropped_queue_full: AtomicU64::new(0),
             dropped_malformed: AtomicU64::new(0),
+            dropped_duplicate: AtomicU64::new(0),
             heartbeat: presence_ttl / 3,
             presence_ttl,
         };
         (backplane, outgoing)
     }
 
-    /// Whether messages go through Redis (true) or straight to the local broadcaster.
+    /// The channel only this instance subscribes to, for its markers.
+    pub fn control_channel(&self) -> &str {
+        &self.control_channel
+    }
+
+    /// Whether messages go through Redis (true) or only to this instance's members (degraded).
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::SeqCst)
+    }
+
+    /// Whether one side has its connection (the publisher connects only once the subscriber
+    /// has, see `redis_link`).
+    pub fn is_connected(&self, side: Side) -> bool {
+        let sides = self.sides.lock();
+        match side {
+            Side::Publisher => sides.0,
+            Side::Subscriber => sides.1,
+        }
     }
 
     /// Records that one side connected or lost its connection; logs and counts the change of
@@ -151,24 +311,114 @@ impl Backplane {
         }
     }
 
-    /// Queues a message for Redis without blocking. A full queue drops it, counted and logged
-    /// once per episode: connection threads must never wait on Redis.
-    pub fn publish(&self, message: Outgoing) {
-        let len = message.payload.len();
+    /// Queues a message for the publisher without blocking. A full queue drops it, counted and
+    /// logged once per episode: connection threads must never wait on Redis.
+    pub fn publish(&self, message: Outgoing) -> Relayed {
+        let len = message.payload_len();
         let fits =
             self.queued_bytes.fetch_add(len, Ordering::SeqCst) + len <= self.max_queued_bytes;
-        // Full, or disconnected at shutdown: either way the message is not queued.
-        let sent = fits && self.queue.try_send(message).is_ok();
-        if !sent {
-            self.queued_bytes.fetch_sub(len, Ordering::SeqCst);
-            self.count_drop(Dropped::QueueFull);
+        let refused = if fits {
+            match self.queue.try_send(message) {
+                Ok(()) => return Relayed::Queued,
+                Err(err) => err.is_disconnected(),
+            }
+        } else {
+            false
+        };
+        self.queued_bytes.fetch_sub(len, Ordering::SeqCst);
+        if refused {
+            // The publisher has ended: shutdown (or it panicked, which the server reports).
+            return Relayed::Stopped;
+        }
+        self.count_drop(Dropped::QueueFull);
+        Relayed::Dropped
+    }
+
+    /// Queues a server-initiated close behind everything queued before it, without blocking.
+    /// Gives it back when the queue has no room or the publisher has ended.
+    pub fn queue_close(&self, close: Event) -> Result<(), Event> {
+        self.queue
+            .try_send(Outgoing::Local(close))
+            .map_err(|err| match err.into_inner() {
+                Outgoing::Local(event) => event,
+                Outgoing::Message { .. } => unreachable!("only a close was offered"),
+            })
+    }
+
+    /// The number of the last event the publisher took off the queue (0 before the first).
+    pub fn last_numbered(&self) -> u64 {
+        self.ledger.lock().last_numbered()
+    }
+
+    /// Events held: taken off the queue and not yet handed to the broadcaster.
+    pub fn held(&self) -> usize {
+        self.ledger.lock().held.len()
+    }
+
+    /// The publisher: numbers a batch it took off the queue (from `last_numbered() + 1` on, in
+    /// order) and holds it until it is delivered.
+    pub fn hold(&self, batch: Vec<Outgoing>) {
+        self.ledger.lock().held.extend(batch);
+    }
+
+    /// Waits, at most `timeout`, until the ledger holds fewer than `MAX_HELD_EVENTS`.
+    pub fn wait_for_ledger_room(&self, timeout: Duration) {
+        let mut ledger = self.ledger.lock();
+        let deadline = Instant::now() + timeout;
+        while ledger.held.len() >= MAX_HELD_EVENTS {
+            if self
+                .ledger_drained
+                .wait_until(&mut ledger, deadline)
+                .timed_out()
+            {
+                return;
+            }
         }
     }
 
-    /// Called by the publisher for each message it takes off the queue.
-    pub fn dequeued(&self, message: &Outgoing) {
-        self.queued_bytes
-            .fetch_sub(message.payload.len(), Ordering::SeqCst);
+    /// Hands the broadcaster every held event numbered up to `seq`, oldest first: Redis has
+    /// passed `seq` (it brought back that message, or that marker), so held events before it
+    /// that it did not bring back never will be. Returns how many it delivered: 0 when `seq`
+    /// was delivered already (a second copy, or a marker for an event delivered locally).
+    pub fn deliver_through(&self, seq: u64, events: &Events) -> Result<usize, NeverNumbered> {
+        let mut ledger = self.ledger.lock();
+        if seq > ledger.last_numbered() {
+            return Err(NeverNumbered);
+        }
+        // At most `held.len()`, since `seq` is at most the last number.
+        let due = usize::try_from(seq.saturating_sub(ledger.delivered)).unwrap_or(usize::MAX);
+        Ok(self.deliver(&mut ledger, due, events))
+    }
+
+    /// Hands the broadcaster everything held: the link is degraded, so Redis will not bring it
+    /// back. Returns how many it delivered.
+    pub fn deliver_all(&self, events: &Events) -> usize {
+        let mut ledger = self.ledger.lock();
+        let due = ledger.held.len();
+        self.deliver(&mut ledger, due, events)
+    }
+
+    /// Delivers the `due` oldest held events. The sends happen under the ledger's lock: were
+    /// it released first, the other path could deliver a later event in between. A send
+    /// blocks only while the broadcaster is behind, as any sender to it does; connection
+    /// threads never take this lock.
+    fn deliver(&self, ledger: &mut Ledger, due: usize, events: &Events) -> usize {
+        let mut delivered = 0;
+        while delivered < due {
+            let Some(event) = ledger.held.pop_front() else {
+                break;
+            };
+            ledger.delivered += 1;
+            delivered += 1;
+            self.queued_bytes
+                .fetch_sub(event.payload_len(), Ordering::SeqCst);
+            // Fails only once the broadcaster has stopped (shutdown): nothing is left to relay to.
+            let _ = event.deliver(events);
+        }
+        if delivered > 0 {
+            self.ledger_drained.notify_all();
+        }
+        delivered
     }
 
     /// Called by the publisher after Redis accepted a batch.
@@ -189,6 +439,9 @@ impl Backplane {
             }
             Dropped::Malformed => {
                 self.dropped_malformed.fetch_add(1, Ordering::Relaxed);
+            }
+            Dropped::Duplicate => {
+                self.dropped_duplicate.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -225,56 +478,188 @@ impl Backplane {
     }
 }
 
-/// Where connection threads and the publish API send a message: Redis when the backplane is
-/// up, else the local broadcaster. The error means the broadcaster has stopped (shutdown).
+/// Where connection threads and the publish API send a message. With a backplane: the publish
+/// queue, whether the link is up or degraded, so it stays behind the sender's earlier
+/// messages (the publisher decides where it goes). Without: the broadcaster's channel, which
+/// is bounded, so when the broadcaster is behind this blocks, which stops the connection
+/// thread reading, which lets TCP flow control push back on the sender.
 pub(crate) fn relay(
     backplane: Option<&Backplane>,
     events: &Events,
-    room: std::sync::Arc<str>,
+    room: Arc<str>,
     kind: MessageKind,
     payload: Bytes,
-) -> Result<(), Stopped> {
+) -> Relayed {
     match backplane {
-        Some(backplane) if backplane.is_up() => {
-            backplane.publish(Outgoing {
-                room,
-                kind,
-                payload,
-            });
-            Ok(())
-        }
-        // Degraded or no backplane. A bounded channel: when the broadcaster is behind, this
-        // blocks, which stops the connection thread reading, which lets TCP flow control push
-        // back on the sender.
-        _ => events.send_message(room, kind, payload),
+        Some(backplane) => backplane.publish(Outgoing::Message {
+            room,
+            kind,
+            payload,
+        }),
+        None => match events.send_message(room, kind, payload) {
+            Ok(()) => Relayed::Queued,
+            Err(_) => Relayed::Stopped,
+        },
     }
 }
 
-/// The payload as published: one kind byte (`T` text, `B` binary), then the message verbatim.
+/// Where a server-initiated close (an `Event::Close`) goes so that it lands behind every
+/// message its client sent before it: the same way those went. With a backplane that is the
+/// publish queue; when the queue has no room (or the publisher has ended) the close takes the
+/// broadcaster's channel instead and may overtake the client's last queued messages. Waits
+/// for room in the channel until `deadline`; returns whether the close is on its way.
+pub(crate) fn relay_close(
+    backplane: Option<&Backplane>,
+    events: &Events,
+    close: Event,
+    deadline: Instant,
+) -> bool {
+    let close = match backplane {
+        Some(backplane) => match backplane.queue_close(close) {
+            Ok(()) => return true,
+            Err(close) => close,
+        },
+        None => close,
+    };
+    events.send_deadline(close, deadline).is_ok()
+}
+
+/// The last message number relayed from each other instance, so that each of its messages is
+/// relayed at most once and never behind a later one. Owned by the subscriber thread.
+#[derive(Debug, Default)]
+pub struct Origins {
+    /// Origin → (last number relayed, `clock` when it was).
+    last: HashMap<u64, (u64, u64)>,
+    /// Counts messages seen, to find the quietest origin when the map is full.
+    clock: u64,
+}
+
+impl Origins {
+    /// Whether message `seq` from `origin` is to be relayed (and now the last one from it):
+    /// false when it is at or below the last one relayed, a second copy or a late one.
+    pub fn is_new(&mut self, origin: u64, seq: u64) -> bool {
+        self.clock += 1;
+        if let Some((last, seen)) = self.last.get_mut(&origin) {
+            if seq <= *last {
+                return false;
+            }
+            *last = seq;
+            *seen = self.clock;
+            return true;
+        }
+        if self.last.len() >= MAX_ORIGINS {
+            let quietest = self
+                .last
+                .iter()
+                .min_by_key(|(_, (_, seen))| *seen)
+                .map(|(origin, _)| *origin);
+            if let Some(quietest) = quietest {
+                self.last.remove(&quietest);
+            }
+        }
+        self.last.insert(origin, (seq, self.clock));
+        true
+    }
+}
+
+/// The plain payload format: one kind byte (`T` text, `B` binary), then the message verbatim.
 /// Redis strings are binary-safe, so nothing else is needed, and a backend can publish to a
 /// room with `PUBLISH roomcast:room:<room> "T<text>"`.
 pub fn encode(kind: MessageKind, payload: &[u8]) -> Vec<u8> {
     let mut wire = Vec::with_capacity(payload.len() + 1);
-    wire.push(match kind {
-        MessageKind::Text => b'T',
-        MessageKind::Binary => b'B',
-    });
+    wire.push(kind_byte(kind));
     wire.extend_from_slice(payload);
     wire
 }
 
-/// The inverse of `encode`; `None` for anything else (unknown kind, text not UTF-8).
-pub fn decode(mut wire: Vec<u8>) -> Option<(MessageKind, Bytes)> {
-    let kind = match wire.first()? {
+/// Bytes before the plain form in a sequenced message: `S`, origin, number.
+const SEQUENCED_HEADER: usize = 1 + 8 + 8;
+
+/// The format instances publish: `S`, the origin (8 bytes, big-endian), the message's number
+/// in that origin's sequence (8 bytes, big-endian), then the plain form. The numbers let the
+/// origin recognise its own messages and every instance drop a second copy.
+pub fn encode_sequenced(origin: u64, seq: u64, kind: MessageKind, payload: &[u8]) -> Vec<u8> {
+    let mut wire = Vec::with_capacity(SEQUENCED_HEADER + 1 + payload.len());
+    wire.push(b'S');
+    wire.extend_from_slice(&origin.to_be_bytes());
+    wire.extend_from_slice(&seq.to_be_bytes());
+    wire.push(kind_byte(kind));
+    wire.extend_from_slice(payload);
+    wire
+}
+
+fn kind_byte(kind: MessageKind) -> u8 {
+    match kind {
+        MessageKind::Text => b'T',
+        MessageKind::Binary => b'B',
+    }
+}
+
+/// Where a sequenced message comes from: its origin instance and its number there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    pub origin: u64,
+    pub seq: u64,
+}
+
+/// A room message as it came from Redis.
+#[derive(Debug)]
+pub struct Decoded {
+    /// `None` for the plain form (a backend's).
+    pub sequence: Option<Sequence>,
+    pub kind: MessageKind,
+    pub payload: Bytes,
+}
+
+/// The inverse of `encode` and `encode_sequenced`; `None` for anything else (unknown kind,
+/// short header, text not UTF-8).
+pub fn decode(wire: Vec<u8>) -> Option<Decoded> {
+    let (sequence, plain) = match wire.first()? {
+        b'S' => {
+            let number = |at: usize| {
+                wire.get(at..at + 8)?
+                    .try_into()
+                    .ok()
+                    .map(u64::from_be_bytes)
+            };
+            let sequence = Sequence {
+                origin: number(1)?,
+                seq: number(9)?,
+            };
+            (Some(sequence), SEQUENCED_HEADER)
+        }
+        _ => (None, 0),
+    };
+    let kind = match wire.get(plain)? {
         b'T' => MessageKind::Text,
         b'B' => MessageKind::Binary,
         _ => return None,
     };
-    wire.remove(0);
-    if kind == MessageKind::Text && std::str::from_utf8(&wire).is_err() {
+    // A slice of the received buffer: no copy, even of a large message.
+    let payload = Bytes::from(wire).slice(plain + 1..);
+    if kind == MessageKind::Text && std::str::from_utf8(&payload).is_err() {
         return None;
     }
-    Some((kind, Bytes::from(wire)))
+    Some(Decoded {
+        sequence,
+        kind,
+        payload,
+    })
+}
+
+/// A marker as published on the control channel: `marker <number>`, in ASCII so that
+/// `redis-cli MONITOR` reads it.
+pub fn encode_marker(seq: u64) -> Vec<u8> {
+    format!("marker {seq}").into_bytes()
+}
+
+/// The inverse of `encode_marker`; `None` for anything else.
+pub fn decode_marker(wire: &[u8]) -> Option<u64> {
+    let digits = wire.strip_prefix(b"marker ")?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// The channel a room publishes to, and back.
@@ -288,9 +673,43 @@ pub fn room_of_channel(channel: &str) -> Option<&str> {
         .filter(|room| crate::hub::is_valid_room_name(room))
 }
 
+/// The channel only `instance` subscribes to.
+pub fn control_channel(instance: &str) -> String {
+    format!("{CONTROL_CHANNEL_PREFIX}{instance}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn new_backplane() -> (Backplane, Receiver<Outgoing>) {
+        Backplane::new("i".into(), 1024, Duration::from_secs(3))
+    }
+
+    fn message(text: &str) -> Outgoing {
+        Outgoing::Message {
+            room: "r".into(),
+            kind: MessageKind::Text,
+            payload: Bytes::from(text.to_string()),
+        }
+    }
+
+    /// What the broadcaster received, as texts (closes as "close").
+    fn received(events: &Receiver<Event>) -> Vec<String> {
+        events
+            .try_iter()
+            .map(|event| match event {
+                Event::Message { payload, .. } => String::from_utf8_lossy(&payload).into_owned(),
+                Event::Close { .. } => "close".into(),
+                Event::Backlogged(_) => "backlogged".into(),
+            })
+            .collect()
+    }
+
+    /// What the publisher does: take everything queued and hold it.
+    fn hold_queued(backplane: &Backplane, outgoing: &Receiver<Outgoing>) {
+        backplane.hold(outgoing.try_iter().collect());
+    }
 
     #[test]
     fn wire_format_round_trips() {
@@ -299,27 +718,70 @@ mod tests {
             (MessageKind::Text, b""),
             (MessageKind::Binary, b"\x00\xff\xfeT"),
         ] {
-            let (back, bytes) = decode(encode(kind, payload)).unwrap();
-            assert_eq!((back, &bytes[..]), (kind, payload));
+            let plain = decode(encode(kind, payload)).unwrap();
+            assert_eq!(
+                (plain.sequence, plain.kind, &plain.payload[..]),
+                (None, kind, payload)
+            );
+            let sequenced = decode(encode_sequenced(7, 42, kind, payload)).unwrap();
+            let sequence = Some(Sequence { origin: 7, seq: 42 });
+            assert_eq!(
+                (sequenced.sequence, sequenced.kind, &sequenced.payload[..]),
+                (sequence, kind, payload)
+            );
         }
         assert!(decode(b"".to_vec()).is_none());
         assert!(decode(b"Xhello".to_vec()).is_none());
         assert!(decode(b"T\xff".to_vec()).is_none());
+        assert!(decode(b"S\x00\x01".to_vec()).is_none(), "short header");
+        let mut no_kind = encode_sequenced(1, 1, MessageKind::Text, b"");
+        no_kind.truncate(SEQUENCED_HEADER);
+        assert!(decode(no_kind).is_none());
+        let mut bad_text = encode_sequenced(1, 1, MessageKind::Text, b"");
+        bad_text.push(0xff);
+        assert!(decode(bad_text).is_none());
     }
 
     #[test]
-    fn channels_name_rooms() {
+    fn markers_round_trip_and_nothing_else_is_one() {
+        assert_eq!(decode_marker(&encode_marker(0)), Some(0));
+        assert_eq!(decode_marker(&encode_marker(u64::MAX)), Some(u64::MAX));
+        for bad in [
+            &b"marker "[..],
+            b"marker +1",
+            b"marker 1x",
+            b"marker 18446744073709551616",
+            b"Marker 1",
+            b"hello",
+        ] {
+            assert_eq!(
+                decode_marker(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn channels_name_rooms_and_instances() {
         assert_eq!(room_channel("stage"), "roomcast:room:stage");
         assert_eq!(room_of_channel("roomcast:room:stage"), Some("stage"));
         assert_eq!(room_of_channel("roomcast:room:a b"), None);
         assert_eq!(room_of_channel("other:stage"), None);
+        // The control channel is outside the rooms' pattern.
+        let control = control_channel("127.0.0.1:9001-1-ff");
+        assert_eq!(control, "roomcast:control:127.0.0.1:9001-1-ff");
+        assert_eq!(room_of_channel(&control), None);
     }
 
     #[test]
     fn link_is_up_only_with_both_sides_and_counts_outages() {
-        let (backplane, _outgoing) = Backplane::new("i".into(), 1024, Duration::from_secs(3));
+        let (backplane, _outgoing) = new_backplane();
         backplane.set_side(Side::Publisher, true);
         assert!(!backplane.is_up());
+        assert!(backplane.is_connected(Side::Publisher));
+        assert!(!backplane.is_connected(Side::Subscriber));
         backplane.set_side(Side::Subscriber, true);
         assert!(backplane.is_up());
         backplane.set_side(Side::Subscriber, false);
@@ -329,28 +791,194 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_drops_and_counts() {
-        let (backplane, outgoing) = Backplane::new("i".into(), 1024, Duration::from_secs(3));
-        let message = || Outgoing {
+    fn a_full_queue_drops_and_counts_and_says_so() {
+        let (backplane, outgoing) = new_backplane();
+        let large = || Outgoing::Message {
             room: "r".into(),
             kind: MessageKind::Binary,
             payload: Bytes::from(vec![0; 1024 * 1024]),
         };
-        for _ in 0..20 {
-            backplane.publish(message());
-        }
+        let results: Vec<Relayed> = (0..20).map(|_| backplane.publish(large())).collect();
         assert_eq!(outgoing.len(), 16, "bounded by bytes");
+        assert!(results[..16].iter().all(|r| *r == Relayed::Queued));
+        assert!(results[16..].iter().all(|r| *r == Relayed::Dropped));
         assert_eq!(backplane.dropped_queue_full.load(Ordering::Relaxed), 4);
-        for message in outgoing.try_iter() {
-            backplane.dequeued(&message);
+        // Bytes stay counted while held, and are released as the ledger delivers.
+        hold_queued(&backplane, &outgoing);
+        assert_eq!(backplane.publish(large()), Relayed::Dropped);
+        let (events, _delivered) = Events::channel(1 << 16, usize::MAX);
+        assert_eq!(backplane.deliver_all(&events), 16);
+        assert_eq!(backplane.publish(large()), Relayed::Queued);
+
+        // By count, too.
+        let (backplane, _outgoing) = new_backplane();
+        for _ in 0..PUBLISH_QUEUE_MESSAGES {
+            assert_eq!(backplane.publish(message("m")), Relayed::Queued);
         }
-        backplane.publish(message());
-        assert_eq!(outgoing.len(), 1);
+        assert_eq!(backplane.publish(message("m")), Relayed::Dropped);
+    }
+
+    #[test]
+    fn a_stopped_publisher_is_not_a_full_queue() {
+        let (backplane, outgoing) = new_backplane();
+        drop(outgoing);
+        assert_eq!(backplane.publish(message("m")), Relayed::Stopped);
+        assert_eq!(backplane.dropped_queue_full.load(Ordering::Relaxed), 0);
+        let (events, delivered) = Events::channel(1 << 16, usize::MAX);
+        let close = close_event();
+        assert!(relay_close(
+            Some(&backplane),
+            &events,
+            close,
+            Instant::now()
+        ));
+        assert_eq!(received(&delivered), ["close"], "took the local path");
+    }
+
+    fn close_event() -> Event {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let peer = socket.local_addr().unwrap();
+        let client = crate::client::Client::new(
+            1,
+            "r".into(),
+            peer,
+            Arc::new(socket),
+            1 << 20,
+            Arc::new(crate::stats::Stats::default()),
+        );
+        let (done, _queued) = crossbeam_channel::bounded(1);
+        Event::Close {
+            client: Arc::new(client),
+            code: tungstenite::protocol::frame::coding::CloseCode::Policy,
+            reason: "test",
+            done,
+        }
+    }
+
+    #[test]
+    fn a_close_queues_behind_the_messages_before_it() {
+        let (backplane, outgoing) = new_backplane();
+        let (events, delivered) = Events::channel(1 << 16, usize::MAX);
+        let relay_text = |text: &str| {
+            relay(
+                Some(&backplane),
+                &events,
+                "r".into(),
+                MessageKind::Text,
+                Bytes::from(text.to_string()),
+            )
+        };
+        assert_eq!(relay_text("a"), Relayed::Queued);
+        assert_eq!(relay_text("b"), Relayed::Queued);
+        assert!(relay_close(
+            Some(&backplane),
+            &events,
+            close_event(),
+            Instant::now()
+        ));
+        assert!(delivered.is_empty(), "nothing overtakes the queue");
+        hold_queued(&backplane, &outgoing);
+        // The subscriber got the close's marker (number 3) back from Redis.
+        assert_eq!(backplane.deliver_through(3, &events), Ok(3));
+        assert_eq!(received(&delivered), ["a", "b", "close"]);
+    }
+
+    #[test]
+    fn the_ledger_delivers_each_event_once_in_number_order() {
+        let (backplane, outgoing) = new_backplane();
+        let (events, delivered) = Events::channel(1 << 16, usize::MAX);
+        for text in ["1", "2", "3", "4"] {
+            backplane.publish(message(text));
+        }
+        hold_queued(&backplane, &outgoing);
+        assert_eq!(backplane.last_numbered(), 4);
+        // Redis brought back 2, but never 1 (lost with a subscriber connection): 1 goes first.
+        assert_eq!(backplane.deliver_through(2, &events), Ok(2));
+        assert_eq!(received(&delivered), ["1", "2"]);
+        // A second copy of 2, or a late 1: nothing.
+        assert_eq!(backplane.deliver_through(2, &events), Ok(0));
+        assert_eq!(backplane.deliver_through(1, &events), Ok(0));
+        // A number never handed out (a forgery) changes nothing.
+        assert_eq!(backplane.deliver_through(5, &events), Err(NeverNumbered));
+        assert_eq!(backplane.held(), 2);
+        // Degraded: the rest goes locally, in order; Redis's copies later are duplicates.
+        assert_eq!(backplane.deliver_all(&events), 2);
+        assert_eq!(received(&delivered), ["3", "4"]);
+        assert_eq!(backplane.deliver_through(4, &events), Ok(0));
+        // Numbering goes on from there.
+        backplane.publish(message("5"));
+        hold_queued(&backplane, &outgoing);
+        assert_eq!(backplane.deliver_through(5, &events), Ok(1));
+        assert_eq!(received(&delivered), ["5"]);
+    }
+
+    #[test]
+    fn a_full_ledger_makes_the_publisher_wait_until_it_drains() {
+        let (backplane, _outgoing) = new_backplane();
+        backplane.hold((0..MAX_HELD_EVENTS).map(|_| message("m")).collect());
+        let started = Instant::now();
+        backplane.wait_for_ledger_room(Duration::from_millis(50));
+        assert!(
+            started.elapsed() >= Duration::from_millis(50),
+            "did not wait"
+        );
+        let (events, _delivered) = Events::channel(1 << 16, usize::MAX);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                backplane.deliver_through(1, &events).unwrap();
+            });
+            let started = Instant::now();
+            backplane.wait_for_ledger_room(Duration::from_secs(10));
+            assert!(started.elapsed() < Duration::from_secs(5), "not woken");
+        });
+    }
+
+    #[test]
+    fn origins_relay_each_number_once_and_never_a_late_one() {
+        let mut origins = Origins::default();
+        assert!(origins.is_new(1, 1));
+        assert!(origins.is_new(1, 2));
+        assert!(!origins.is_new(1, 2), "second copy");
+        assert!(!origins.is_new(1, 1), "late");
+        assert!(origins.is_new(2, 1), "another origin counts on its own");
+        assert!(origins.is_new(1, 5), "a gap (lost messages) is fine");
+        // Bounded: the quietest origin is forgotten first.
+        for origin in 100..100 + MAX_ORIGINS as u64 {
+            origins.is_new(origin, 1);
+            origins.is_new(1, origin);
+        }
+        assert_eq!(origins.last.len(), MAX_ORIGINS);
+        assert!(!origins.is_new(1, 1), "the busy origin is still remembered");
+    }
+
+    #[test]
+    fn without_a_backplane_messages_go_to_the_broadcaster() {
+        let (events, delivered) = Events::channel(1 << 16, usize::MAX);
+        let relayed = relay(
+            None,
+            &events,
+            "r".into(),
+            MessageKind::Text,
+            Bytes::from("x"),
+        );
+        assert_eq!(relayed, Relayed::Queued);
+        assert_eq!(received(&delivered), ["x"]);
+        drop(delivered);
+        let relayed = relay(
+            None,
+            &events,
+            "r".into(),
+            MessageKind::Text,
+            Bytes::from("x"),
+        );
+        assert_eq!(relayed, Relayed::Stopped);
     }
 
     #[test]
     fn cluster_counts_add_local_to_remote() {
-        let (backplane, _outgoing) = Backplane::new("i".into(), 1024, Duration::from_secs(3));
+        let (backplane, _outgoing) = new_backplane();
         backplane.set_remote_rooms(2, HashMap::from([("a".to_string(), 3)]));
         let mut rooms = backplane.cluster_rooms(vec![("a".into(), 1), ("b".into(), 2)]);
         rooms.sort();

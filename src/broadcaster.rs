@@ -149,6 +149,13 @@ impl Events {
             })
     }
 
+    /// Sends a control event, waiting until `deadline` at most for room in the channel.
+    pub fn send_deadline(&self, event: Event, deadline: Instant) -> Result<(), Stopped> {
+        self.sender
+            .send_deadline(event, deadline)
+            .map_err(|_| Stopped)
+    }
+
     /// Hands a backlog a connection thread left to the broadcaster, unless it already has it.
     pub fn hand_over_backlog(&self, client: &Arc<Client>) {
         if !client.is_backlog_tracked.swap(true, Ordering::Relaxed) {

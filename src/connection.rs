@@ -282,6 +282,9 @@ fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
 
     loop {
         let message = match ws.read() {
+            // Messages tungstenite had already buffered when the client was evicted are not
+            // relayed either (see `ClientStream::read`).
+            Ok(_) if client.eviction().is_some() => return Ending::Gone,
             Ok(message) => message,
             Err(error) => return ending_for(client, error),
         };
@@ -326,9 +329,11 @@ fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
             .fetch_add(1, Ordering::Relaxed);
         // On to the broadcaster, directly or through Redis (see `Shared::relay`). The local
         // path is a bounded channel: when the broadcaster is behind, this blocks, which stops
-        // this thread reading, which lets TCP flow control push back on the sender. It fails
-        // only when the broadcaster has stopped, i.e. during shutdown.
-        if shared.relay(client.room.clone(), kind, payload).is_err() {
+        // this thread reading, which lets TCP flow control push back on the sender. With
+        // `--redis` a full publish queue drops the message (counted); the sender is not told,
+        // the relay being best-effort under overload. It stops only during shutdown.
+        let relayed = shared.relay(client.room.clone(), kind, payload);
+        if relayed == crate::backplane::Relayed::Stopped {
             return Ending::Close(CloseCode::Away, "server shutting down", None);
         }
     }
@@ -364,10 +369,11 @@ fn ending_for(client: &Client, error: WsError) -> Ending {
 }
 
 /// Queues our close frame behind every message this client sent before it, by sending the
-/// close through the broadcaster like those messages. Without this, a client that sends a
+/// close the way those messages went: through the broadcaster, and with `--redis` through the
+/// publish queue and Redis (see `backplane::relay_close`). Without this, a client that sends a
 /// message and then a bad frame would get the close but never its own message back (Autobahn
 /// 3.2, 4.x and 5.15 check exactly that). Falls back to queuing directly when the broadcaster
-/// is gone (shutdown) or does not answer within `LINGER`.
+/// is gone (shutdown) or the close is not queued within `LINGER`.
 fn close_in_order(shared: &Shared, client: &Arc<Client>, code: CloseCode, reason: &'static str) {
     let (done, queued) = crossbeam_channel::bounded(1);
     let event = Event::Close {
@@ -376,8 +382,10 @@ fn close_in_order(shared: &Shared, client: &Arc<Client>, code: CloseCode, reason
         reason,
         done,
     };
+    let deadline = Instant::now() + LINGER;
     let is_queued =
-        shared.events.send_timeout(event, LINGER).is_ok() && queued.recv_timeout(LINGER).is_ok();
+        crate::backplane::relay_close(shared.backplane.as_deref(), &shared.events, event, deadline)
+            && queued.recv_deadline(deadline).is_ok();
     if !is_queued {
         client.queue_close(code, reason);
     }
@@ -459,6 +467,12 @@ struct ClientStream {
 
 impl Read for ClientStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // An evicted client is done: what it sent and the kernel still buffers (megabytes on
+        // loopback) must not go on being relayed. Shutting the socket down wakes a blocked
+        // read but does not discard what was already received, so this is end-of-file.
+        if self.client.eviction().is_some() {
+            return Ok(0);
+        }
         let n = self.client.socket().read(buf)?;
         if n > 0 {
             self.client.mark_heard();

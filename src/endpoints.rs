@@ -249,8 +249,21 @@ fn publish(shared: &Shared, request: &Request, room: &str, body: Vec<u8>) -> Res
         Ok(kind) => kind,
         Err(response) => return response,
     };
-    if shared.relay(room.into(), kind, Bytes::from(body)).is_err() {
-        return Response::status(503).with_body("shutting down\n");
+    match shared.relay(room.into(), kind, Bytes::from(body)) {
+        crate::backplane::Relayed::Queued => {}
+        // Not accepted, so not counted as published: the backend can retry, unlike a
+        // WebSocket sender, whose dropped message is only counted.
+        crate::backplane::Relayed::Dropped => return Response::status(503)
+            .with_header(
+                "Retry-After",
+                crate::connection::RETRY_AFTER_SECS.to_string(),
+            )
+            .with_body(
+                "the Redis publish queue is full (Redis is slower than the clients); retry later\n",
+            ),
+        crate::backplane::Relayed::Stopped => {
+            return Response::status(503).with_body("shutting down\n")
+        }
     }
     shared
         .stats

@@ -1,17 +1,24 @@
 //! The three threads that talk to Redis (cargo feature `redis`), each on its own blocking
 //! connection so none waits behind another:
 //!
-//! - **redis-publisher** takes messages off the bounded publish queue and sends them as
-//!   pipelined `PUBLISH`es, one round trip per batch.
-//! - **redis-subscriber** holds a `PSUBSCRIBE roomcast:room:*` and feeds every message, from
-//!   every instance, into the broadcaster's channel. This is the only way a room message
-//!   reaches the broadcaster while the link is up.
+//! - **redis-publisher** takes events off the bounded publish queue, numbers them into the
+//!   backplane's ledger, and sends them as pipelined `PUBLISH`es, one round trip per batch:
+//!   messages to their room's channel, a marker for anything else (a close) to this
+//!   instance's control channel. While the link is degraded it delivers them to the local
+//!   broadcaster instead, in the same order.
+//! - **redis-subscriber** holds a `PSUBSCRIBE roomcast:room:*` and a `SUBSCRIBE` of this
+//!   instance's control channel, and feeds every message, from every instance, into the
+//!   broadcaster's channel: other instances' messages as they come (each once), this
+//!   instance's own out of the ledger. This is the only way a room message reaches the
+//!   broadcaster while the link is up.
 //! - **redis-presence** writes this instance's room counts to its presence hash with a TTL,
 //!   reads the other instances' hashes, and deletes its own at shutdown.
 //!
 //! Each reconnects on its own with exponential backoff; `Backplane::set_side` turns the
 //! publisher's and subscriber's state into "up" or "degraded". Every blocking call has a
-//! timeout, so each thread notices shutdown within `POLL`.
+//! timeout, so each thread notices shutdown within `POLL` (or one command's `IO_TIMEOUT`).
+//! A thread that panics takes its side of the link down as it unwinds (`OnExit`), so a dead
+//! thread never leaves the link claiming "up"; the panic itself reaches whoever joins it.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -23,13 +30,18 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, warn};
 use redis::{Client, Connection, RedisResult};
 
-use crate::backplane::{self, Backplane, Dropped, Outgoing, Side, INSTANCE_KEY_PREFIX};
+use crate::backplane::{
+    self, Backplane, Dropped, Origins, Outgoing, Sequence, Side, INSTANCE_KEY_PREFIX,
+    MAX_HELD_EVENTS,
+};
 use crate::broadcaster::Events;
 use crate::error::Error;
 use crate::hub::{is_valid_room_name, Hub};
 use crate::shutdown::Shutdown;
+use crate::supervisor::Supervisor;
 
-/// How long a blocking Redis read waits before the thread checks for shutdown.
+/// How long a blocking Redis read waits before the thread checks for shutdown, and how long
+/// the publisher waits for a message before it looks at the link again.
 const POLL: Duration = Duration::from_millis(200);
 /// Deadline for connecting, and for any command's reply on the publisher and presence
 /// connections: a Redis that takes longer is treated as gone.
@@ -37,7 +49,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnection backoff: first and longest pause.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Most messages in one pipelined round trip, and most payload bytes.
+/// Most events in one pipelined round trip, and most payload bytes.
 const MAX_PIPELINE: usize = 512;
 const MAX_PIPELINE_BYTES: usize = 1024 * 1024;
 /// A presence-hash field that is not a valid room name, so an instance with no clients still
@@ -51,6 +63,7 @@ pub(crate) fn start(
     outgoing: Receiver<Outgoing>,
     events: Events,
     hub: Arc<Hub>,
+    supervisor: &Arc<Supervisor>,
     shutdown: &Shutdown,
 ) -> Result<Vec<JoinHandle<()>>, Error> {
     let client = Client::open(url).map_err(|err| {
@@ -62,10 +75,16 @@ pub(crate) fn start(
             ),
         })
     })?;
-    let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
+    // Each thread runs under the supervisor's watch: a panic in one fails the server (see
+    // `supervisor`) instead of leaving an instance that relays nothing across the cluster.
+    let spawn = |name: &'static str, run: Box<dyn FnOnce() + Send>| {
+        let watch = supervisor.watch(name, shutdown.clone());
         thread::Builder::new()
             .name(name.into())
-            .spawn(run)
+            .spawn(move || {
+                let _watch = watch;
+                run()
+            })
             .map_err(Error::io("spawning a redis thread"))
     };
     let publisher = {
@@ -97,9 +116,19 @@ pub(crate) fn start(
     Ok(vec![publisher, subscriber, presence])
 }
 
-/// The publisher: batches of pipelined `PUBLISH`es. Messages it cannot publish (the link is
-/// degraded, or Redis is gone) go to the local broadcaster instead, so this instance's members
-/// still get them.
+/// Runs its closure when dropped: at the end of a thread's body, and also while a panic
+/// unwinds it. The panic still reaches the joiner (`JoinHandle::join` returns it).
+struct OnExit<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnExit<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+/// The publisher: numbers every event it takes off the queue into the ledger, then publishes
+/// it (link up) or delivers it locally (degraded). It never sleeps while events wait: a
+/// reconnection is attempted between batches, when due.
 fn publish(
     client: &Client,
     backplane: &Backplane,
@@ -107,132 +136,217 @@ fn publish(
     events: &Events,
     shutdown: &Shutdown,
 ) {
-    let mut reconnect = Backoff::new("publisher");
-    let mut con: Option<Connection> = None;
-    let mut last_reply = Instant::now();
+    let _down = OnExit(|| backplane.set_side(Side::Publisher, false));
+    let mut link = PublisherLink::new();
     while !shutdown.is_triggered() {
-        let Some(connection) = con.as_mut() else {
-            match connect(client) {
-                Ok(connection) => {
-                    con = Some(connection);
-                    last_reply = Instant::now();
-                    backplane.set_side(Side::Publisher, true);
-                    reconnect.succeeded();
-                }
-                Err(err) => {
-                    backplane.set_side(Side::Publisher, false);
-                    let queued = outgoing.try_iter().inspect(|m| backplane.dequeued(m));
-                    deliver_locally(queued, events);
-                    reconnect.failed(&err, shutdown);
-                }
-            }
+        link.reconnect_if_due(client, backplane);
+        if !backplane.is_up() {
+            // Degraded: Redis will not bring held events back, so this instance's members
+            // get them now, in order.
+            backplane.deliver_all(events);
+        }
+        if backplane.held() >= MAX_HELD_EVENTS {
+            // The subscriber is far behind (the broadcaster is slow, or Redis is). Taking more
+            // would only grow the ledger: the queue fills and drops instead.
+            backplane.wait_for_ledger_room(POLL);
             continue;
-        };
+        }
         let first = match outgoing.recv_timeout(POLL) {
-            Ok(message) => message,
+            Ok(event) => event,
             Err(RecvTimeoutError::Timeout) => {
-                // An idle connection is pinged, so a Redis that went away is noticed (and
-                // reported) now rather than when the next message fails.
-                if last_reply.elapsed() >= backplane.heartbeat {
-                    match redis::cmd("PING").exec(connection) {
-                        Ok(()) => last_reply = Instant::now(),
-                        Err(err) => {
-                            con = None;
-                            backplane.set_side(Side::Publisher, false);
-                            reconnect.failed(&err, shutdown);
-                        }
-                    }
-                }
+                link.keep_alive(backplane);
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        let batch = take_batch(first, outgoing, backplane);
-        if !backplane.is_up() {
-            // The subscriber is down: Redis would not bring these back to our members.
-            deliver_locally(batch, events);
-            continue;
+        let batch = take_batch(first, outgoing);
+        // Encoded before it is held, from the numbers it is about to get (only this thread
+        // holds, so they cannot change in between).
+        let pipeline = backplane
+            .is_up()
+            .then(|| Pipeline::for_batch(backplane, &batch));
+        backplane.hold(batch);
+        if let Some(pipeline) = pipeline {
+            link.publish(client, backplane, &pipeline);
         }
-        // A failed write on a connection Redis closed since its last use sent nothing, so
-        // the batch is retried once on a fresh connection before the link counts as down.
-        let result = publish_batch(connection, &batch).or_else(|_| {
+        if !backplane.is_up() {
+            backplane.deliver_all(events);
+        }
+    }
+}
+
+/// The publisher's connection, and when to try again without one.
+struct PublisherLink {
+    con: Option<Connection>,
+    backoff: Backoff,
+    retry_at: Instant,
+    last_reply: Instant,
+}
+
+impl PublisherLink {
+    fn new() -> PublisherLink {
+        PublisherLink {
+            con: None,
+            backoff: Backoff::new("publisher"),
+            retry_at: Instant::now(),
+            last_reply: Instant::now(),
+        }
+    }
+
+    /// Connects when due, and only once the subscriber is connected: that proves Redis
+    /// reachable, so an unreachable Redis costs the publisher no connect timeouts while it
+    /// delivers locally (the subscriber, which then has nothing to deliver, pays them).
+    fn reconnect_if_due(&mut self, client: &Client, backplane: &Backplane) {
+        if self.con.is_some()
+            || Instant::now() < self.retry_at
+            || !backplane.is_connected(Side::Subscriber)
+        {
+            return;
+        }
+        match connect(client) {
+            Ok(con) => {
+                self.con = Some(con);
+                self.last_reply = Instant::now();
+                self.backoff.succeeded();
+                backplane.set_side(Side::Publisher, true);
+            }
+            Err(err) => self.failed(&err, backplane),
+        }
+    }
+
+    fn failed(&mut self, err: &redis::RedisError, backplane: &Backplane) {
+        self.con = None;
+        backplane.set_side(Side::Publisher, false);
+        self.retry_at = Instant::now() + self.backoff.pause_after(err);
+    }
+
+    /// One batch, one round trip. A failed write on a connection Redis closed since its last
+    /// use sent nothing, so the batch is retried once on a fresh connection before the link
+    /// counts as down. When part of the first attempt did reach Redis, the retry carries it
+    /// again under the same numbers, and every instance relays only the first copy.
+    fn publish(&mut self, client: &Client, backplane: &Backplane, pipeline: &Pipeline) {
+        let Some(con) = self.con.as_mut() else {
+            return;
+        };
+        let result = pipeline.commands.exec(con).or_else(|_| {
             let mut fresh = connect(client)?;
-            publish_batch(&mut fresh, &batch)?;
-            *connection = fresh;
+            pipeline.commands.exec(&mut fresh)?;
+            *con = fresh;
             Ok(())
         });
         match result {
             Ok(()) => {
-                last_reply = Instant::now();
-                backplane.count_published(batch.len());
+                self.last_reply = Instant::now();
+                backplane.count_published(pipeline.messages);
             }
-            Err(err) => {
-                con = None;
-                backplane.set_side(Side::Publisher, false);
-                // Some of the batch may have reached Redis before the failure; those come back
-                // through the subscriber as well, so a member may see them twice. Losing them
-                // instead would be worse.
-                deliver_locally(batch, events);
-                reconnect.failed(&err, shutdown);
-            }
+            Err(err) => self.failed(&err, backplane),
         }
     }
-    backplane.set_side(Side::Publisher, false);
-}
 
-/// One round trip: every message of the batch as a pipelined `PUBLISH`.
-fn publish_batch(con: &mut Connection, batch: &[Outgoing]) -> RedisResult<()> {
-    let mut pipe = redis::pipe();
-    for message in batch {
-        pipe.cmd("PUBLISH")
-            .arg(backplane::room_channel(&message.room))
-            .arg(backplane::encode(message.kind, &message.payload))
-            .ignore();
+    /// Nothing to send for a poll period. If events are still held with the link up, a marker
+    /// for the last one makes the subscriber deliver whatever Redis will not bring back (it
+    /// cannot, as far as we know: this is a safety net). Otherwise an idle connection is
+    /// pinged, so a Redis that went away is noticed (and reported) now rather than when the
+    /// next message fails.
+    fn keep_alive(&mut self, backplane: &Backplane) {
+        let Some(con) = self.con.as_mut() else {
+            return;
+        };
+        let result = if backplane.is_up() && backplane.held() > 0 {
+            redis::cmd("PUBLISH")
+                .arg(backplane.control_channel())
+                .arg(backplane::encode_marker(backplane.last_numbered()))
+                .exec(con)
+        } else if self.last_reply.elapsed() >= backplane.heartbeat {
+            redis::cmd("PING").exec(con)
+        } else {
+            return;
+        };
+        match result {
+            Ok(()) => self.last_reply = Instant::now(),
+            Err(err) => self.failed(&err, backplane),
+        }
     }
-    pipe.exec(con)
 }
 
-/// The first message plus whatever else is queued, up to the pipeline's bounds.
-fn take_batch(
-    first: Outgoing,
-    outgoing: &Receiver<Outgoing>,
-    backplane: &Backplane,
-) -> Vec<Outgoing> {
-    backplane.dequeued(&first);
-    let mut bytes = first.payload.len();
+/// A batch as pipelined `PUBLISH`es, and how many of them are room messages.
+struct Pipeline {
+    commands: redis::Pipeline,
+    messages: usize,
+}
+
+impl Pipeline {
+    /// Numbers the batch from `last_numbered() + 1`, as `Backplane::hold` will.
+    fn for_batch(backplane: &Backplane, batch: &[Outgoing]) -> Pipeline {
+        let mut commands = redis::pipe();
+        let mut messages = 0;
+        for (seq, event) in (backplane.last_numbered() + 1..).zip(batch) {
+            match event {
+                Outgoing::Message {
+                    room,
+                    kind,
+                    payload,
+                } => {
+                    messages += 1;
+                    commands
+                        .cmd("PUBLISH")
+                        .arg(backplane::room_channel(room))
+                        .arg(backplane::encode_sequenced(
+                            backplane.origin,
+                            seq,
+                            *kind,
+                            payload,
+                        ))
+                        .ignore();
+                }
+                Outgoing::Local(_) => {
+                    commands
+                        .cmd("PUBLISH")
+                        .arg(backplane.control_channel())
+                        .arg(backplane::encode_marker(seq))
+                        .ignore();
+                }
+            }
+        }
+        Pipeline { commands, messages }
+    }
+}
+
+/// The first event plus whatever else is queued, up to the pipeline's bounds.
+fn take_batch(first: Outgoing, outgoing: &Receiver<Outgoing>) -> Vec<Outgoing> {
+    let mut bytes = first.payload_len();
     let mut batch = vec![first];
     while batch.len() < MAX_PIPELINE && bytes < MAX_PIPELINE_BYTES {
-        let Ok(message) = outgoing.try_recv() else {
+        let Ok(event) = outgoing.try_recv() else {
             break;
         };
-        backplane.dequeued(&message);
-        bytes += message.payload.len();
-        batch.push(message);
+        bytes += event.payload_len();
+        batch.push(event);
     }
     batch
-}
-
-/// Hands messages Redis will not relay for us to the local broadcaster.
-fn deliver_locally(messages: impl IntoIterator<Item = Outgoing>, events: &Events) {
-    for message in messages {
-        let _ = events.send_message(message.room, message.kind, message.payload);
-    }
 }
 
 /// The subscriber: every room message of every instance, in Redis's order, into the
 /// broadcaster's channel.
 fn subscribe(client: &Client, backplane: &Backplane, events: &Events, shutdown: &Shutdown) {
+    let _down = OnExit(|| backplane.set_side(Side::Subscriber, false));
     let mut reconnect = Backoff::new("subscriber");
+    let mut origins = Origins::default();
     while !shutdown.is_triggered() {
         let result = connect(client).and_then(|mut con| {
             let mut pubsub = con.as_pubsub();
             pubsub.set_read_timeout(Some(POLL))?;
+            // Both return once Redis confirms, so everything published after the link is up
+            // comes back through this connection.
+            pubsub.subscribe(backplane.control_channel())?;
             pubsub.psubscribe(format!("{}*", backplane::ROOM_CHANNEL_PREFIX))?;
             backplane.set_side(Side::Subscriber, true);
             reconnect.succeeded();
-            listen(&mut pubsub, backplane, events, shutdown)
+            listen(&mut pubsub, backplane, events, &mut origins, shutdown)
         });
         backplane.set_side(Side::Subscriber, false);
+        // What this connection has not brought back it never will: deliver it here, in order.
+        backplane.deliver_all(events);
         if let Err(err) = result {
             reconnect.failed(&err, shutdown);
         }
@@ -245,6 +359,7 @@ fn listen(
     pubsub: &mut redis::PubSub<'_>,
     backplane: &Backplane,
     events: &Events,
+    origins: &mut Origins,
     shutdown: &Shutdown,
 ) -> RedisResult<()> {
     let mut last_heard = Instant::now();
@@ -253,7 +368,7 @@ fn listen(
         match pubsub.get_message() {
             Ok(message) => {
                 last_heard = Instant::now();
-                if !forward(&message, backplane, events) {
+                if !forward(&message, backplane, events, origins) {
                     return Ok(()); // the broadcaster has stopped
                 }
             }
@@ -280,21 +395,56 @@ fn listen(
     Ok(())
 }
 
-/// One message from Redis into the broadcaster's channel, or counted as malformed. Returns
+/// One message from Redis into the broadcaster's channel, or counted as dropped. Returns
 /// false once the broadcaster has stopped.
-fn forward(message: &redis::Msg, backplane: &Backplane, events: &Events) -> bool {
-    backplane.received.fetch_add(1, Ordering::Relaxed);
-    let room = backplane::room_of_channel(message.get_channel_name());
+fn forward(
+    message: &redis::Msg,
+    backplane: &Backplane,
+    events: &Events,
+    origins: &mut Origins,
+) -> bool {
+    let channel = message.get_channel_name();
     let payload: Vec<u8> = message.get_payload().unwrap_or_default();
-    let Some((room, (kind, payload))) = room.zip(backplane::decode(payload)) else {
+    if !message.from_pattern() && channel == backplane.control_channel() {
+        // A marker: Redis has passed this point of our own sequence.
+        let known = backplane::decode_marker(&payload)
+            .and_then(|seq| backplane.deliver_through(seq, events).ok());
+        if known.is_none() {
+            backplane.count_drop(Dropped::Malformed);
+        }
+        return true;
+    }
+    backplane.received.fetch_add(1, Ordering::Relaxed);
+    let room = backplane::room_of_channel(channel);
+    let Some((room, decoded)) = room.zip(backplane::decode(payload)) else {
         backplane.count_drop(Dropped::Malformed);
         return true;
     };
-    events.send_message(room.into(), kind, payload).is_ok()
+    match decoded.sequence {
+        // One of ours: the ledger holds it, and delivers with it anything before it that Redis
+        // did not bring back.
+        Some(Sequence { origin, seq }) if origin == backplane.origin => {
+            match backplane.deliver_through(seq, events) {
+                Ok(0) => backplane.count_drop(Dropped::Duplicate),
+                Ok(_) => {}
+                Err(_) => backplane.count_drop(Dropped::Malformed),
+            }
+            true
+        }
+        Some(Sequence { origin, seq }) if !origins.is_new(origin, seq) => {
+            backplane.count_drop(Dropped::Duplicate);
+            true
+        }
+        _ => events
+            .send_message(room.into(), decoded.kind, decoded.payload)
+            .is_ok(),
+    }
 }
 
 /// The presence heartbeat: publish this instance's counts, read everyone else's.
 fn presence(client: &Client, backplane: &Backplane, hub: &Hub, shutdown: &Shutdown) {
+    // Without this thread the other instances cannot be seen; old counts would only mislead.
+    let _forget = OnExit(|| backplane.set_remote_rooms(0, HashMap::new()));
     let key = format!("{INSTANCE_KEY_PREFIX}{}", backplane.instance);
     let mut con: Option<Connection> = None;
     loop {
@@ -394,20 +544,51 @@ impl Backoff {
         }
     }
 
-    fn failed(&mut self, err: &redis::RedisError, shutdown: &Shutdown) {
-        if self.pause == BACKOFF_MIN {
+    /// Logs the failure and returns how long to wait before the next attempt, doubling it for
+    /// the one after.
+    fn pause_after(&mut self, err: &redis::RedisError) -> Duration {
+        let pause = self.pause;
+        if pause == BACKOFF_MIN {
             warn!("redis {}: {err}; reconnecting with backoff", self.side);
         } else {
-            debug!(
-                "redis {}: {err}; next attempt in {:?}",
-                self.side, self.pause
-            );
+            debug!("redis {}: {err}; next attempt in {pause:?}", self.side);
         }
-        wait(shutdown, self.pause);
-        self.pause = (self.pause * 2).min(BACKOFF_MAX);
+        self.pause = (pause * 2).min(BACKOFF_MAX);
+        pause
+    }
+
+    /// `pause_after`, then the pause itself (cut short by shutdown).
+    fn failed(&mut self, err: &redis::RedisError, shutdown: &Shutdown) {
+        wait(shutdown, self.pause_after(err));
     }
 
     fn succeeded(&mut self) {
         self.pause = BACKOFF_MIN;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Redis thread that panics must not leave the link claiming "up", and the panic must
+    /// reach the joiner.
+    #[test]
+    fn a_panicking_thread_takes_its_side_down_and_the_joiner_sees_the_panic() {
+        let (backplane, _outgoing) = Backplane::new("i".into(), 1024, Duration::from_secs(3));
+        backplane.set_side(Side::Subscriber, true);
+        let joined = thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let _down = OnExit(|| backplane.set_side(Side::Publisher, false));
+                    backplane.set_side(Side::Publisher, true);
+                    assert!(backplane.is_up());
+                    panic!("a bug in the publisher");
+                })
+                .join()
+        });
+        assert!(joined.is_err(), "the panic reached the joiner");
+        assert!(!backplane.is_up(), "the link still claims to be up");
+        assert_eq!(backplane.outages.load(Ordering::Relaxed), 1);
     }
 }

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::backplane::{self, Backplane, Outgoing};
-use crate::broadcaster::{self, Broadcaster, Events, MessageKind, Stopped, EVENT_QUEUE_CAPACITY};
+use crate::broadcaster::{self, Broadcaster, Events, MessageKind, EVENT_QUEUE_CAPACITY};
 use crate::budget::EVENT_QUEUE_BYTES;
 use crate::capacity;
 use crate::config::Config;
@@ -72,14 +72,14 @@ impl Shared {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Sends a message on its way to `room`: through Redis when the backplane is up, else
-    /// straight to the broadcaster. Fails only when the broadcaster has stopped (shutdown).
+    /// Sends a message on its way to `room`: with `--redis` into the publish queue (which
+    /// drops it when full), else straight to the broadcaster. See `backplane::relay`.
     pub fn relay(
         &self,
         room: Arc<str>,
         kind: MessageKind,
         payload: tungstenite::Bytes,
-    ) -> Result<(), Stopped> {
+    ) -> backplane::Relayed {
         backplane::relay(self.backplane.as_deref(), &self.events, room, kind, payload)
     }
 
@@ -390,6 +390,7 @@ fn start_redis_link(
             outgoing,
             shared.events.clone(),
             shared.hub.clone(),
+            &shared.supervisor,
             shutdown,
         ),
         _ => Ok(Vec::new()),

@@ -370,3 +370,336 @@ fn a_stalled_redis_overflows_the_publish_queue_without_blocking_clients() {
     assert_eq!(next_text(&mut here), "still relaying");
     drop(sender);
 }
+
+/// The channels matching `pattern` that someone subscribes to, as `PUBSUB CHANNELS` lists them.
+fn subscribed_channels(redis: &RedisServer, pattern: &str) -> Vec<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    let request = format!(
+        "*3\r\n$6\r\nPUBSUB\r\n$8\r\nCHANNELS\r\n${}\r\n{pattern}\r\n",
+        pattern.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let count: usize = line.trim_end().trim_start_matches('*').parse().unwrap();
+    (0..count)
+        .map(|_| {
+            line.clear();
+            reader.read_line(&mut line).unwrap(); // $<length>
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            line.trim_end().to_string()
+        })
+        .collect()
+}
+
+/// The frames a raw client gets after sending `bytes` and half-closing: everything up to the
+/// server's close.
+fn frames_after(server: &TestServer, room: &str, bytes: &[u8]) -> Vec<RawFrame> {
+    use std::io::Write;
+    let mut raw = server.connect(room).into_inner();
+    raw.write_all(bytes).unwrap();
+    raw.shutdown(std::net::Shutdown::Write).unwrap();
+    read_frames_until_closed(&mut raw)
+}
+
+/// With `--redis` a client's messages travel through Redis and back, so a close the server
+/// decides on (a bad frame, a message over the limit, the rate) must take the same way to stay
+/// behind them. Sent straight to the broadcaster, as it once was, the close overtook them: the
+/// client got its close and, its outbox sealed, never the echoes of its last messages.
+#[test]
+fn a_server_close_with_redis_comes_after_the_clients_own_echoes() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    const SENT: usize = 20;
+    let server = instance(Config {
+        max_message_bytes: 1024,
+        // The burst takes exactly the messages before the offence; the refill (1/s) is far
+        // slower than one write of them all.
+        rate: 1,
+        burst: SENT as u32,
+        ..redis_config(&redis)
+    });
+    let elsewhere = instance(redis_config(&redis));
+    let mut witness = elsewhere.connect("closing");
+    let text = |payload: &[u8]| client_frame(true, 0, 0x1, payload, true);
+    let messages: Vec<u8> = (0..SENT)
+        .flat_map(|i| text(format!("m{i}").as_bytes()))
+        .collect();
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("invalid UTF-8", text(&[b'o', b'k', 0xff]), 1007),
+        (
+            "a message over --max-message-bytes",
+            client_frame(true, 0, 0x2, &[0; 1025], true),
+            1009,
+        ),
+        ("one message over the rate", text(b"one too many"), 1008),
+    ];
+    for (name, offence, code) in cases {
+        let mut bytes = messages.clone();
+        bytes.extend_from_slice(&offence);
+        let frames = frames_after(&server, "closing", &bytes);
+        let texts: Vec<String> = frames
+            .iter()
+            .take_while(|frame| frame.opcode == 0x1)
+            .map(|frame| String::from_utf8_lossy(&frame.payload).into_owned())
+            .collect();
+        let expected: Vec<String> = (0..SENT).map(|i| format!("m{i}")).collect();
+        assert_eq!(texts, expected, "{name}: echoes missing before the close");
+        assert_eq!(
+            frames.get(SENT).and_then(RawFrame::close_code),
+            Some(code),
+            "{name}: no close {code} right after the echoes: {frames:?}"
+        );
+        // They went through Redis: the other instance's member got them too, and nothing of
+        // the offence.
+        for i in 0..SENT {
+            assert_eq!(next_text(&mut witness), format!("m{i}"), "{name}");
+        }
+    }
+    // The server keeps serving others.
+    let mut other = server.connect("after");
+    other.send(Message::text("still relaying")).unwrap();
+    assert_eq!(next_text(&mut other), "still relaying");
+    assert_eq!(health(&server), "ok\n");
+}
+
+/// A publish the queue had no room for was answered `202 Accepted` as if it were on its way.
+/// It must say `503` with `Retry-After`, and count nothing as published.
+#[test]
+fn publish_answers_503_while_the_publish_queue_is_full_and_202_otherwise() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = instance(redis_config(&redis));
+    let post = |body: &[u8]| {
+        http(
+            server.addr,
+            "POST",
+            "/api/rooms/flood/messages",
+            &[
+                ("Authorization", "Bearer secret"),
+                ("Content-Type", "text/plain"),
+            ],
+            body,
+        )
+    };
+    assert_eq!(post(b"before").status, 202);
+    assert_eq!(metric(&server, "roomcast_messages_published_total"), 1);
+
+    // A frozen Redis holds the publisher in its pipeline (for its 2 s reply deadline, then as
+    // long again for a fresh connection), so the flood fills the queue and it stays full.
+    let mut sender = server.connect("flood");
+    redis.freeze(true);
+    for seq in 0..6000 {
+        sender.send(Message::text(format!("m{seq}"))).unwrap();
+    }
+    let full = wait_until(LINK_WAIT, || {
+        metric(
+            &server,
+            r#"roomcast_redis_dropped_total{reason="queue_full"}"#,
+        ) > 0
+    });
+    let refused = post(b"while full");
+    redis.freeze(false);
+    assert!(full, "the publish queue never overflowed");
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(
+        refused.text().contains("publish queue is full"),
+        "{}",
+        refused.text()
+    );
+    assert!(refused.header("Retry-After").is_some());
+    assert_eq!(
+        metric(&server, "roomcast_messages_published_total"),
+        1,
+        "a dropped publish counted as published"
+    );
+
+    // Once Redis answers again, publishing is accepted again.
+    assert!(
+        wait_until(LINK_WAIT, || health(&server) == "ok\n"),
+        "link never recovered"
+    );
+    assert!(
+        wait_until(LINK_WAIT, || post(b"after").status == 202),
+        "publishing never recovered"
+    );
+    drop(sender);
+}
+
+/// Killing Redis while one client sends: its messages must reach every member in the order
+/// it sent them, with none twice, across the fall back to local delivery and the return to
+/// Redis. Before, a message sent just after the link went down went straight to the
+/// broadcaster while older ones still sat in the publish queue or in the subscriber's socket,
+/// and overtook them; the sender's own instance could also lose what Redis had accepted but
+/// not yet brought back.
+#[test]
+fn one_senders_messages_stay_in_order_across_a_redis_outage() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = (
+        instance(redis_config(&redis)),
+        instance(redis_config(&redis)),
+    );
+    let mut here = a.connect("order");
+    let mut there = b.connect("order");
+    let mut sender = a.connect("order");
+    sender.send(Message::text("start")).unwrap();
+    for member in [&mut here, &mut there] {
+        assert_eq!(next_text(member), "start");
+    }
+
+    let (sent, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let sending = {
+        let (sent, stop) = (sent.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut seq = 0;
+            while !stop.load(Ordering::Relaxed) && seq < 100_000 {
+                sender.send(Message::text(seq.to_string())).unwrap();
+                seq += 1;
+                sent.store(seq, Ordering::Relaxed);
+                if seq % 10 == 0 {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+            sender
+        })
+    };
+    let sent_more = |n: usize| {
+        let from = sent.load(Ordering::Relaxed);
+        assert!(wait_until(LINK_WAIT, || sent.load(Ordering::Relaxed) >= from + n));
+    };
+    // Two outages in the middle of the stream. In the first Redis hangs, then dies, with a
+    // batch in flight and messages queued behind it; in the second it dies at any moment.
+    for hangs_first in [true, false] {
+        sent_more(1000);
+        if hangs_first {
+            redis.freeze(true);
+            assert!(wait_until(LINK_WAIT, || metric(
+                &a,
+                "roomcast_redis_publish_queue_depth"
+            ) >= 200));
+        }
+        redis.kill();
+        assert!(wait_until(LINK_WAIT, || health(&a).starts_with("degraded")));
+        sent_more(1000);
+        redis.restart();
+        for server in [&a, &b] {
+            assert!(
+                wait_until(LINK_WAIT, || health(server) == "ok\n"),
+                "link never recovered"
+            );
+        }
+    }
+    sent_more(1000);
+    stop.store(true, Ordering::Relaxed);
+    let mut sender = sending.join().unwrap();
+    let total = sent.load(Ordering::Relaxed);
+    sender.send(Message::text("end")).unwrap();
+
+    let received = |member: &mut Client| -> Vec<usize> {
+        let mut seqs = Vec::new();
+        loop {
+            match next_text(member).as_str() {
+                "end" => return seqs,
+                seq => seqs.push(seq.parse().unwrap()),
+            }
+        }
+    };
+    // On the sender's own instance nothing is lost: what Redis did not bring back is
+    // delivered locally, in its place.
+    let here_seqs = received(&mut here);
+    assert!(
+        here_seqs.windows(2).all(|w| w[0] < w[1]),
+        "reordered or repeated on the sender's instance"
+    );
+    assert_eq!(
+        here_seqs,
+        (0..total).collect::<Vec<_>>(),
+        "lost on the sender's instance"
+    );
+    // Elsewhere what was sent during the outage is missing, but nothing is out of order or
+    // twice.
+    let there_seqs = received(&mut there);
+    assert!(
+        there_seqs.windows(2).all(|w| w[0] < w[1]),
+        "reordered or repeated on another instance"
+    );
+    assert_eq!(
+        metric(&a, r#"roomcast_redis_dropped_total{reason="queue_full"}"#),
+        0
+    );
+}
+
+/// A message Redis carries twice (a publisher's retry after part of a batch got through) is
+/// relayed once: each instance remembers the last number it relayed from every other.
+/// Markers on an instance's control channel that it did not publish are ignored and counted;
+/// one naming a position beyond anything the instance published must not make it take its
+/// own later messages for ones already delivered.
+#[test]
+fn repeated_messages_and_forged_markers_from_redis_are_dropped_and_counted() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = instance(redis_config(&redis));
+    let mut member = server.connect("feed");
+    let publish = |channel: &str, payload: &[u8]| {
+        assert_eq!(
+            redis.command(&[b"PUBLISH", channel.as_bytes(), payload]),
+            ":1"
+        );
+    };
+    let sequenced = |origin: u64, seq: u64, text: &str| {
+        let mut wire = b"S".to_vec();
+        wire.extend_from_slice(&origin.to_be_bytes());
+        wire.extend_from_slice(&seq.to_be_bytes());
+        wire.push(b'T');
+        wire.extend_from_slice(text.as_bytes());
+        wire
+    };
+    publish("roomcast:room:feed", &sequenced(7, 1, "first"));
+    publish("roomcast:room:feed", &sequenced(7, 1, "first"));
+    publish("roomcast:room:feed", &sequenced(7, 2, "second"));
+    assert_eq!(next_text(&mut member), "first");
+    assert_eq!(next_text(&mut member), "second");
+    assert_eq!(
+        metric(
+            &server,
+            r#"roomcast_redis_dropped_total{reason="duplicate"}"#
+        ),
+        1
+    );
+
+    let control = subscribed_channels(&redis, "roomcast:control:*");
+    assert_eq!(
+        control.len(),
+        1,
+        "one control channel per instance: {control:?}"
+    );
+    publish(&control[0], b"marker 18446744073709551615");
+    publish(&control[0], b"marker 1x");
+    publish(&control[0], b"hello");
+    member
+        .send(Message::text("own, after the forgeries"))
+        .unwrap();
+    assert_eq!(next_text(&mut member), "own, after the forgeries");
+    assert_eq!(
+        metric(
+            &server,
+            r#"roomcast_redis_dropped_total{reason="malformed"}"#
+        ),
+        3
+    );
+    assert_eq!(health(&server), "ok\n", "forgeries do not disturb the link");
+}
