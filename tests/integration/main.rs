@@ -7,6 +7,7 @@ mod backplane;
 mod binary;
 mod browser;
 mod capacity;
+mod cgroup;
 mod endpoints;
 mod hostile;
 mod limits;
