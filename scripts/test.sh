@@ -11,6 +11,8 @@
 #   - redis-server: the Redis backplane tests (`--features redis`), each on its own private
 #     redis-server (the package's own service is not used)
 #   - cargo-fuzz, to build the fuzz targets and run each briefly (scripts/fuzz.sh installs it)
+#   - systemd (for systemd-analyze): scripts/roomcast.service is verified; no systemd needs to
+#     be running
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,7 @@ need nginx nginx-light
 need caddy caddy
 need openssl openssl
 need redis-server redis-server
+need systemd-analyze systemd
 dpkg -s fonts-noto-color-emoji >/dev/null 2>&1 || needed+=(fonts-noto-color-emoji)
 install_needed
 
@@ -46,6 +49,21 @@ cargo test --locked --all-targets "$@"
 cargo test --locked --all-targets --features redis "$@"
 # Doc tests are not part of --all-targets.
 cargo test --locked --doc "$@"
+
+# The systemd unit must pass `systemd-analyze verify` without a single warning: verify exits 0
+# on most warnings (an unknown key, a bad value), so its output must be empty. It insists that
+# ExecStart's binary exists, so it reads a copy pointing at the release build instead of
+# /usr/local/bin/roomcast.
+cargo build --locked --release --bin roomcast
+unit_copy="$PWD/target/systemd/roomcast.service"
+mkdir -p "$(dirname "$unit_copy")"
+sed "s|/usr/local/bin/roomcast|$PWD/target/release/roomcast|" scripts/roomcast.service >"$unit_copy"
+if ! verify_output=$(systemd-analyze verify "$unit_copy" 2>&1) || [ -n "$verify_output" ]; then
+    echo "scripts/roomcast.service does not verify cleanly:" >&2
+    echo "$verify_output" >&2
+    exit 1
+fi
+echo "scripts/roomcast.service: systemd-analyze verify clean"
 
 # The protocol conformance suite, sections 1-10, against the release build.
 scripts/autobahn.sh

@@ -37,10 +37,10 @@ use crate::stats::{Eviction, Stats};
 pub const EVENT_QUEUE_CAPACITY: usize = 4096;
 /// Events handled before the touched clients are flushed. Larger batches mean fewer syscalls
 /// per frame under load; the bound keeps latency and the dirty list in check.
-const MAX_BATCH: usize = 1024;
+pub(crate) const MAX_BATCH: usize = 1024;
 /// Upper bound of a room's chunk of gathered frames (see `Broadcaster::gather`): large enough
 /// that a busy batch of small messages becomes one chunk, small enough to stay cache-friendly.
-const MAX_CHUNK: usize = 64 * 1024;
+pub(crate) const MAX_CHUNK: usize = 64 * 1024;
 /// How often backlogged clients are retried. Short, because a healthy client that briefly
 /// filled its socket buffer should not wait long; long enough that a thousand stalled clients
 /// cost a thousand failing `sendmsg` calls 100 times a second, not once per batch.

@@ -121,6 +121,19 @@ pub(crate) fn render(shared: &Shared) -> String {
                 + if shared.backplane.is_some() { 3 } else { 0 },
         )],
     );
+    let memory = crate::capacity::memory_budget(&shared.config);
+    metric(
+        "roomcast_memory_per_client_budget_bytes",
+        "gauge",
+        "Memory the capacity preflight assumes one client costs at worst: full outbox, messages in flight, buffers, stack, allocator overhead.",
+        &[(None, memory.per_client())],
+    );
+    metric(
+        "roomcast_memory_queues_budget_bytes",
+        "gauge",
+        "Memory the capacity preflight sets aside once for the shared queues at worst (event channel, gathered chunks, Redis publish queue).",
+        &[(None, memory.shared())],
+    );
     if let Some(backplane) = &shared.backplane {
         metric(
             "roomcast_redis_up",

@@ -131,7 +131,7 @@ impl Server {
             .map_err(Error::io("reading the listener's address"))?;
         widen_backlog(&listener);
 
-        let capacity = capacity::preflight();
+        let capacity = capacity::preflight(&config);
         let derived = usize::try_from(capacity.max_clients()).unwrap_or(usize::MAX);
         let max_clients = match config.max_clients {
             Some(n) if n > derived => {

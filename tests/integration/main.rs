@@ -8,6 +8,7 @@ mod binary;
 mod browser;
 mod burst;
 mod capacity;
+mod cgroup;
 mod endpoints;
 mod flags;
 mod hostile;

@@ -504,6 +504,29 @@ impl Process {
         process
     }
 
+    /// Starts the binary once `configure` has adjusted the command (a `pre_exec`, say).
+    pub fn start_configured(args: &[&str], configure: impl FnOnce(&mut Command)) -> Process {
+        let mut command = Command::new(BINARY);
+        command
+            .args(["--listen", "127.0.0.1:0", "--log-level", "info"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        configure(&mut command);
+        let mut child = command.spawn().unwrap();
+        let lines = forward_lines(child.stderr.take().unwrap());
+        let mut process = Process {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            lines,
+            seen: Vec::new(),
+        };
+        let line = process.wait_for_line("listening on ws://");
+        let addr = line.split("ws://").nth(1).unwrap().split('/').next();
+        process.addr = addr.unwrap().parse().unwrap();
+        process
+    }
+
     /// Returns the first log line containing `needle`, among those already read or to come.
     pub fn wait_for_line(&mut self, needle: &str) -> String {
         if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
