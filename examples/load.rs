@@ -8,7 +8,19 @@
 //! cargo run --release --example load -- slow --clients 500 --publishers 2 --stalled 20 --size 1024 --rate 100
 //! cargo run --release --example load -- churn --clients 100 --churners 50 --rate 100
 //! cargo run --release --example load -- rooms --rooms 500 --clients 5000 --rate 20
+//! cargo run --release --example load -- stalled --stalled 1000 --stalled-rooms 10 --clients 1000 --publishers 4 --window 16
+//! cargo run --release --example load -- hoard --clients 200 --size 65000 --rate 50 --burst 100
+//! cargo run --release --example load -- leave --clients 10000 --mode rst
 //! ```
+//!
+//! `stalled` is `fanout` (same measured workload, same report) beside `--stalled` clients in
+//! `--stalled-rooms` other rooms that stopped reading after the handshake and whose outboxes
+//! the tool has filled first, so the server holds them backlogged (and retries them) for the
+//! whole run; `--stalled 0` is the clean twin. `hoard` is `--clients` clients, each alone in
+//! its room, sending `--size` messages and never reading, so the server's echoes pile up in
+//! their outboxes; it reports the server's peak memory per client. `leave` is `--clients`
+//! clients of one room disconnecting at once (`--mode close|fin|rst`); it reports how long
+//! the server takes to empty the room.
 //!
 //! One thread and one `epoll` (through mio) drive every connection: the tool shares the
 //! machine's `pid_max` with a thread-per-connection server, so it cannot spend a thread per
@@ -18,7 +30,7 @@
 //!
 //! The last line of output is `RESULT key=value ...`, which `scripts/bench.sh` reads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
@@ -29,9 +41,49 @@ use mio::{Events, Interest, Poll, Token};
 
 /// Bytes of a message header: send time (ns since start), publisher id, sequence number.
 const HEADER: usize = 8 + 4 + 8;
+/// `SO_RCVBUF` asked for by a stalled client (the kernel doubles it for its bookkeeping): a
+/// small receive window, so the server's bytes back up into its outbox quickly.
+const STALLED_RECEIVE_BUFFER: usize = 4096;
+/// The MSS a stalled client announces: Ethernet's, not loopback's 64 KiB. The server's kernel
+/// sizes a connection's send buffer from its congestion window in segments, so with
+/// loopback's MSS each stalled connection soaked up 2.8 MB of kernel memory before its
+/// outbox began to fill: 1,000 of them are past this machine's `tcp_mem` limit (2.2 GiB),
+/// where every socket on the machine is squeezed. With 1,460 B it is about 50 KB, as over a
+/// real network.
+const STALLED_MSS: u32 = 1460;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long after the last publish the tool waits for deliveries still in flight.
 const DRAIN: Duration = Duration::from_secs(3);
+/// A filler's message: well under the server's default `--max-message-bytes` (64 KiB), large
+/// enough that a stalled client's kernel buffers fill in a few messages.
+const FILL_MESSAGE_BYTES: usize = 16 * 1024;
+/// Messages a filler sends in its first step before it looks at the kernel's queues; each
+/// step that was not enough doubles the next, up to `MAX_FILL_STEP`. A room is overfilled by
+/// at most one step past the point where it became backlogged.
+const FILL_STEP: u64 = 2;
+const MAX_FILL_STEP: u64 = 32;
+/// Fill sent into one stalled room, at most; reaching it means the kernel kept taking bytes
+/// far beyond what its buffers should hold, and the set-up fails.
+const MAX_FILL_BYTES: u64 = 64 * 1024 * 1024;
+/// How long filling the stalled rooms may take.
+const FILL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the fill is checked against the kernel's queues, and how long a room's last
+/// echo must be past before its queues count: the server retries a backlogged client every
+/// 10 ms, so by then it has sent whatever the kernel would take.
+const FILL_SCAN: Duration = Duration::from_millis(50);
+/// Sampling interval of the server's RSS while hoarders press on it (`VmHWM` catches the
+/// peaks between samples).
+const RSS_SAMPLE: Duration = Duration::from_millis(50);
+/// Pause between polls of the rooms API while a room empties.
+const LEAVE_POLL: Duration = Duration::from_millis(2);
+/// How long a room may take to empty after its clients left.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the server may take to let a newcomer in and relay its message.
+const NEWCOMER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Every step of one HTTP request (connect, write, each read).
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of an HTTP response read, at most (the metrics page is a few KiB).
+const MAX_HTTP_RESPONSE: u64 = 1024 * 1024;
 
 #[derive(Clone, Debug)]
 struct Args {
@@ -51,13 +103,46 @@ struct Args {
     connect_rate: f64,
     hold: Duration,
     pid: Option<u32>,
+    /// Rooms the `stalled` scenario spreads its stalled clients over (one filler each).
+    stalled_rooms: usize,
+    /// Messages a hoarder may send at once before `rate` paces it (the server's `--burst`).
+    burst: f64,
+    /// Whether a hoarder that was evicted is replaced, to keep `clients` hoarders connected.
+    reconnect: bool,
+    /// How the `leave` scenario's clients disconnect.
+    leave_mode: LeaveMode,
 }
+
+/// How a client leaves: a close handshake, a FIN without a close frame, or an RST.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LeaveMode {
+    Close,
+    Fin,
+    Rst,
+}
+
+impl LeaveMode {
+    fn name(self) -> &'static str {
+        match self {
+            LeaveMode::Close => "close",
+            LeaveMode::Fin => "fin",
+            LeaveMode::Rst => "rst",
+        }
+    }
+}
+
+/// The largest `--size` of the scenarios that check every delivered byte: their payloads are
+/// generated per message, and a delivery is read into a 64 KiB scratch buffer.
+const MAX_CHECKED_SIZE: usize = 60_000;
+/// The largest `--size` of `hoard`, whose one frame is built once and never read back: far
+/// above any sensible `--max-message-bytes`, so the tool never caps what the server allows.
+const MAX_HOARD_SIZE: usize = 16 * 1024 * 1024;
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let scenario = it
         .next()
-        .ok_or("usage: load SCENARIO [--flag value]... (capacity, fanout, slow, churn, rooms)")?;
+        .ok_or("usage: load SCENARIO [--flag value]... (capacity, fanout, slow, churn, rooms, stalled, hoard, leave)")?;
     let mut args = Args {
         scenario,
         addr: "127.0.0.1:9001".parse().unwrap(),
@@ -73,6 +158,10 @@ fn parse_args() -> Result<Args, String> {
         connect_rate: 5000.0,
         hold: Duration::from_secs(2),
         pid: None,
+        stalled_rooms: 10,
+        burst: 0.0,
+        reconnect: true,
+        leave_mode: LeaveMode::Rst,
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -105,14 +194,46 @@ fn parse_args() -> Result<Args, String> {
                 )
             }
             "--pid" => args.pid = Some(value.parse().map_err(|_| format!("bad --pid {value}"))?),
+            "--stalled-rooms" => args.stalled_rooms = value.parse().map_err(bad)?,
+            "--burst" => args.burst = value.parse().map_err(|_| format!("bad --burst {value}"))?,
+            "--reconnect" => {
+                args.reconnect = match value.as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err(format!("--reconnect takes yes or no, not {value}")),
+                }
+            }
+            "--mode" => {
+                args.leave_mode = match value.as_str() {
+                    "close" => LeaveMode::Close,
+                    "fin" => LeaveMode::Fin,
+                    "rst" => LeaveMode::Rst,
+                    _ => return Err(format!("--mode takes close, fin or rst, not {value}")),
+                }
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
-    if args.size < HEADER || args.size > 60_000 {
-        return Err(format!("--size must be between {HEADER} and 60000"));
+    let max_size = if args.scenario == "hoard" {
+        MAX_HOARD_SIZE
+    } else {
+        MAX_CHECKED_SIZE
+    };
+    if args.size < HEADER || args.size > max_size {
+        return Err(format!(
+            "--size must be between {HEADER} and {max_size} for {}",
+            args.scenario
+        ));
+    }
+    if args.scenario == "hoard" {
+        // Each hoarder is alone in its room.
+        args.rooms = args.clients;
     }
     if args.rooms == 0 || args.clients < args.rooms {
         return Err("need at least one client per room".into());
+    }
+    if args.scenario == "stalled" && args.stalled > 0 && args.stalled_rooms == 0 {
+        return Err("--stalled-rooms must be at least 1".into());
     }
     if !args.addr.ip().is_loopback() {
         return Err("the load tool targets loopback addresses only".into());
@@ -126,10 +247,14 @@ enum Role {
     Receiver,
     /// Receives too; `id` indexes the publisher tables.
     Publisher(usize),
-    /// Never reads after the handshake (slow scenario).
+    /// Never reads after the handshake (slow and stalled scenarios).
     Stalled,
-    /// Connects, leaves by `LeaveMode`, reconnects (churn scenario).
-    Churner(u8),
+    /// Sends fill messages into a stalled room and reads (and discards) their echoes.
+    Filler,
+    /// Sends large messages and never reads after the handshake (hoard scenario).
+    Hoarder,
+    /// Connects, leaves by its `LeaveMode`, reconnects (churn scenario).
+    Churner(LeaveMode),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +276,12 @@ struct Conn {
     next_seq: Vec<u64>,
     /// When a stalled client's socket was closed by the server.
     evicted_at: Option<Duration>,
+    /// When the `101` arrived.
+    open_since: Option<Instant>,
+    /// Bytes of the shared hoard frame still to write (hoarders; after `wbuf`).
+    hoard_pending: usize,
+    /// Hoard frames started by this hoarder, for its rate.
+    hoard_sent: u64,
 }
 
 #[derive(Default)]
@@ -193,6 +324,31 @@ struct Load {
     /// Nanoseconds since `start` when the current batch of reads began, the receive time
     /// used for latency (one clock read per batch, not per message).
     batch_ns: u64,
+    /// Fill progress of the stalled scenario's rooms, indexed by room.
+    fill: BTreeMap<usize, FillRoom>,
+    /// The one frame every hoarder sends, built once (hoard scenario).
+    hoard_frame: Vec<u8>,
+    /// Hoarders the server closed or reset (hoard scenario).
+    hoarders_evicted: u64,
+    /// Hoard frames started, by every hoarder there has been (hoard scenario).
+    hoard_messages: u64,
+}
+
+/// A stalled room's filler: what it sent into the room, and what came back to it. The
+/// server relays a message to every member in one fan-out, so once the filler has its own
+/// echo of a message, every stalled member's outbox has had that message queued too.
+#[derive(Debug)]
+struct FillRoom {
+    filler: Token,
+    sent: u64,
+    echoed: u64,
+    last_echo: Instant,
+    /// Messages in the next step.
+    step: u64,
+    /// The last step's queues have been looked at (and were not enough).
+    is_checked: bool,
+    /// Every stalled member holds at least one fill message in the server's outbox.
+    is_backlogged: bool,
 }
 
 fn main() {
@@ -206,8 +362,10 @@ fn main() {
     let mut load = Load::new(args.clone()).expect("epoll");
     let ok = match args.scenario.as_str() {
         "capacity" => load.capacity(),
-        "fanout" | "slow" | "rooms" => load.fanout(),
+        "fanout" | "slow" | "rooms" | "stalled" => load.fanout(),
         "churn" => load.churn(),
+        "hoard" => load.hoard(),
+        "leave" => load.leave_all(),
         other => {
             eprintln!("load: unknown scenario {other}");
             std::process::exit(2);
@@ -233,6 +391,10 @@ impl Load {
             last_stale_scan: Instant::now(),
             scratch: vec![0; 64 * 1024],
             batch_ns: 0,
+            fill: BTreeMap::new(),
+            hoard_frame: Vec::new(),
+            hoarders_evicted: 0,
+            hoard_messages: 0,
         })
     }
 
@@ -244,7 +406,7 @@ impl Load {
 
     /// Starts a connection and its handshake; failures are tallied by kind.
     fn open(&mut self, room: usize, role: Role) -> Option<Token> {
-        let stream = match TcpStream::connect(self.args.addr) {
+        let stream = match connect(self.args.addr, role == Role::Stalled) {
             Ok(stream) => stream,
             Err(e) => {
                 self.tally.fail(error_kind(&e));
@@ -252,10 +414,6 @@ impl Load {
             }
         };
         let _ = stream.set_nodelay(true);
-        if role == Role::Stalled {
-            // A tiny receive window, so the server's bytes back up into its outbox quickly.
-            let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(4096);
-        }
         let index = self.free.pop().unwrap_or_else(|| {
             self.conns.push(None);
             self.conns.len() - 1
@@ -286,6 +444,9 @@ impl Load {
             wbuf: request.into_bytes(),
             next_seq: Vec::new(),
             evicted_at: None,
+            open_since: None,
+            hoard_pending: 0,
+            hoard_sent: 0,
         });
         Some(token)
     }
@@ -362,23 +523,34 @@ impl Load {
         }
     }
 
+    /// Writes what is queued: `wbuf`, then (hoarders) the rest of the shared hoard frame.
     fn flush(&mut self, token: Token) {
         let Some(conn) = self.conns[token.0].as_mut() else {
             return;
         };
-        while !conn.wbuf.is_empty() {
-            match conn.stream.write(&conn.wbuf) {
+        loop {
+            let unsent = if !conn.wbuf.is_empty() {
+                &conn.wbuf[..]
+            } else if conn.hoard_pending > 0 {
+                &self.hoard_frame[self.hoard_frame.len() - conn.hoard_pending..]
+            } else {
+                break;
+            };
+            match conn.stream.write(unsent) {
                 Ok(0) => break,
-                Ok(n) => {
+                Ok(n) if !conn.wbuf.is_empty() => {
                     conn.wbuf.drain(..n);
                 }
+                Ok(n) => conn.hoard_pending -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => break, // connect in progress
                 Err(e) => {
                     let kind = error_kind(&e);
-                    let handshaking = conn.phase == Phase::Handshaking;
-                    if handshaking {
-                        self.tally.fail(kind);
+                    match (conn.phase, conn.role) {
+                        (Phase::Handshaking, _) => self.tally.fail(kind),
+                        // The server reset a hoarder it evicted.
+                        (Phase::Open, Role::Hoarder) => self.hoarders_evicted += 1,
+                        _ => {}
                     }
                     self.close(token, false);
                     return;
@@ -391,17 +563,7 @@ impl Load {
         let Some(conn) = self.conns[token.0].as_mut() else {
             return;
         };
-        // Clients must mask (RFC 6455 §5.3); a zero key leaves the payload bytes as they are.
-        conn.wbuf.push(0x80 | opcode);
-        if payload.len() < 126 {
-            conn.wbuf.push(0x80 | payload.len() as u8);
-        } else {
-            conn.wbuf.push(0x80 | 126);
-            conn.wbuf
-                .extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        }
-        conn.wbuf.extend_from_slice(&[0, 0, 0, 0]);
-        conn.wbuf.extend_from_slice(payload);
+        client_frame(&mut conn.wbuf, opcode, payload);
         self.flush(token);
     }
 
@@ -418,11 +580,16 @@ impl Load {
             let Some(conn) = self.conns[token.0].as_mut() else {
                 return;
             };
-            if conn.role == Role::Stalled && conn.phase == Phase::Open {
+            if matches!(conn.role, Role::Stalled | Role::Hoarder) && conn.phase == Phase::Open {
                 // Never read: only notice the server closing the socket (its eviction), which
                 // epoll reports even while unread data sits in the buffer.
                 if peer_closed && conn.evicted_at.is_none() {
                     conn.evicted_at = Some(self.start.elapsed());
+                    if conn.role == Role::Hoarder {
+                        // Its slot (and room) goes to a replacement, if there is to be one.
+                        self.hoarders_evicted += 1;
+                        self.close(token, false);
+                    }
                 }
                 return;
             }
@@ -464,6 +631,7 @@ impl Load {
             match head.split_whitespace().nth(1) {
                 Some("101") => {
                     conn.phase = Phase::Open;
+                    conn.open_since = Some(Instant::now());
                     self.tally.upgraded += 1;
                     if matches!(conn.role, Role::Receiver | Role::Publisher(_)) {
                         self.members[conn.room] += 1;
@@ -492,6 +660,7 @@ impl Load {
             return;
         };
         let rbuf = std::mem::take(&mut conn.rbuf);
+        let (role, room) = (conn.role, conn.room);
         let mut at = 0;
         let mut ended = false;
         while rbuf.len() - at >= 2 {
@@ -511,6 +680,12 @@ impl Load {
             let payload = &frame[header..header + len];
             at += header + len;
             match frame[0] & 0x0f {
+                0x1 | 0x2 if role == Role::Filler => {
+                    if let Some(fill) = self.fill.get_mut(&room) {
+                        fill.echoed += 1;
+                        fill.last_echo = Instant::now();
+                    }
+                }
                 0x1 | 0x2 => self.receive(token, payload),
                 0x9 => self.send_frame(token, 0xa, payload),
                 0x8 => {
@@ -572,36 +747,40 @@ impl Load {
     }
 
     fn publish(&mut self, publisher: usize) {
+        self.publish_sized(publisher, self.args.size);
+    }
+
+    fn publish_sized(&mut self, publisher: usize, size: usize) {
         let (token, seq) = {
             let p = &mut self.publishers[publisher];
             p.sent += 1;
             p.in_flight += 1;
             (p.token, p.sent - 1)
         };
-        let mut payload = Vec::with_capacity(self.args.size);
+        let mut payload = Vec::with_capacity(size);
         payload.extend_from_slice(&self.now_ns().to_be_bytes());
         payload.extend_from_slice(&(publisher as u32).to_be_bytes());
         payload.extend_from_slice(&seq.to_be_bytes());
-        payload.extend((0..self.args.size - HEADER).map(|i| pattern_byte(seq, i)));
+        payload.extend((0..size - HEADER).map(|i| pattern_byte(seq, i)));
         self.send_frame(token, 0x2, &payload);
     }
 
-    /// A churner leaves: 0 = clean close handshake, 1 = FIN without a close frame, 2 = RST.
-    fn leave(&mut self, token: Token, mode: u8) {
+    /// A client leaves: a clean close handshake, a FIN without a close frame, or an RST.
+    fn leave(&mut self, token: Token, mode: LeaveMode) {
         match mode {
-            0 => {
+            LeaveMode::Close => {
                 if let Some(conn) = self.conns[token.0].as_mut() {
                     conn.phase = Phase::Closing;
                 }
                 self.send_frame(token, 0x8, &1000u16.to_be_bytes());
             }
-            1 => {
+            LeaveMode::Fin => {
                 if let Some(conn) = self.conns[token.0].as_ref() {
                     let _ = conn.stream.shutdown(Shutdown::Write);
                 }
                 self.close(token, false);
             }
-            _ => self.close(token, true),
+            LeaveMode::Rst => self.close(token, true),
         }
     }
 
@@ -721,6 +900,11 @@ impl Load {
         let mut events = Events::with_capacity(4096);
         let args = self.args.clone();
         let rooms = args.rooms;
+        let beside = args.scenario == "stalled" && args.stalled > 0;
+        if beside && !self.stall_beside(&mut events) {
+            println!("RESULT scenario=stalled setup_failed=1");
+            return false;
+        }
         // Publishers first (one room each, round robin), then receivers, then stalled clients.
         let publishers = if args.scenario == "rooms" {
             rooms
@@ -755,17 +939,18 @@ impl Load {
                 debug_assert_eq!(self.publishers.len() - 1, *p);
             }
         }
-        if self.publishers.len() != publishers || self.open_count(|_| true) != args.clients {
+        let measured = |c: &Conn| matches!(c.role, Role::Receiver | Role::Publisher(_));
+        if self.publishers.len() != publishers || self.open_count(measured) != args.clients {
             println!(
                 "load: only {} of {} clients connected: {:?}",
-                self.open_count(|_| true),
+                self.open_count(measured),
                 args.clients,
                 self.tally.failures
             );
             println!("RESULT scenario={} failed_to_connect=1", args.scenario);
             return false;
         }
-        if args.stalled > 0 {
+        if args.stalled > 0 && args.scenario != "stalled" {
             let before = self.tally.upgraded;
             self.ramp(args.stalled, |_| (0, Role::Stalled), &mut events);
             assert_eq!(
@@ -850,7 +1035,37 @@ impl Load {
             );
         }
         let mut evicted_all = true;
-        if args.stalled > 0 {
+        let mut stalled_kept = true;
+        if args.scenario == "stalled" {
+            let queues = socket_queues();
+            let stalled: Vec<&Conn> = self
+                .conns
+                .iter()
+                .flatten()
+                .filter(|c| c.role == Role::Stalled)
+                .collect();
+            let connected = stalled.iter().filter(|c| c.evicted_at.is_none()).count();
+            let backlogged = stalled
+                .iter()
+                .filter(|c| c.evicted_at.is_none())
+                .filter(|c| self.stalled_outbox_estimate(c, &queues) > 0)
+                .count();
+            stalled_kept = connected == args.stalled;
+            println!(
+                "stalled clients beside: {connected} of {} still connected, {backlogged} still backlogged{}",
+                args.stalled,
+                if stalled_kept {
+                    ""
+                } else {
+                    " (WARNING: the server evicted some during the run; raise its --slow-timeout and --outbox-bytes)"
+                }
+            );
+            extra += &format!(
+                " stalled={} stalled_rooms={} stalled_connected={connected} stalled_backlogged={backlogged}",
+                args.stalled,
+                if args.stalled > 0 { args.stalled_rooms.min(args.stalled) } else { 0 }
+            );
+        } else if args.stalled > 0 {
             let evictions: Vec<String> = self
                 .conns
                 .iter()
@@ -888,7 +1103,196 @@ impl Load {
             h.value_at_quantile(0.999),
             h.max()
         );
-        lost == 0 && self.tally.reordered == 0 && self.tally.corrupted == 0 && evicted_all
+        lost == 0
+            && self.tally.reordered == 0
+            && self.tally.corrupted == 0
+            && evicted_all
+            && stalled_kept
+    }
+
+    /// The `stalled` scenario's set-up: `--stalled` clients that stop reading after the
+    /// handshake, spread over `--stalled-rooms` rooms beside the measured ones, and in each of
+    /// those rooms a filler that sends messages until every stalled member is backlogged:
+    /// until the server holds bytes for it in its outbox, beyond what the kernel buffers on
+    /// both ends of its connection took. Those clients are then retried by the server for the
+    /// whole measurement. False when they cannot all be connected and backlogged.
+    fn stall_beside(&mut self, events: &mut Events) -> bool {
+        let args = self.args.clone();
+        let rooms = args.stalled_rooms.min(args.stalled);
+        let first_room = args.rooms;
+        self.members.resize(first_room + rooms, 0);
+        self.ramp(
+            rooms + args.stalled,
+            |i| {
+                if i < rooms {
+                    (first_room + i, Role::Filler)
+                } else {
+                    (first_room + (i - rooms) % rooms, Role::Stalled)
+                }
+            },
+            events,
+        );
+        let fillers: Vec<(usize, Token)> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                c.as_ref()
+                    .filter(|c| c.role == Role::Filler && c.phase == Phase::Open)
+                    .map(|c| (c.room, Token(i)))
+            })
+            .collect();
+        let stalled = self.open_count(|c| c.role == Role::Stalled);
+        if fillers.len() != rooms || stalled != args.stalled {
+            println!(
+                "load: only {} of {rooms} fillers and {stalled} of {} stalled clients connected: {:?}",
+                fillers.len(),
+                args.stalled,
+                self.tally.failures
+            );
+            return false;
+        }
+        let now = Instant::now();
+        for (room, filler) in fillers {
+            self.fill.insert(
+                room,
+                FillRoom {
+                    filler,
+                    sent: 0,
+                    echoed: 0,
+                    last_echo: now,
+                    step: FILL_STEP,
+                    is_checked: false,
+                    is_backlogged: false,
+                },
+            );
+        }
+        // In steps: a few messages into each room not yet backlogged, then, once they have
+        // all come back to the filler and settled, a look at the kernel's queues.
+        let fill_message = vec![0u8; FILL_MESSAGE_BYTES];
+        let started = Instant::now();
+        let mut last_scan = started;
+        while self.fill.values().any(|f| !f.is_backlogged) && started.elapsed() < FILL_TIMEOUT {
+            for fill in self.fill.values_mut() {
+                let can_step = !fill.is_backlogged
+                    && fill.echoed == fill.sent
+                    && (fill.sent == 0 || fill.is_checked)
+                    && fill.sent * server_frame_len(FILL_MESSAGE_BYTES) < MAX_FILL_BYTES;
+                if can_step {
+                    if let Some(conn) = self.conns[fill.filler.0].as_mut() {
+                        for _ in 0..fill.step {
+                            client_frame(&mut conn.wbuf, 0x2, &fill_message);
+                        }
+                    }
+                    fill.sent += fill.step;
+                    fill.step = (fill.step * 2).min(MAX_FILL_STEP);
+                    fill.is_checked = false;
+                }
+            }
+            let fillers: Vec<Token> = self.fill.values().map(|f| f.filler).collect();
+            for filler in fillers {
+                self.flush(filler);
+            }
+            self.turn(events, Duration::from_millis(1));
+            if last_scan.elapsed() < FILL_SCAN {
+                continue;
+            }
+            last_scan = Instant::now();
+            // A step has settled when all of it has come back to the filler a while ago: the
+            // server has long since tried to send it to every member.
+            let queues = socket_queues();
+            let settled: Vec<usize> = self
+                .fill
+                .iter()
+                .filter(|(_, f)| {
+                    !f.is_backlogged
+                        && !f.is_checked
+                        && f.echoed == f.sent
+                        && f.last_echo.elapsed() >= FILL_SCAN
+                })
+                .map(|(room, _)| *room)
+                .collect();
+            for room in settled {
+                let least = self
+                    .conns
+                    .iter()
+                    .flatten()
+                    .filter(|c| c.role == Role::Stalled && c.room == room)
+                    .map(|c| self.stalled_outbox_estimate(c, &queues))
+                    .min()
+                    .unwrap_or(0);
+                if let Some(fill) = self.fill.get_mut(&room) {
+                    fill.is_checked = true;
+                    // A whole message beyond what the kernel holds: backlogged with margin.
+                    fill.is_backlogged = least >= server_frame_len(FILL_MESSAGE_BYTES) as i64;
+                }
+            }
+        }
+        let backlogged_rooms = self.fill.values().filter(|f| f.is_backlogged).count();
+        let evicted = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| c.role == Role::Stalled && c.evicted_at.is_some())
+            .count();
+        // What the kernel holds for a stalled client: the bytes in its receive queue plus
+        // those in the server's send queue.
+        let queues = socket_queues();
+        let held: Vec<(u64, u64)> = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| c.role == Role::Stalled)
+            .filter_map(|c| stalled_queues(c, &queues))
+            .collect();
+        let n = held.len().max(1) as u64;
+        let min_outbox = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| c.role == Role::Stalled)
+            .map(|c| self.stalled_outbox_estimate(c, &queues))
+            .min()
+            .unwrap_or(0);
+        let fill_bytes: Vec<u64> = self
+            .fill
+            .values()
+            .map(|f| f.sent * server_frame_len(FILL_MESSAGE_BYTES))
+            .collect();
+        println!(
+            "stalled: {} clients in {rooms} rooms, {}/{rooms} rooms backlogged in {:.1?}, {evicted} evicted; \
+             each room took {}..{} B of fill; per client the kernel holds {} B received unread (max {}) \
+             and {} B in the server's send queue (max {}); the server's outbox holds at least {min_outbox} B",
+            args.stalled,
+            backlogged_rooms,
+            started.elapsed(),
+            fill_bytes.iter().min().unwrap_or(&0),
+            fill_bytes.iter().max().unwrap_or(&0),
+            held.iter().map(|h| h.0).sum::<u64>() / n,
+            held.iter().map(|h| h.0).max().unwrap_or(0),
+            held.iter().map(|h| h.1).sum::<u64>() / n,
+            held.iter().map(|h| h.1).max().unwrap_or(0),
+        );
+        backlogged_rooms == rooms && evicted == 0
+    }
+
+    /// Bytes the server still holds in its outbox for a stalled client: the fill relayed to
+    /// its room (as far as the filler's echoes prove), less what is in the kernel's queues
+    /// on both ends. Positive means backlogged; 0 or less means the kernel took everything.
+    fn stalled_outbox_estimate(
+        &self,
+        conn: &Conn,
+        queues: &HashMap<(SocketAddr, SocketAddr), (u64, u64)>,
+    ) -> i64 {
+        let Some(fill) = self.fill.get(&conn.room) else {
+            return 0;
+        };
+        let Some((received, sending)) = stalled_queues(conn, queues) else {
+            return 0;
+        };
+        (fill.echoed * server_frame_len(FILL_MESSAGE_BYTES)) as i64
+            - received as i64
+            - sending as i64
     }
 
     /// Deliveries owed: each publisher's messages times the members of its room.
@@ -941,13 +1345,14 @@ impl Load {
         let steady_failures: u64 = self.tally.failures.values().sum();
         let upgraded_before = self.tally.upgraded;
         let started = Instant::now();
-        let mut mode = 0u8;
+        let modes = [LeaveMode::Fin, LeaveMode::Rst, LeaveMode::Close];
+        let mut opened = 0;
         while started.elapsed() < args.duration {
             while self.open_count(|c| matches!(c.role, Role::Churner(_))) + self.handshaking()
                 < args.churners
             {
-                mode = (mode + 1) % 3;
-                self.open(1, Role::Churner(mode));
+                self.open(1, Role::Churner(modes[opened % modes.len()]));
+                opened += 1;
             }
             while (self.publishers[0].sent as f64) < started.elapsed().as_secs_f64() * args.rate {
                 self.publish(0);
@@ -999,6 +1404,397 @@ impl Load {
             && self.tally.corrupted == 0
             && self.tally.reordered == 0
     }
+
+    /// `hoard`: `--clients` clients, each alone in its room, send `--size` messages and never
+    /// read, so every echo piles up in the sender's own outbox until the server evicts it.
+    /// Each hoarder sends as fast as the server's rate limit allows when told that limit
+    /// (`--rate`, `--burst`), or as fast as its socket takes (`--rate 0`). An evicted hoarder
+    /// is replaced (`--reconnect yes`), so `--clients` of them press on the server for the
+    /// whole `--duration`. Reports the server's peak memory per hoarder, and fails when it
+    /// exceeds the per-client budget the server's metrics publish (if they do).
+    fn hoard(&mut self) -> bool {
+        let mut events = Events::with_capacity(4096);
+        let args = self.args.clone();
+        let Some(pid) = args.pid else {
+            println!("load: hoard measures the server's memory, so it needs --pid");
+            println!("RESULT scenario=hoard no_pid=1");
+            return false;
+        };
+        let addr = args.addr;
+        let (baseline, baseline_threads) = server_usage(pid);
+        let evictions_before = evictions(addr);
+        let budget = http_get(addr, "/metrics")
+            .ok()
+            .and_then(|(_, text)| metric(&text, "roomcast_memory_per_client_budget_bytes"));
+        let payload: Vec<u8> = (0..args.size).map(|i| pattern_byte(0, i)).collect();
+        client_frame(&mut self.hoard_frame, 0x2, &payload);
+        let frame_len = self.hoard_frame.len();
+        let started = Instant::now();
+        let mut opened = 0usize;
+        let mut peak_rss = baseline;
+        let mut peak_threads = baseline_threads;
+        let mut last_sample = started;
+        while started.elapsed() < args.duration {
+            // Keep `--clients` hoarders, one per room: a room whose hoarder is gone is free.
+            let mut in_use = vec![false; args.clients];
+            for conn in self.conns.iter().flatten() {
+                if conn.role == Role::Hoarder {
+                    in_use[conn.room] = true;
+                }
+            }
+            let allowed =
+                args.clients + (started.elapsed().as_secs_f64() * args.connect_rate) as usize;
+            for room in (0..args.clients).filter(|r| !in_use[*r]) {
+                let may_open = opened
+                    < allowed.min(if args.reconnect {
+                        usize::MAX
+                    } else {
+                        args.clients
+                    });
+                if !may_open || self.handshaking() >= 256 {
+                    break;
+                }
+                self.open(room, Role::Hoarder);
+                opened += 1;
+            }
+            // Each hoarder starts its next message once the last is written, within its rate.
+            let now = Instant::now();
+            let ready: Vec<Token> = self
+                .conns
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    let c = c.as_ref()?;
+                    let since = c.open_since?;
+                    let may_send = args.rate == 0.0
+                        || (c.hoard_sent as f64)
+                            < args.burst + now.duration_since(since).as_secs_f64() * args.rate;
+                    (c.role == Role::Hoarder
+                        && c.phase == Phase::Open
+                        && c.hoard_pending == 0
+                        && c.wbuf.is_empty()
+                        && may_send)
+                        .then_some(Token(i))
+                })
+                .collect();
+            for token in ready {
+                if let Some(conn) = self.conns[token.0].as_mut() {
+                    conn.hoard_pending = frame_len;
+                    conn.hoard_sent += 1;
+                    self.hoard_messages += 1;
+                }
+                self.flush(token);
+            }
+            self.turn(&mut events, Duration::from_micros(500));
+            if last_sample.elapsed() >= RSS_SAMPLE {
+                let (rss, threads) = server_usage(pid);
+                peak_rss = peak_rss.max(rss);
+                peak_threads = peak_threads.max(threads);
+                last_sample = Instant::now();
+            }
+        }
+        let hoarding = started.elapsed();
+        peak_rss = peak_rss.max(server_usage(pid).0);
+        let high_water = server_peak_rss(pid);
+        let messages = self.hoard_messages;
+        let hoarders: Vec<Token> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.as_ref().is_some_and(|c| c.role == Role::Hoarder))
+            .map(|(i, _)| Token(i))
+            .collect();
+        for token in hoarders {
+            self.close(token, true);
+        }
+        let connected = self.tally.upgraded;
+        let newcomer = self.newcomer_relays(&mut events);
+        let evicted_by_server: Vec<String> = evictions(addr)
+            .iter()
+            .map(|(reason, n)| {
+                let before = evictions_before.get(reason).copied().unwrap_or(0.0);
+                format!("{reason}:{}", n - before)
+            })
+            .collect();
+        let per_client = high_water.saturating_sub(baseline) / args.clients as u64;
+        let within = budget.map(|b| per_client as f64 <= b);
+        let mib = |b: u64| b as f64 / 1048576.0;
+        println!(
+            "hoard: {} hoarders × {} B messages for {hoarding:.1?}: {connected} connections, {messages} messages started, \
+             {} evictions seen, server evictions {{{}}}; failures {:?}; server threads peaked at {} more than before \
+             (evicted connections still ending while their replacements join)",
+            args.clients,
+            args.size,
+            self.hoarders_evicted,
+            evicted_by_server.join(", "),
+            self.tally.failures,
+            peak_threads.saturating_sub(baseline_threads)
+        );
+        println!(
+            "server memory: RSS {:.1} MiB before, {:.1} MiB peak sampled, {:.1} MiB high-water mark (VmHWM): \
+             {:.1} KiB per hoarder; budget {}; a newcomer {}",
+            mib(baseline),
+            mib(peak_rss),
+            mib(high_water),
+            per_client as f64 / 1024.0,
+            match (budget, within) {
+                (Some(b), Some(true)) => format!("{:.1} KiB per client, kept", b / 1024.0),
+                (Some(b), _) => format!("{:.1} KiB per client, EXCEEDED", b / 1024.0),
+                (None, _) => "not published by the server (no roomcast_memory_per_client_budget_bytes)".into(),
+            },
+            if newcomer { "was relayed to" } else { "was NOT relayed to" }
+        );
+        println!(
+            "RESULT scenario=hoard clients={} size={} connections={connected} messages={messages} evictions_seen={} \
+             server_evictions={} baseline_rss_mib={:.1} peak_rss_mib={:.1} hwm_mib={:.1} per_client_peak_kib={:.1} \
+             budget_kib={} within_budget={} newcomer={} peak_extra_threads={}",
+            args.clients,
+            args.size,
+            self.hoarders_evicted,
+            evicted_by_server.join(","),
+            mib(baseline),
+            mib(peak_rss),
+            mib(high_water),
+            per_client as f64 / 1024.0,
+            budget.map_or("none".into(), |b| format!("{:.1}", b / 1024.0)),
+            within.map_or("unknown", |w| if w { "yes" } else { "no" }),
+            if newcomer { "ok" } else { "failed" },
+            peak_threads.saturating_sub(baseline_threads)
+        );
+        connected >= args.clients as u64 && newcomer && within != Some(false)
+    }
+
+    /// `leave`: `--clients` clients join one room, then all leave at once by `--mode`.
+    /// Reports the time from the first leave until the server's rooms API says the room is
+    /// empty, polled on a fresh connection every few milliseconds, and the server's CPU time
+    /// in that window (with `--pid`).
+    fn leave_all(&mut self) -> bool {
+        let mut events = Events::with_capacity(4096);
+        let args = self.args.clone();
+        self.ramp(args.clients, |_| (0, Role::Receiver), &mut events);
+        let joined = self.open_count(|c| c.role == Role::Receiver);
+        let counted = room_clients(args.addr, 0);
+        if joined != args.clients || counted.as_ref().ok() != Some(&(joined as u64)) {
+            println!(
+                "load: {joined} of {} clients joined, the server counts {counted:?}: {:?}",
+                args.clients, self.tally.failures
+            );
+            println!("RESULT scenario=leave failed_to_connect=1");
+            return false;
+        }
+        let members: Vec<Token> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.as_ref().is_some_and(|c| c.role == Role::Receiver))
+            .map(|(i, _)| Token(i))
+            .collect();
+        let cpu_before = args.pid.map(cpu_time);
+        let started = Instant::now();
+        for token in members {
+            self.leave(token, args.leave_mode);
+        }
+        let issued = started.elapsed();
+        let mut polls = 0u64;
+        let mut remaining = joined as u64;
+        // How long the last poll took: the room emptied at most this long before it answered.
+        let mut poll_took;
+        let emptied = loop {
+            // Services the close replies (`--mode close`); otherwise just paces the polls.
+            self.turn(&mut events, LEAVE_POLL);
+            polls += 1;
+            let asked = Instant::now();
+            let answer = room_clients(args.addr, 0);
+            poll_took = asked.elapsed();
+            match answer {
+                Ok(0) => break Some(started.elapsed()),
+                Ok(n) => remaining = n,
+                Err(e) => self.tally.fail(format!("poll: {}", error_kind(&e))),
+            }
+            if started.elapsed() > LEAVE_TIMEOUT {
+                break None;
+            }
+        };
+        let cpu = args
+            .pid
+            .zip(cpu_before)
+            .map(|(pid, before)| cpu_time(pid).saturating_sub(before));
+        let left: Vec<Token> = (0..self.conns.len())
+            .filter(|i| self.conns[*i].is_some())
+            .map(Token)
+            .collect();
+        for token in left {
+            self.close(token, false);
+        }
+        let newcomer = self.newcomer_relays(&mut events);
+        let cpu_ms = cpu.map_or("unknown".into(), |c| format!("{}", c.as_millis()));
+        match emptied {
+            Some(t) => println!(
+                "leave: {joined} clients of one room left by {} in {issued:.1?}; the server's room was empty \
+                 {t:.1?} after the first left ({polls} polls, the last took {poll_took:.1?}); server CPU {cpu_ms} ms; \
+                 a newcomer {}",
+                args.leave_mode.name(),
+                if newcomer { "was relayed to" } else { "was NOT relayed to" }
+            ),
+            None => println!(
+                "leave: {joined} clients left by {}, but the server still counted {remaining} after {LEAVE_TIMEOUT:?}",
+                args.leave_mode.name()
+            ),
+        }
+        println!(
+            "RESULT scenario=leave clients={joined} mode={} issue_ms={:.1} empty_ms={} server_cpu_ms={cpu_ms} polls={polls} \
+             last_poll_ms={:.1} failures={:?} newcomer={}",
+            args.leave_mode.name(),
+            issued.as_secs_f64() * 1e3,
+            emptied.map_or("never".into(), |t| format!("{:.1}", t.as_secs_f64() * 1e3)),
+            poll_took.as_secs_f64() * 1e3,
+            self.tally.failures,
+            if newcomer { "ok" } else { "failed" }
+        );
+        emptied.is_some() && newcomer
+    }
+
+    /// Whether the server still serves: a new client in a new room gets in, and its message
+    /// comes back to it intact.
+    fn newcomer_relays(&mut self, events: &mut Events) -> bool {
+        let room = self.members.len();
+        self.members.push(0);
+        let id = self.publishers.len();
+        let Some(token) = self.open(room, Role::Publisher(id)) else {
+            return false;
+        };
+        let deadline = Instant::now() + NEWCOMER_TIMEOUT;
+        let phase = |load: &Load| load.conns[token.0].as_ref().map(|c| c.phase);
+        while phase(self) == Some(Phase::Handshaking) && Instant::now() < deadline {
+            self.turn(events, Duration::from_millis(5));
+        }
+        if phase(self) != Some(Phase::Open) {
+            return false;
+        }
+        self.publishers.push(Publisher {
+            token,
+            room,
+            sent: 0,
+            in_flight: 0,
+        });
+        let corrupted = self.tally.corrupted;
+        self.publish_sized(id, HEADER + 64);
+        while self.publishers[id].in_flight > 0
+            && phase(self) == Some(Phase::Open)
+            && Instant::now() < deadline
+        {
+            self.turn(events, Duration::from_millis(5));
+        }
+        let relayed = self.publishers[id].in_flight == 0 && self.tally.corrupted == corrupted;
+        self.close(token, false);
+        relayed
+    }
+}
+
+/// A stalled client's kernel queues: bytes in its own receive queue, and bytes in the send
+/// queue of the server's end of its connection.
+fn stalled_queues(
+    conn: &Conn,
+    queues: &HashMap<(SocketAddr, SocketAddr), (u64, u64)>,
+) -> Option<(u64, u64)> {
+    let local = conn.stream.local_addr().ok()?;
+    let server = conn.stream.peer_addr().ok()?;
+    let received = queues.get(&(local, server))?.1;
+    let sending = queues.get(&(server, local))?.0;
+    Some((received, sending))
+}
+
+/// Every TCP connection's kernel queues on this machine, by (local, remote) address: the send
+/// queue (written, not yet acknowledged) and the receive queue (arrived, not yet read), as
+/// `ss` shows them (Send-Q, Recv-Q), read from `/proc/net/tcp` and `/proc/net/tcp6`.
+fn socket_queues() -> HashMap<(SocketAddr, SocketAddr), (u64, u64)> {
+    let mut queues = HashMap::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(queue)) = (
+                fields.get(1).and_then(|a| proc_net_addr(a)),
+                fields.get(2).and_then(|a| proc_net_addr(a)),
+                fields.get(4).and_then(|q| q.split_once(':')),
+            ) else {
+                continue;
+            };
+            let hex = |h: &str| u64::from_str_radix(h, 16).unwrap_or(0);
+            queues.insert((local, remote), (hex(queue.0), hex(queue.1)));
+        }
+    }
+    queues
+}
+
+/// An address as `/proc/net/tcp{,6}` prints it: each 32-bit word of the address in the
+/// machine's byte order as hex, a colon, the port as hex.
+fn proc_net_addr(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for word in 0..ip.len() / 8 {
+        let word = u32::from_str_radix(ip.get(word * 8..word * 8 + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Starts a non-blocking connect. A stalled client's receive buffer and MSS are set before the
+/// SYN: tcp(7) says a buffer size must be set before `connect` to take effect (the window the
+/// connection advertises is chosen during the handshake), and the MSS is announced in the SYN.
+fn connect(addr: SocketAddr, small_receive_buffer: bool) -> io::Result<TcpStream> {
+    if !small_receive_buffer {
+        return TcpStream::connect(addr);
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_recv_buffer_size(STALLED_RECEIVE_BUFFER)?;
+    socket.set_tcp_mss(STALLED_MSS)?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(socket.into()))
+}
+
+/// Appends a client frame. Clients must mask (RFC 6455 §5.3); a zero key leaves the payload
+/// bytes as they are.
+fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.push(0x80 | opcode);
+    match payload.len() {
+        len @ 0..=125 => out.push(0x80 | len as u8),
+        len @ 126..=0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(payload);
+}
+
+/// Bytes a server frame with a `payload`-byte payload takes on the wire (unmasked).
+fn server_frame_len(payload: usize) -> u64 {
+    let header = match payload {
+        0..=125 => 2,
+        126..=0xffff => 4,
+        _ => 10,
+    };
+    (header + payload) as u64
 }
 
 /// Payload byte `i` of message `seq`: every byte depends on both (all eight bytes of a mixed
@@ -1031,14 +1827,88 @@ fn error_kind(e: &io::Error) -> String {
 /// A process's RSS in bytes and its thread count, from `/proc/PID/status`.
 fn server_usage(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:") * 1024, field("Threads:"))
+    (
+        status_field(&status, "VmRSS:") * 1024,
+        status_field(&status, "Threads:"),
+    )
+}
+
+/// A process's peak RSS in bytes (`VmHWM`, the kernel's high-water mark, which catches peaks
+/// between samples).
+fn server_peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status_field(&status, "VmHWM:") * 1024
+}
+
+/// The number after `name` in `/proc/PID/status` text (kB for memory fields), 0 if absent.
+fn status_field(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One plain HTTP GET on a fresh connection (the server answers one request per
+/// connection): the status and the body. Every step is bounded by `HTTP_TIMEOUT`.
+fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)?;
+    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.take(MAX_HTTP_RESPONSE).read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("response head not complete"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status"))?;
+    Ok((status, body.to_string()))
+}
+
+/// Members of the tool's room `room` as the server counts them (`GET /api/rooms/<room>`).
+fn room_clients(addr: SocketAddr, room: usize) -> io::Result<u64> {
+    let (status, body) = http_get(addr, &format!("/api/rooms/room{room}"))?;
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    if status != 200 {
+        return Err(bad(format!("HTTP {status}")));
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| bad(format!("rooms API: {e}")))?;
+    json["clients"]
+        .as_u64()
+        .ok_or_else(|| bad(format!("rooms API: no client count in {body}")))
+}
+
+/// A sample's value in Prometheus text (`name` or `name{labels}`, exactly as given).
+fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(name, _)| *name == sample)
+        .and_then(|(_, value)| value.parse().ok())
+}
+
+/// The server's eviction counters by reason, empty when its metrics cannot be read.
+fn evictions(addr: SocketAddr) -> BTreeMap<String, f64> {
+    let text = http_get(addr, "/metrics")
+        .map(|(_, t)| t)
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("roomcast_evictions_total{reason=\""))
+        .filter_map(|l| {
+            let (reason, rest) = l.split_once("\"}")?;
+            Some((reason.to_string(), rest.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// CPU time (user + system) a process has used.

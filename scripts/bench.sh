@@ -2,10 +2,12 @@
 # The benchmark suite: a release roomcast and the load tool (examples/load.rs), pinned to
 # different cores when there are two or more, on loopback. Prints a Markdown table.
 #
-#   scripts/bench.sh            # the standard suite (about two minutes)
+#   scripts/bench.sh            # the standard suite (about three minutes)
 #   scripts/bench.sh --smoke    # a few seconds per scenario, a few hundred clients: CI runs
 #                               # this, and fails on any unclean result (loss, reordering,
-#                               # corruption, a stalled client not evicted); no timing checks
+#                               # corruption, a stalled client not evicted, a backlogged one
+#                               # evicted, memory over the server's budget, a room that never
+#                               # empties); no timing checks
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +25,10 @@ if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
     pin_server=(taskset -c 0)
     pin_tool=(taskset -c 1)
 fi
+
+# The stalled scenario's server keeps backlogged clients for the whole run: they must stay
+# under the outbox bound and the slow timeout, or they are evicted and the run is void.
+stalled_server="--rate 0 --slow-timeout 120s --outbox-bytes 64MiB"
 
 results=()
 failed=0
@@ -61,6 +67,10 @@ if [ -n "$smoke" ]; then
     run slow "--rate 0 --slow-timeout 1s --outbox-bytes 128KiB" slow --clients 100 --publishers 2 --stalled 5 --size 1024 --rate 500 --duration 4
     run churn "--rate 0" churn --clients 20 --churners 10 --rate 50 --duration 2
     run rooms "--rate 0" rooms --rooms 20 --clients 200 --rate 20 --duration 2
+    run stalled "$stalled_server" stalled --stalled 50 --stalled-rooms 5 --clients 200 --publishers 4 --window 16 --size 64 --duration 2
+    run hoard "" hoard --clients 20 --size 65536 --duration 2
+    run leave "--rate 0" leave --clients 500 --mode rst
+    run leave-close "--rate 0" leave --clients 500 --mode close
 else
     run capacity "--rate 0" capacity --clients 15000 --rooms 10 --hold 3
     run fanout-window "--rate 0" fanout --clients 1000 --publishers 4 --window 16 --size 64 --duration 10
@@ -68,6 +78,13 @@ else
     run slow "--rate 0" slow --clients 500 --publishers 2 --stalled 20 --size 1024 --rate 250 --duration 20
     run churn "--rate 0" churn --clients 100 --churners 50 --rate 100 --duration 10
     run rooms "--rate 0" rooms --rooms 500 --clients 5000 --rate 20 --duration 10
+    # The fanout-window workload beside 1,000 stalled (backlogged, never evicted) clients in
+    # 10 other rooms, and its clean twin with the same server flags: compare their rates.
+    run stalled-clean "$stalled_server" stalled --stalled 0 --clients 1000 --publishers 4 --window 16 --size 64 --duration 10
+    run stalled "$stalled_server" stalled --stalled 1000 --stalled-rooms 10 --clients 1000 --publishers 4 --window 16 --size 64 --duration 10
+    # Server defaults: its own rate limit and outbox bound are what stand against the hoarders.
+    run hoard "" hoard --clients 200 --size 65000 --duration 10
+    run leave "--rate 0" leave --clients 10000 --mode rst
 fi
 
 # shellcheck source=scripts/lib.sh
