@@ -1410,8 +1410,9 @@ impl Load {
     /// Each hoarder sends as fast as the server's rate limit allows when told that limit
     /// (`--rate`, `--burst`), or as fast as its socket takes (`--rate 0`). An evicted hoarder
     /// is replaced (`--reconnect yes`), so `--clients` of them press on the server for the
-    /// whole `--duration`. Reports the server's peak memory per hoarder, and fails when it
-    /// exceeds the per-client budget the server's metrics publish (if they do).
+    /// whole `--duration`. Reports the server's peak memory per hoarder, and fails when the
+    /// growth exceeds what the server's preflight assumed (if its metrics publish the figures):
+    /// the queues once plus the per-client figure for each connection held at the peak.
     fn hoard(&mut self) -> bool {
         let mut events = Events::with_capacity(4096);
         let args = self.args.clone();
@@ -1423,9 +1424,11 @@ impl Load {
         let addr = args.addr;
         let (baseline, baseline_threads) = server_usage(pid);
         let evictions_before = evictions(addr);
-        let budget = http_get(addr, "/metrics")
-            .ok()
-            .and_then(|(_, text)| metric(&text, "roomcast_memory_per_client_budget_bytes"));
+        // The preflight's two figures: per connection, and once for the shared queues.
+        let gauges = http_get(addr, "/metrics").ok().map(|(_, text)| text);
+        let gauge = |name: &str| gauges.as_deref().and_then(|text| metric(text, name));
+        let budget = gauge("roomcast_memory_per_client_budget_bytes");
+        let queues_budget = gauge("roomcast_memory_queues_budget_bytes").unwrap_or(0.0);
         let payload: Vec<u8> = (0..args.size).map(|i| pattern_byte(0, i)).collect();
         client_frame(&mut self.hoard_frame, 0x2, &payload);
         let frame_len = self.hoard_frame.len();
@@ -1517,7 +1520,13 @@ impl Load {
             })
             .collect();
         let per_client = high_water.saturating_sub(baseline) / args.clients as u64;
-        let within = budget.map(|b| per_client as f64 <= b);
+        // What the preflight assumed for this load: the queues once, plus its per-client
+        // figure for every connection held at the peak (evicted hoarders still ending while
+        // their replacements join count too: each holds a thread and its buffers).
+        let peak_connections =
+            (args.clients as u64).max(peak_threads.saturating_sub(baseline_threads));
+        let assumed = budget.map(|b| queues_budget + b * peak_connections as f64);
+        let within = assumed.map(|a| high_water.saturating_sub(baseline) as f64 <= a);
         let mib = |b: u64| b as f64 / 1048576.0;
         println!(
             "hoard: {} hoarders × {} B messages for {hoarding:.1?}: {connected} connections, {messages} messages started, \
@@ -1538,8 +1547,14 @@ impl Load {
             mib(high_water),
             per_client as f64 / 1024.0,
             match (budget, within) {
-                (Some(b), Some(true)) => format!("{:.1} KiB per client, kept", b / 1024.0),
-                (Some(b), _) => format!("{:.1} KiB per client, EXCEEDED", b / 1024.0),
+                (Some(b), Some(true)) => format!(
+                    "{:.1} MiB queues + {:.1} KiB per client × {peak_connections} connections at the peak = {:.1} MiB, kept",
+                    queues_budget / 1048576.0, b / 1024.0, assumed.unwrap_or(0.0) / 1048576.0
+                ),
+                (Some(b), _) => format!(
+                    "{:.1} MiB queues + {:.1} KiB per client × {peak_connections} connections at the peak = {:.1} MiB, EXCEEDED",
+                    queues_budget / 1048576.0, b / 1024.0, assumed.unwrap_or(0.0) / 1048576.0
+                ),
                 (None, _) => "not published by the server (no roomcast_memory_per_client_budget_bytes)".into(),
             },
             if newcomer { "was relayed to" } else { "was NOT relayed to" }
@@ -1547,7 +1562,7 @@ impl Load {
         println!(
             "RESULT scenario=hoard clients={} size={} connections={connected} messages={messages} evictions_seen={} \
              server_evictions={} baseline_rss_mib={:.1} peak_rss_mib={:.1} hwm_mib={:.1} per_client_peak_kib={:.1} \
-             budget_kib={} within_budget={} newcomer={} peak_extra_threads={}",
+             budget_kib={} assumed_mib={} within_budget={} newcomer={} peak_extra_threads={}",
             args.clients,
             args.size,
             self.hoarders_evicted,
@@ -1557,6 +1572,7 @@ impl Load {
             mib(high_water),
             per_client as f64 / 1024.0,
             budget.map_or("none".into(), |b| format!("{:.1}", b / 1024.0)),
+            assumed.map_or("none".into(), |a| format!("{:.1}", a / 1048576.0)),
             within.map_or("unknown", |w| if w { "yes" } else { "no" }),
             if newcomer { "ok" } else { "failed" },
             peak_threads.saturating_sub(baseline_threads)
