@@ -158,7 +158,7 @@ impl Events {
 
     /// Hands a backlog a connection thread left to the broadcaster, unless it already has it.
     pub fn hand_over_backlog(&self, client: &Arc<Client>) {
-        if !client.is_backlog_tracked.swap(true, Ordering::Relaxed) {
+        if !client.is_backlog_tracked.swap(true, Ordering::SeqCst) {
             // Fails only when the broadcaster has stopped; then nobody needs to retry it.
             let _ = self.send(Event::Backlogged(client.clone()));
         }
@@ -211,7 +211,15 @@ pub struct Broadcaster {
     sweep_every: Duration,
     /// The server's draining flag (see `Shared::draining`), set here as shutdown begins.
     draining: Arc<AtomicBool>,
+    /// Unit tests only: runs inside `retry_backlog` at its one racy moment, just before a
+    /// client's tracked flag is cleared, to play a connection thread's send there.
+    #[cfg(test)]
+    before_untracking: Option<ClientHook>,
 }
+
+/// A test's stand-in for another thread, run at a chosen moment (see `before_untracking`).
+#[cfg(test)]
+type ClientHook = Box<dyn FnMut(&Arc<Client>)>;
 
 impl Broadcaster {
     pub fn new(
@@ -235,6 +243,8 @@ impl Broadcaster {
             ping: encode(Frame::ping(Bytes::new())),
             sweep_every,
             draining,
+            #[cfg(test)]
+            before_untracking: None,
         }
     }
 
@@ -424,7 +434,7 @@ impl Broadcaster {
     }
 
     fn track_backlog(&mut self, client: Arc<Client>) {
-        if !client.is_backlog_tracked.swap(true, Ordering::Relaxed) {
+        if !client.is_backlog_tracked.swap(true, Ordering::SeqCst) {
             self.backlog.push(client);
         }
     }
@@ -432,6 +442,8 @@ impl Broadcaster {
     /// Retries backlogged clients; evicts those backlogged past `--slow-timeout`.
     fn retry_backlog(&mut self, now: Instant) {
         let slow_timeout = self.config.slow_timeout;
+        #[cfg(test)]
+        let hook = &mut self.before_untracking;
         self.backlog.retain(|client| {
             let keep = client.eviction().is_none()
                 && client.flush() == Flush::Backlogged
@@ -442,10 +454,21 @@ impl Broadcaster {
                     }
                     _ => true,
                 };
-            if !keep {
-                client.is_backlog_tracked.store(false, Ordering::Relaxed);
+            if keep {
+                return true;
             }
-            keep
+            #[cfg(test)]
+            if let Some(hook) = hook.as_mut() {
+                hook(client);
+            }
+            client.is_backlog_tracked.store(false, Ordering::SeqCst);
+            // Between the flush above and that store, the connection thread may have left a
+            // new backlog (a pong into a buffer that filled again) and, finding the flag still
+            // set, not handed it over. Look again now that the flag is clear: either we see
+            // its bytes here, or it sees the clear flag and hands the client over itself.
+            client.eviction().is_none()
+                && client.has_backlog()
+                && !client.is_backlog_tracked.swap(true, Ordering::SeqCst)
         });
     }
 
@@ -523,4 +546,65 @@ pub(crate) fn close_everyone(
         let _ = client.socket().shutdown(std::net::Shutdown::Both);
     }
     debug!("grace period over: {} clients cut", clients.len());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    /// A client whose kernel send buffer is full (its peer never reads) but whose outbox is
+    /// empty, already on the broadcaster's retry list.
+    fn broadcaster_with_a_full_socket() -> (Broadcaster, Arc<Client>, Events, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, address) = listener.accept().unwrap();
+        let stats = Arc::new(Stats::default());
+        let client = Arc::new(Client::new(
+            1,
+            "r".into(),
+            address,
+            Arc::new(socket),
+            1 << 20,
+            stats.clone(),
+        ));
+        let chunk = [0u8; 64 * 1024];
+        // SAFETY: a valid socket and buffer; MSG_DONTWAIT so it stops at a full buffer.
+        while unsafe {
+            libc::send(
+                client.socket().as_raw_fd(),
+                chunk.as_ptr().cast(),
+                chunk.len(),
+                libc::MSG_DONTWAIT,
+            )
+        } > 0
+        {}
+        let hub = Arc::new(Hub::new());
+        hub.join(client.clone());
+        let config = Arc::new(Config::default());
+        let mut broadcaster =
+            Broadcaster::new(hub, stats, config, Arc::new(AtomicBool::new(false)));
+        broadcaster.track_backlog(client.clone());
+        let (events, _receiver) = Events::channel(16, 1 << 20);
+        (broadcaster, client, events, peer)
+    }
+
+    /// The retry finds the outbox drained and is about to drop the client from its list when
+    /// the connection thread queues a pong that the full socket does not take. The thread sees
+    /// the client still tracked, so it does not hand it over; the retry must notice the new
+    /// backlog itself, or the client would never be flushed again.
+    #[test]
+    fn a_backlog_left_while_the_retry_lets_go_is_kept() {
+        let (mut broadcaster, client, events, _peer) = broadcaster_with_a_full_socket();
+        broadcaster.before_untracking = Some(Box::new(move |client: &Arc<Client>| {
+            client.queue_or_evict(Bytes::from_static(b"\x8a\x00"));
+            assert_eq!(client.flush(), Flush::Backlogged);
+            events.hand_over_backlog(client);
+        }));
+        broadcaster.retry_backlog(Instant::now());
+        assert!(client.has_backlog());
+        assert_eq!(broadcaster.backlog.len(), 1, "the client is still retried");
+        assert!(client.is_backlog_tracked.load(Ordering::SeqCst));
+    }
 }

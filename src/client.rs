@@ -112,6 +112,13 @@ impl Client {
         self.outbox.lock().push(frame, self.outbox_limit)
     }
 
+    /// Queues the `101 Switching Protocols` response, the first bytes of every session: no
+    /// bound may refuse it (the outbox is empty, and a client whose upgrade was swallowed
+    /// would hang).
+    pub fn queue_response(&self, response: Bytes) {
+        self.outbox.lock().push(response, usize::MAX);
+    }
+
     /// Queues a frame; if it does not fit, first sends what the kernel will take and tries
     /// again, and only then evicts the client as too slow. Not for use under the hub's lock
     /// (it may send, shut a socket down and log).
@@ -192,6 +199,11 @@ impl Client {
         self.outbox.lock().clear();
         abort_on_close(&self.socket);
         let _ = self.socket.shutdown(Both::Both);
+    }
+
+    /// Makes the socket's final close a reset (see `abort_on_close`).
+    pub(crate) fn abort_on_close(&self) {
+        abort_on_close(&self.socket);
     }
 
     /// Records that the server removes this client, counting and logging it, unless a removal
@@ -322,10 +334,11 @@ mod tests {
     fn a_full_outbox_is_flushed_before_the_client_is_judged() {
         let (client, stats, _peer) = new_client();
         assert_eq!(
-            client.queue(Bytes::from(vec![1; 1000])),
+            client.queue(Bytes::from(vec![1; 900])),
             Push::Queued { was_empty: true }
         );
-        // 1000 + 100 > 1024, but the kernel takes the first 1000 bytes at once.
+        // 900 + 100 (+ their charge per entry) > 1024, but the kernel takes the first 900
+        // bytes at once.
         assert_eq!(client.queue(Bytes::from(vec![2; 100])), Push::Overflow);
         assert_eq!(
             client.queue_or_evict(Bytes::from(vec![2; 100])),

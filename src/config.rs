@@ -40,6 +40,12 @@ pub const MAX_MESSAGE_BYTES_LIMIT: usize = 1 << 30;
 /// The outbox holds at least this many maximum-size messages, so a single legal message can
 /// never evict a healthy client.
 pub const OUTBOX_MESSAGE_MULTIPLE: usize = 2;
+/// The largest header of a server frame (2 bytes and an 8-byte length; server frames are not
+/// masked).
+pub const MAX_FRAME_HEADER_BYTES: usize = 10;
+/// The outbox is never smaller than this, whatever the flags: it must hold the `101` response
+/// and a few control frames (a pong carries up to 125 bytes) besides the messages.
+pub const MIN_OUTBOX_BYTES: usize = 4096;
 /// How long a client may stay backlogged (bytes queued that the kernel will not take).
 pub const DEFAULT_SLOW_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline for the whole HTTP request head, so slowloris clients cannot hold a thread.
@@ -251,10 +257,15 @@ impl fmt::Debug for Config {
 
 impl Config {
     /// The outbox bound actually enforced: the configured one, raised if needed so that
-    /// `OUTBOX_MESSAGE_MULTIPLE` maximum-size messages always fit.
+    /// `OUTBOX_MESSAGE_MULTIPLE` maximum-size messages always fit, as frames (with their header
+    /// and the outbox's charge per entry), and never below `MIN_OUTBOX_BYTES`.
     pub fn effective_outbox_bytes(&self) -> usize {
+        let frame = self
+            .max_message_bytes
+            .saturating_add(MAX_FRAME_HEADER_BYTES + crate::outbox::ENTRY_OVERHEAD_BYTES);
         self.outbox_bytes
-            .max(OUTBOX_MESSAGE_MULTIPLE.saturating_mul(self.max_message_bytes))
+            .max(OUTBOX_MESSAGE_MULTIPLE.saturating_mul(frame))
+            .max(MIN_OUTBOX_BYTES)
     }
 
     /// Checks every value against its range, and the relations between flags that no single
@@ -1069,7 +1080,10 @@ mod tests {
     #[test]
     fn outbox_never_below_two_messages() {
         let config = run(&["--max-message-bytes", "1M", "--outbox-bytes", "100K"]).unwrap();
-        assert_eq!(config.effective_outbox_bytes(), 2 * 1024 * 1024);
+        assert_eq!(config.effective_outbox_bytes(), 2 * (1024 * 1024 + 10 + 64));
+        // Tiny limits still leave room for the handshake and control frames.
+        let config = run(&["--max-message-bytes", "40", "--outbox-bytes", "100"]).unwrap();
+        assert_eq!(config.effective_outbox_bytes(), MIN_OUTBOX_BYTES);
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
     client.mark_heard();
     // Order matters: queue the 101 first, then become visible to the broadcaster, then flush.
     // Anything the broadcaster queues from now on lands behind the 101.
-    client.queue(Bytes::from(upgrade.response));
+    client.queue_response(Bytes::from(upgrade.response));
     let membership = Membership::join(&shared.hub, &client);
     shared.stats.clients_served.fetch_add(1, Ordering::Relaxed);
     flush(shared, &client);
@@ -414,6 +414,13 @@ fn finish(client: &Client, ending: Ending) {
         std::thread::sleep(LINGER_STEP);
     }
     let socket = client.socket();
+    if client.has_backlog() {
+        // The peer would not take even our close frame (dead, or not reading): a FIN would
+        // wait behind a full send buffer for minutes. Reset instead, as an eviction does.
+        client.abort_on_close();
+        let _ = socket.shutdown(Both::Both);
+        return;
+    }
     if !client_closed {
         let _ = socket.shutdown(Both::Write);
         drain_until(socket, deadline);

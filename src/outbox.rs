@@ -30,6 +30,13 @@ use tungstenite::Bytes;
 /// already makes the per-frame syscall cost negligible.
 const MAX_IOVECS: usize = 64;
 
+/// What each queued frame is charged against the outbox's bound besides its bytes: its slot
+/// in the queue (a 32-byte `Bytes`, up to twice that while the deque grows) and the small
+/// allocation a frame of its own (a pong) brings. Without it, a stalled member of a room fed
+/// one tiny message per batch could hold half a million entries, 16 MiB of queue, within a
+/// 1 MiB bound.
+pub const ENTRY_OVERHEAD_BYTES: usize = 64;
+
 /// The queue itself. Pure bookkeeping plus [`Outbox::send_to`]; locking is the caller's.
 #[derive(Debug, Default)]
 pub struct Outbox {
@@ -71,12 +78,13 @@ impl Outbox {
         Outbox::default()
     }
 
-    /// Appends a frame unless that would take the queue past `limit` bytes.
+    /// Appends a frame unless that would take the queue past `limit` bytes (counting
+    /// `ENTRY_OVERHEAD_BYTES` per frame).
     pub fn push(&mut self, frame: Bytes, limit: usize) -> Push {
         if self.is_closed {
             return Push::Closed;
         }
-        if self.queued_bytes + frame.len() > limit {
+        if self.charged_bytes() + frame.len() + ENTRY_OVERHEAD_BYTES > limit {
             return Push::Overflow;
         }
         let was_empty = self.frames.is_empty();
@@ -101,6 +109,12 @@ impl Outbox {
 
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes
+    }
+
+    /// What the queue counts against its bound: unsent bytes plus `ENTRY_OVERHEAD_BYTES` for
+    /// every frame.
+    pub fn charged_bytes(&self) -> usize {
+        self.queued_bytes + self.frames.len() * ENTRY_OVERHEAD_BYTES
     }
 
     pub fn is_closed(&self) -> bool {
@@ -208,17 +222,31 @@ mod tests {
     #[test]
     fn push_counts_bytes_and_enforces_the_bound() {
         let mut outbox = Outbox::new();
+        let limit = 100 + 2 * ENTRY_OVERHEAD_BYTES;
         assert_eq!(
-            outbox.push(frame(1, 60), 100),
+            outbox.push(frame(1, 60), limit),
             Push::Queued { was_empty: true }
         );
         assert_eq!(
-            outbox.push(frame(2, 40), 100),
+            outbox.push(frame(2, 40), limit),
             Push::Queued { was_empty: false }
         );
         assert_eq!(outbox.queued_bytes(), 100);
-        assert_eq!(outbox.push(frame(3, 1), 100), Push::Overflow);
+        assert_eq!(outbox.charged_bytes(), limit);
+        assert_eq!(outbox.push(frame(3, 1), limit), Push::Overflow);
         assert!(outbox.backlog_since().is_some());
+    }
+
+    /// Tiny frames are charged for their queue slot too, so a bound in bytes also bounds the
+    /// number of entries (and the memory the queue itself takes).
+    #[test]
+    fn tiny_frames_are_charged_for_their_slot() {
+        let mut outbox = Outbox::new();
+        let mut entries = 0;
+        while let Push::Queued { .. } = outbox.push(frame(0x81, 2), 1 << 20) {
+            entries += 1;
+        }
+        assert_eq!(entries, (1 << 20) / (2 + ENTRY_OVERHEAD_BYTES));
     }
 
     #[test]

@@ -248,16 +248,27 @@ impl Server {
             );
             let watch = shared.supervisor.watch("broadcaster", shutdown.clone());
             let budget = CloseBudgetOnExit(shared.events.clone());
-            let shutdown = shutdown.clone();
-            thread::Builder::new()
+            let stop = shutdown.clone();
+            let spawned = thread::Builder::new()
                 .name("broadcaster".into())
                 .spawn(move || {
                     // Dropped in reverse order, however the thread ends: the budget closes
                     // (waiting senders give up), then the watch reports a panic.
                     let (_watch, _budget) = (watch, budget);
-                    Broadcaster::new(hub, stats, config, draining).run(events, &shutdown)
+                    Broadcaster::new(hub, stats, config, draining).run(events, &stop)
                 })
-                .map_err(Error::io("spawning the broadcaster thread"))?
+                .map_err(Error::io("spawning the broadcaster thread"));
+            match spawned {
+                Ok(thread) => thread,
+                Err(err) => {
+                    // The Redis threads are running: stop them before giving up.
+                    shutdown.trigger();
+                    for thread in redis_threads {
+                        let _ = thread.join();
+                    }
+                    return Err(err);
+                }
+            }
         };
 
         shutdown.register_listener(local_addr);
@@ -298,22 +309,22 @@ impl Server {
             // answering "503" meanwhile. 1011: the server hit a condition it cannot handle.
             let hub = shared.hub.clone();
             let grace = shared.config.shutdown_grace;
-            let closer = thread::Builder::new()
+            let close = move || {
+                broadcaster::close_everyone(&hub, CloseCode::Error, "internal error", grace, || {})
+            };
+            match thread::Builder::new()
                 .name("closer".into())
-                .spawn(move || {
-                    broadcaster::close_everyone(
-                        &hub,
-                        CloseCode::Error,
-                        "internal error",
-                        grace,
-                        || {},
-                    )
-                })
-                .map_err(Error::io("spawning the closer thread"))?;
-            if is_nonblocking {
-                acceptor.drain(&listener, || closer.is_finished());
+                .spawn(close.clone())
+            {
+                Ok(closer) => {
+                    if is_nonblocking {
+                        acceptor.drain(&listener, || closer.is_finished());
+                    }
+                    let _ = closer.join();
+                }
+                // No thread to spare: close them from here, without answering meanwhile.
+                Err(_) => close(),
             }
-            let _ = closer.join();
         }
         shutdown.unregister_listener(local_addr);
         drop(listener);
@@ -508,7 +519,6 @@ impl Acceptor {
             self.refuse(socket, peer, reason);
             return Ok(());
         }
-        self.refusal_log.admitted();
         // Small frames must not wait for the previous one's ACK (Nagle).
         let _ = socket.set_nodelay(true);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -541,6 +551,7 @@ impl Acceptor {
             }
             return Err(err);
         }
+        self.refusal_log.admitted();
         Ok(())
     }
 
@@ -629,10 +640,21 @@ fn answer_503(socket: &TcpStream, reason: Refusal) {
     let _ = socket.shutdown(Both::Write);
 }
 
-/// Reads (and discards) whatever has arrived, without blocking, then closes.
+/// Most bytes read from a refused socket before it is closed: a request head is at most
+/// `http::MAX_HEAD_BYTES`, and a peer streaming more must not keep the acceptor reading.
+const REFUSAL_DRAIN_BYTES: usize = 32 * 1024;
+
+/// Reads (and discards) whatever has arrived, without blocking and up to
+/// `REFUSAL_DRAIN_BYTES`, then closes.
 fn drain_and_close(socket: TcpStream) {
     let mut sink = [0u8; 1024];
-    while matches!((&socket).read(&mut sink), Ok(n) if n > 0) {}
+    let mut drained = 0;
+    while drained < REFUSAL_DRAIN_BYTES {
+        match (&socket).read(&mut sink) {
+            Ok(n) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
 }
 
 /// How often a long episode of refusals is summarised while it lasts.

@@ -164,3 +164,26 @@ fn refusals_are_logged_once_per_episode_with_a_count() {
     assert!(count >= REFUSED, "{summary}");
     drop(admitted);
 }
+
+/// The smallest limits the flags allow still leave room for the `101` and control frames:
+/// once, a tiny outbox swallowed the `101` (the client hung) and a frame's header made the
+/// first legal message overflow an empty outbox.
+#[test]
+fn tiny_message_and_outbox_limits_still_upgrade_relay_and_pong() {
+    let mut config = test_config();
+    config.max_message_bytes = 40;
+    config.outbox_bytes = 100;
+    let server = start(config);
+    let mut a = server.connect("tiny");
+    let mut b = server.connect("tiny");
+    let text = "x".repeat(40);
+    a.send(Message::text(text.clone())).unwrap();
+    assert_eq!(next_text(&mut a), text);
+    assert_eq!(next_text(&mut b), text);
+    a.send(Message::Ping(vec![7u8; 30].into())).unwrap();
+    match a.read().unwrap() {
+        Message::Pong(payload) => assert_eq!(&payload[..], &[7u8; 30][..]),
+        other => panic!("expected the pong, got {other:?}"),
+    }
+    assert_eq!(server.stats.evictions(Eviction::Slow), 0);
+}
