@@ -147,7 +147,10 @@ fn publish(
         }
         if backplane.held() >= MAX_HELD_EVENTS {
             // The subscriber is far behind (the broadcaster is slow, or Redis is). Taking more
-            // would only grow the ledger: the queue fills and drops instead.
+            // would only grow the ledger: the queue fills and drops instead. A marker still
+            // goes out, so held events Redis will never bring back (it lost them) are
+            // released when the marker returns, rather than parking the publisher for good.
+            link.keep_alive(backplane);
             backplane.wait_for_ledger_room(POLL);
             continue;
         }
