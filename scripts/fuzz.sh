@@ -17,6 +17,10 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --quiet
 fi
 
+# Built first, unfiltered, so a target that no longer compiles says why (the run's output
+# below is filtered down to libFuzzer's summary lines).
+cargo +nightly fuzz build --fuzz-dir scripts/fuzz
+
 for target in request_head command_line; do
     corpus="scripts/fuzz/corpus/$target"
     mkdir -p "$corpus"

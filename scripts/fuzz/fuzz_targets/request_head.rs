@@ -8,13 +8,15 @@ use roomcast::connection::route;
 use roomcast::endpoints::resource;
 use roomcast::http::parse_head;
 use roomcast::hub::is_valid_room_name;
+use roomcast::origin::Origin;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(Some((request, head_len))) = parse_head(data) else { return };
     assert!(head_len <= data.len());
     // httparse ends a head at an empty line, accepting bare LF as well as CRLF.
     assert!(data[..head_len].ends_with(b"\n"));
-    for origins in [&[][..], &["https://allowed.example".to_string()][..]] {
+    let allowed = [Origin::parse("https://allowed.example").expect("a valid origin")];
+    for origins in [&[][..], &allowed[..]] {
         if let Ok(upgrade) = route(&request, origins) {
             assert!(is_valid_room_name(&upgrade.room), "{:?}", upgrade.room);
             assert!(upgrade.response.starts_with(b"HTTP/1.1 101 "));
