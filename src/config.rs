@@ -310,7 +310,12 @@ impl Config {
         if self.ping_interval >= self.idle_timeout {
             return Err(ConfigError::new(
                 "--ping-interval",
-                "must be less than --idle-timeout",
+                format!(
+                    "{} must be less than --idle-timeout ({}); the ping interval's default is {}, so set both",
+                    show_duration(self.ping_interval),
+                    show_duration(self.idle_timeout),
+                    show_duration(DEFAULT_PING_INTERVAL),
+                ),
             ));
         }
         if self.rate > 0 && self.burst == 0 {
@@ -935,8 +940,9 @@ FLAGS (value as `--flag VALUE` or `--flag=VALUE`; [default; range]):
     --max-message-bytes SIZE   largest message accepted; over it: 1009 [64KiB; {message}]
     --rate N                   messages/s per client; over it: 1008    [{rate}, 0 = off; up to {rate_max}]
     --burst N                  messages a client may send at once      [{burst}; up to {burst_max}]
-    --outbox-bytes SIZE        unsent bytes queued per client before   [1MiB, at least {multiple} x
-                               it is evicted as slow                    --max-message-bytes; up to {outbox_max}]
+    --outbox-bytes SIZE        unsent bytes queued per client before   [1MiB, at least {multiple} frames
+                               it is evicted as slow (64 B more per     of --max-message-bytes and
+                               queued frame)                            4KiB; up to {outbox_max}]
     --slow-timeout DUR         time a client may stay backlogged       [10s; {slow}]
     --handshake-timeout DUR    deadline for the HTTP request head      [5s; {handshake}]
     --ping-interval DUR        ping clients quiet for this long        [20s, < --idle-timeout; {ping}]

@@ -190,9 +190,8 @@ pub fn route(request: &Request, allowed_origins: &[Origin]) -> Result<Upgrade, R
         },
     };
     if !is_valid_room_name(room) {
-        return Err(
-            Response::status(400).with_body("bad room name: use 1-64 of A-Z a-z 0-9 _ . -\n")
-        );
+        return Err(Response::status(400)
+            .with_body("bad room name: use 1-64 of A-Z a-z 0-9 _ . - (but not . or ..)\n"));
     }
     if request.method != "GET" {
         return Err(Response::status(405).with_header("Allow", "GET"));

@@ -103,7 +103,9 @@ pub(crate) fn answer(
     if let Resource::RoomMessages(_) = resource {
         if !is_publish_enabled(shared) {
             return Response::status(404)
-                .with_body("publishing is off: start roomcast with --api-token\n");
+                .with_body(
+                    "publishing is off: start roomcast with --api-token-file, ROOMCAST_API_TOKEN or --api-token\n",
+                );
         }
     }
     if request.method != resource.allowed_method() {

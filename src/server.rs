@@ -158,7 +158,7 @@ impl Server {
             Some(_) => {
                 info!("publish API on: POST /api/rooms/<room>/messages with the bearer token")
             }
-            None => info!("publish API off: set --api-token or ROOMCAST_API_TOKEN to enable it"),
+            None => info!("publish API off: set --api-token-file, ROOMCAST_API_TOKEN or --api-token to enable it"),
         }
         if config.effective_outbox_bytes() > config.outbox_bytes {
             info!(
