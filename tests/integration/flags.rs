@@ -7,8 +7,7 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,22 +24,10 @@ const EXIT_WAIT: Duration = Duration::from_secs(10);
 /// A token long enough for the 16-byte minimum.
 const TOKEN: &str = "flags-test-token-0123456789";
 
-/// `roomcast --listen 127.0.0.1:0 --log-level info ARGS` with exactly `vars` as its
-/// `ROOMCAST_*` environment.
+/// The binary with exactly `vars` as its `ROOMCAST_*` environment.
 fn command(args: &[&str], vars: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(BINARY);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("ROOMCAST_") {
-            command.env_remove(name);
-        }
-    }
-    command
-        .args(["--listen", "127.0.0.1:0", "--log-level", "info"])
-        .args(args)
-        .envs(vars.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut command = binary_command(args);
+    command.envs(vars.iter().copied());
     command
 }
 
@@ -84,82 +71,11 @@ fn assert_refused(args: &[&str], vars: &[(&str, &str)], name: &str, problem: &st
     stderr
 }
 
-/// A server process, killed on drop.
-struct Running {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    fn start(args: &[&str], vars: &[(&str, &str)]) -> Running {
-        let mut child = command(args, vars).spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut running = Running {
-            child,
-            addr: "0.0.0.0:0".parse().unwrap(),
-            lines,
-            seen: Vec::new(),
-        };
-        let line = running.wait_for_line("listening on ws://");
-        let addr = line.split("ws://").nth(1).unwrap().split('/').next();
-        running.addr = addr.unwrap().parse().unwrap();
-        running
-    }
-
-    /// The first log line containing `needle`, among those already read or to come.
-    fn wait_for_line(&mut self, needle: &str) -> String {
-        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + READ_TIMEOUT;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(remaining) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "roomcast never logged {needle:?}; it logged {:#?}",
-                    self.seen
-                ),
-            }
-        }
-    }
-
-    /// Stops the process and returns every line it logged.
-    fn stop(mut self) -> Vec<String> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // The pipe closed with the process, so this ends.
-        while let Ok(line) = self.lines.recv_timeout(READ_TIMEOUT) {
-            self.seen.push(line);
-        }
-        std::mem::take(&mut self.seen)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A server process with exactly `vars` as its `ROOMCAST_*` environment, killed on drop.
+fn running(args: &[&str], vars: &[(&str, &str)]) -> Process {
+    Process::start_configured(args, |command| {
+        command.envs(vars.iter().copied());
+    })
 }
 
 /// Upgrades to `/ws/stage` sending `origin`; the HTTP status when refused.
@@ -230,13 +146,13 @@ fn a_huge_handshake_timeout_exits_2_naming_the_flag_and_the_range() {
 #[test]
 fn a_variable_sets_a_limit_and_the_flag_overrides_it() {
     let vars = [("ROOMCAST_MAX_CLIENTS", "7"), ("ROOMCAST_RATE", "3")];
-    let mut from_env = Running::start(&[], &vars);
+    let mut from_env = running(&[], &vars);
     let limits = from_env.wait_for_line("limits: max clients");
     assert!(limits.contains("max clients 7,"), "{limits}");
     assert!(limits.contains("rate 3/s"), "{limits}");
     drop(from_env);
 
-    let mut overridden = Running::start(&["--max-clients", "9"], &vars);
+    let mut overridden = running(&["--max-clients", "9"], &vars);
     let limits = overridden.wait_for_line("limits: max clients");
     assert!(limits.contains("max clients 9,"), "{limits}");
     assert!(limits.contains("rate 3/s"), "{limits}");
@@ -257,7 +173,7 @@ fn a_bad_variable_exits_2_naming_the_variable() {
         "must be between 1ms and 24h",
     );
     // Under a good flag the variable is never read.
-    let mut process = Running::start(&["--rate", "5"], &[("ROOMCAST_RATE", "fast")]);
+    let mut process = running(&["--rate", "5"], &[("ROOMCAST_RATE", "fast")]);
     let limits = process.wait_for_line("limits: max clients");
     assert!(limits.contains("rate 5/s"), "{limits}");
 }
@@ -271,7 +187,7 @@ fn the_token_file_turns_publishing_on_with_its_token() {
         (vec!["--api-token-file", file.path()], vec![]),
         (vec![], vec![("ROOMCAST_API_TOKEN_FILE", file.path())]),
     ] {
-        let mut process = Running::start(&args, &vars);
+        let mut process = running(&args, &vars);
         process.wait_for_line("publish API on");
         let publish = |token: &str| {
             let bearer = format!("Bearer {token}");
@@ -342,7 +258,7 @@ fn bad_tokens_exit_2_without_showing_the_token() {
 /// `--api-token` on the command line works, but every local user can read it in `ps`.
 #[test]
 fn a_token_on_the_command_line_is_warned_about() {
-    let mut process = Running::start(&["--api-token", TOKEN], &[]);
+    let mut process = running(&["--api-token", TOKEN], &[]);
     process.wait_for_line("publish API on");
     let warning = process.wait_for_line("--api-token is on the command line");
     assert!(warning.contains("ROOMCAST_API_TOKEN"), "{warning}");
@@ -353,7 +269,7 @@ fn a_token_on_the_command_line_is_warned_about() {
 /// different port does not, and a refusal leaves the server serving others.
 #[test]
 fn allowed_origins_compare_normalised() {
-    let process = Running::start(&["--allowed-origin", "HTTPS://Live.Example:443"], &[]);
+    let process = running(&["--allowed-origin", "HTTPS://Live.Example:443"], &[]);
     let mut allowed = connect_from(process.addr, "https://live.example")
         .unwrap_or_else(|status| panic!("the browser's own origin got {status}"));
     assert_eq!(
@@ -415,7 +331,7 @@ fn a_refused_redis_url_does_not_show_its_password() {
 #[cfg(feature = "redis")]
 #[test]
 fn the_redis_password_never_reaches_the_log() {
-    let mut process = Running::start(&["--redis", "redis://:hunter2secret@127.0.0.1:1/0"], &[]);
+    let mut process = running(&["--redis", "redis://:hunter2secret@127.0.0.1:1/0"], &[]);
     let line = process.wait_for_line("redis backplane: ");
     assert!(line.contains("redis://:***@127.0.0.1:1/0"), "{line}");
     process.wait_for_line("--redis is on the command line");

@@ -443,6 +443,25 @@ impl TestServer {
     }
 }
 
+/// `roomcast --listen 127.0.0.1:0 --log-level info ARGS`, with stderr piped and none of the
+/// test's own `ROOMCAST_*` variables: the binary reads them, and a developer's settings must
+/// not change an outcome. Tests add the variables they mean.
+pub fn binary_command(args: &[&str]) -> Command {
+    let mut command = Command::new(BINARY);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("ROOMCAST_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .args(["--listen", "127.0.0.1:0", "--log-level", "info"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
 /// A running `roomcast` process, killed on drop if a test fails midway.
 pub struct Process {
     pub child: Child,
@@ -454,64 +473,32 @@ pub struct Process {
 
 impl Process {
     pub fn start(args: &[&str]) -> Process {
-        Process::start_with_file_limit(args, None)
+        Process::start_configured(args, |_| {})
     }
 
     /// Starts the binary, optionally with its soft and hard `RLIMIT_NOFILE` set to `files`.
     pub fn start_with_file_limit(args: &[&str], files: Option<u64>) -> Process {
-        let mut command = Command::new(BINARY);
-        // The binary reads ROOMCAST_* variables; the developer's own must not change the test.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("ROOMCAST_") {
-                command.env_remove(name);
+        Process::start_configured(args, |command| {
+            if let Some(files) = files {
+                let limit = libc::rlimit {
+                    rlim_cur: files,
+                    rlim_max: files,
+                };
+                // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
+                unsafe {
+                    command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                        0 => Ok(()),
+                        _ => Err(std::io::Error::last_os_error()),
+                    });
+                }
             }
-        }
-        command
-            .args(["--listen", "127.0.0.1:0", "--log-level", "info"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(files) = files {
-            let limit = libc::rlimit {
-                rlim_cur: files,
-                rlim_max: files,
-            };
-            // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
-            unsafe {
-                command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                });
-            }
-        }
-        let mut child = command.spawn().unwrap();
-        let lines = forward_lines(child.stderr.take().unwrap());
-        let mut process = Process {
-            child,
-            addr: "0.0.0.0:0".parse().unwrap(),
-            lines,
-            seen: Vec::new(),
-        };
-        let line = process.wait_for_line("listening on ws://");
-        let addr = line
-            .split("ws://")
-            .nth(1)
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap();
-        process.addr = addr.parse().unwrap();
-        process
+        })
     }
 
-    /// Starts the binary once `configure` has adjusted the command (a `pre_exec`, say).
+    /// Starts the binary once `configure` has adjusted the command (a `pre_exec`, the
+    /// variables a test sets).
     pub fn start_configured(args: &[&str], configure: impl FnOnce(&mut Command)) -> Process {
-        let mut command = Command::new(BINARY);
-        command
-            .args(["--listen", "127.0.0.1:0", "--log-level", "info"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut command = binary_command(args);
         configure(&mut command);
         let mut child = command.spawn().unwrap();
         let lines = forward_lines(child.stderr.take().unwrap());
@@ -525,6 +512,17 @@ impl Process {
         let addr = line.split("ws://").nth(1).unwrap().split('/').next();
         process.addr = addr.unwrap().parse().unwrap();
         process
+    }
+
+    /// Kills the process and returns every line it logged.
+    pub fn stop(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The pipe closed with the process, so this ends.
+        while let Ok(line) = self.lines.recv_timeout(READ_TIMEOUT) {
+            self.seen.push(line);
+        }
+        std::mem::take(&mut self.seen)
     }
 
     /// Returns the first log line containing `needle`, among those already read or to come.
