@@ -385,6 +385,18 @@ pub fn env_var(flag: &str) -> String {
     format!("{ENV_PREFIX}{}", name.replace('-', "_"))
 }
 
+/// The `ROOMCAST_*` names among `names` that no flag reads: most likely typos
+/// (`ROOMCAST_MAX_CLIENT`), which would otherwise leave a default silently in force.
+/// `ROOMCAST_REQUIRE_ALL` belongs to the test suite and is not reported.
+pub fn unknown_variables<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let known: Vec<String> = FLAGS.iter().map(|flag| env_var(flag)).collect();
+    names
+        .into_iter()
+        .filter(|name| name.starts_with(ENV_PREFIX) && *name != "ROOMCAST_REQUIRE_ALL")
+        .filter(|name| !known.iter().any(|k| k == name))
+        .collect()
+}
+
 /// Parses the arguments after the program name, with the process environment for the flags
 /// they leave out. See `parse_args_from`.
 pub fn parse_args<I, S>(args: I) -> Result<Command, ConfigError>
@@ -1453,6 +1465,18 @@ mod tests {
         let config = run_with_env(&[], &[("ROOMCAST_RATE", ""), (API_TOKEN_ENV, "")]).unwrap();
         assert_eq!(config.rate, DEFAULT_RATE);
         assert_eq!(config.api_token, None);
+    }
+
+    #[test]
+    fn unknown_variables_are_reported() {
+        let names = [
+            "ROOMCAST_MAX_CLIENTS",
+            "ROOMCAST_MAX_CLIENT",
+            "ROOMCAST_API_TOKEN_FILE",
+            "ROOMCAST_REQUIRE_ALL",
+            "PATH",
+        ];
+        assert_eq!(unknown_variables(names), ["ROOMCAST_MAX_CLIENT"]);
     }
 
     #[test]

@@ -73,6 +73,12 @@ fn run(config: Config, exposed_secrets: &[&str]) -> Result<(), Error> {
             roomcast::config::env_var(flag)
         );
     }
+    let names: Vec<String> = std::env::vars_os()
+        .map(|(name, _)| name.to_string_lossy().into_owned())
+        .collect();
+    for name in roomcast::config::unknown_variables(names.iter().map(String::as_str)) {
+        warn!("{name} is set but no flag reads it (a typo?); see --help for the variables");
+    }
     let listener = TcpListener::bind(config.listen).map_err(|source| Error::Io {
         what: "binding --listen",
         source,
