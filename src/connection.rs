@@ -35,7 +35,7 @@ use crate::hub::{is_valid_room_name, Hub};
 use crate::origin::{self, Origin};
 use crate::outbox::Flush;
 use crate::ratelimit::TokenBucket;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::stats::Eviction;
 
 /// Tungstenite's read buffer per connection. Its default (128 KiB, allocated eagerly and

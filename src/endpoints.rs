@@ -13,7 +13,7 @@ use crate::broadcaster::MessageKind;
 use crate::http::{self, Request, Response, CSS, HTML, JAVASCRIPT, JSON, PROMETHEUS, TEXT};
 use crate::hub::is_valid_room_name;
 use crate::metrics;
-use crate::server::Shared;
+use crate::shared::Shared;
 use tungstenite::Bytes;
 
 /// The demo page: no external assets, and no inline script or style either. Its script and

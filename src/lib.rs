@@ -11,6 +11,7 @@
 //!
 //! | module | role in the data flow |
 //! | --- | --- |
+//! | `shared` | the state every connection thread shares (`Arc<Shared>`): config, hub, counters, the broadcaster's inbox |
 //! | [`server`] | the acceptor: capacity checks, `503` when full, one small-stack thread per connection, shutdown and joins |
 //! | [`workers`] | the connection threads: one per connection, reused by the next connection when idle |
 //! | [`capacity`] | start-up preflight: how many clients the fd, thread, mapping and memory limits allow |
@@ -63,6 +64,7 @@ pub mod ratelimit;
 #[cfg(feature = "redis")]
 mod redis_link;
 pub mod server;
+mod shared;
 pub mod shutdown;
 pub mod stats;
 pub mod supervisor;

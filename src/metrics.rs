@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::fs;
 use std::sync::atomic::Ordering;
 
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::stats::{Eviction, Refusal};
 
 /// Renders every metric. Each value is read once, so the page is a consistent-enough

@@ -17,8 +17,8 @@ use log::{debug, error, info, warn};
 use parking_lot::Mutex;
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::backplane::{self, Backplane, Outgoing};
-use crate::broadcaster::{self, Broadcaster, Events, MessageKind, EVENT_QUEUE_CAPACITY};
+use crate::backplane::{Backplane, Outgoing};
+use crate::broadcaster::{self, Broadcaster, Events, EVENT_QUEUE_CAPACITY};
 use crate::budget::EVENT_QUEUE_BYTES;
 use crate::capacity;
 use crate::config::Config;
@@ -26,6 +26,7 @@ use crate::connection::{self, RETRY_AFTER_SECS};
 use crate::error::Error;
 use crate::http::Response;
 use crate::hub::Hub;
+use crate::shared::Shared;
 use crate::shutdown::Shutdown;
 use crate::stats::{Refusal, Stats};
 use crate::supervisor::Supervisor;
@@ -45,62 +46,6 @@ const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 /// Refused sockets lingering at once, at most. Each holds a descriptor, so the bound must stay
 /// well inside `capacity`'s descriptor reserve.
 const MAX_LINGERING_REFUSALS: usize = 32;
-
-/// State every connection thread needs. Shared as `Arc<Shared>`, dropped when the last
-/// connection thread and the acceptor are done.
-pub(crate) struct Shared {
-    pub config: Arc<Config>,
-    pub hub: Arc<Hub>,
-    pub stats: Arc<Stats>,
-    /// The broadcaster's inbox. Connection threads send; the broadcaster alone receives.
-    pub events: Events,
-    /// Connections per peer IP, for `--max-clients-per-ip`. Incremented by the acceptor,
-    /// decremented by each connection thread as it ends; entries at zero are removed.
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    /// Set once by the broadcaster when shutdown begins, before it sends any close frame, and
-    /// never cleared. Connection threads read it: while draining, upgrades are refused and
-    /// `/healthz` answers `503 draining`.
-    pub draining: Arc<AtomicBool>,
-    /// The Redis link shared with other instances, with `--redis`.
-    pub backplane: Option<Arc<Backplane>>,
-    /// Which vital thread, if any, has died (see `supervisor`); read by `/healthz`.
-    pub supervisor: Arc<Supervisor>,
-}
-
-impl Shared {
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-
-    /// Sends a message on its way to `room`: with `--redis` into the publish queue (which
-    /// drops it when full), else straight to the broadcaster. See `backplane::relay`.
-    pub fn relay(
-        &self,
-        room: Arc<str>,
-        kind: MessageKind,
-        payload: tungstenite::Bytes,
-    ) -> backplane::Relayed {
-        backplane::relay(self.backplane.as_deref(), &self.events, room, kind, payload)
-    }
-
-    /// Every room with its member count: across the cluster with `--redis`, else here.
-    pub fn rooms(&self) -> Vec<(String, usize)> {
-        let local = self.hub.rooms();
-        match &self.backplane {
-            Some(backplane) => backplane.cluster_rooms(local),
-            None => local,
-        }
-    }
-
-    /// Members of one room: across the cluster with `--redis`, else here.
-    pub fn room_size(&self, room: &str) -> usize {
-        let local = self.hub.room_size(room);
-        match &self.backplane {
-            Some(backplane) => backplane.cluster_room_size(room, local),
-            None => local,
-        }
-    }
-}
 
 /// What the server did, returned by `run` and logged at shutdown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
