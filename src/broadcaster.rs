@@ -157,6 +157,11 @@ impl Events {
     }
 
     /// Hands a backlog a connection thread left to the broadcaster, unless it already has it.
+    ///
+    /// Out of line: it is rare, and a channel send inlined into the connection thread's read
+    /// loop widens that frame for every idle connection (see `connection::serve`).
+    #[cold]
+    #[inline(never)]
     pub fn hand_over_backlog(&self, client: &Arc<Client>) {
         if !client.is_backlog_tracked.swap(true, Ordering::SeqCst) {
             // Fails only when the broadcaster has stopped; then nobody needs to retry it.

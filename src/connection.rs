@@ -54,6 +54,12 @@ const LINGER_STEP: Duration = Duration::from_millis(10);
 pub const RETRY_AFTER_SECS: u32 = 2;
 
 /// Serves one accepted connection from its first byte to its end.
+///
+/// The session and the steps around it (`decide`, `session`, `close_in_order`, `finish`,
+/// `respond_and_close`) are kept out of line. Inlined, their locals all share this frame,
+/// which stays on the stack for the whole session: measured with 3,000 idle clients, that
+/// made every connection's stack touch one more 4 KiB page (17.3 instead of 13.3 KiB RSS per
+/// connection).
 pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, id: u64) {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let (request, leftover) = match http::read_request(&socket, deadline) {
@@ -140,6 +146,7 @@ enum Decision {
     Respond(Response),
 }
 
+#[inline(never)]
 fn decide(
     shared: &Shared,
     socket: &TcpStream,
@@ -257,6 +264,7 @@ enum Ending {
 
 /// Reads messages until the session ends. This is where the connection thread spends its life,
 /// almost all of it blocked in `read`.
+#[inline(never)]
 fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
     let config = &shared.config;
     // The read deadline is the idle timeout: every byte received restarts it (it bounds each
@@ -373,6 +381,7 @@ fn ending_for(client: &Client, error: WsError) -> Ending {
 /// message and then a bad frame would get the close but never its own message back (Autobahn
 /// 3.2, 4.x and 5.15 check exactly that). Falls back to queuing directly when the broadcaster
 /// is gone (shutdown) or the close is not queued within `LINGER`.
+#[inline(never)]
 fn close_in_order(shared: &Shared, client: &Arc<Client>, code: CloseCode, reason: &'static str) {
     let (done, queued) = crossbeam_channel::bounded(1);
     let event = Event::Close {
@@ -398,6 +407,7 @@ fn close_in_order(shared: &Shared, client: &Arc<Client>, code: CloseCode, reason
 /// unread bytes in our receive buffer would turn our close into an RST that could destroy
 /// the close frame in flight. When the client started it, its close frame was its last, so
 /// nothing is left unread and the socket can close at once (a FIN, after our frame).
+#[inline(never)]
 fn finish(client: &Client, ending: Ending) {
     let client_closed = match ending {
         Ending::Gone => {
@@ -428,6 +438,7 @@ fn finish(client: &Client, ending: Ending) {
 }
 
 /// Writes a plain HTTP response and closes, with the same lingering as `finish`.
+#[inline(never)]
 fn respond_and_close(socket: &TcpStream, response: &Response, deadline: Instant) {
     let timeout = deadline
         .saturating_duration_since(Instant::now())
