@@ -22,6 +22,9 @@ install_needed
 
 port=${ROOMCAST_CLUSTER_PORT:-9000}
 redis_port=${ROOMCAST_CLUSTER_REDIS_PORT:-6390}
+# roomcast reads ROOMCAST_* variables (and warns about ones no flag reads): these two are this
+# script's own, so the instances do not inherit them.
+unset ROOMCAST_CLUSTER_PORT ROOMCAST_CLUSTER_REDIS_PORT
 redis_url="redis://127.0.0.1:$redis_port/0"
 work="$PWD/target/cluster"
 mkdir -p "$work/body" "$work/proxy"

@@ -167,6 +167,10 @@ pub enum Dropped {
     /// A message from Redis at or below the last number relayed from its origin: a second copy
     /// (a publisher's retry), or a late one that would overtake.
     Duplicate,
+    /// A message from Redis over this instance's `--max-message-bytes` (a backend publishing
+    /// to Redis directly, or an instance with a larger limit): relaying it would evict every
+    /// member, since it fits no outbox.
+    TooLarge,
 }
 
 /// A position in this instance's sequence that the ledger never handed out: a forged marker,
@@ -232,6 +236,9 @@ pub struct Backplane {
     pub dropped_queue_full: AtomicU64,
     pub dropped_malformed: AtomicU64,
     pub dropped_duplicate: AtomicU64,
+    pub dropped_too_large: AtomicU64,
+    /// This instance's `--max-message-bytes`: larger messages from Redis are dropped.
+    pub max_message_bytes: usize,
     /// Heartbeat period and the TTL of the presence hash (three heartbeats).
     pub heartbeat: Duration,
     pub presence_ttl: Duration,
@@ -266,6 +273,8 @@ impl Backplane {
             dropped_queue_full: AtomicU64::new(0),
             dropped_malformed: AtomicU64::new(0),
             dropped_duplicate: AtomicU64::new(0),
+            dropped_too_large: AtomicU64::new(0),
+            max_message_bytes,
             heartbeat: presence_ttl / 3,
             presence_ttl,
         };
@@ -442,6 +451,14 @@ impl Backplane {
             }
             Dropped::Duplicate => {
                 self.dropped_duplicate.fetch_add(1, Ordering::Relaxed);
+            }
+            Dropped::TooLarge => {
+                if self.dropped_too_large.fetch_add(1, Ordering::Relaxed) == 0 {
+                    warn!(
+                        "dropping messages from redis over --max-message-bytes ({} B); counted in roomcast_redis_dropped_total{{reason=\"too_large\"}}",
+                        self.max_message_bytes
+                    );
+                }
             }
         }
     }

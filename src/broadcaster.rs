@@ -401,6 +401,14 @@ impl Broadcaster {
     /// how many took the frame. Runs after the hub's lock is released: it sends, shuts sockets
     /// down and logs.
     fn settle_overflowed(&mut self, frame: &Bytes) -> u64 {
+        let limit = self.config.effective_outbox_bytes();
+        if frame.len() + crate::outbox::ENTRY_OVERHEAD_BYTES > limit {
+            // No outbox could ever hold it (only a message from outside this instance's
+            // limits can be this large): not the clients' fault, so nobody is evicted for it.
+            debug!("dropped a {} B frame larger than any outbox", frame.len());
+            self.overflowed.clear();
+            return 0;
+        }
         let mut queued = 0;
         for client in std::mem::take(&mut self.overflowed) {
             client.flush();

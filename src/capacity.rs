@@ -554,7 +554,7 @@ mod tests {
             max_message_bytes: 1 << 20,
             ..Config::default()
         });
-        assert_eq!(big.outbox, 2 * ((1 << 20) + 10 + 64));
+        assert_eq!(big.outbox, 2 * ((1 << 20) + 10 + 64) + 4096);
         assert!(big.per_client() > 4 * MIB);
         assert!(big.shared() > budget.shared() * 10);
         // Redis adds its publish queue to the shared part.

@@ -43,8 +43,8 @@ pub const OUTBOX_MESSAGE_MULTIPLE: usize = 2;
 /// The largest header of a server frame (2 bytes and an 8-byte length; server frames are not
 /// masked).
 pub const MAX_FRAME_HEADER_BYTES: usize = 10;
-/// The outbox is never smaller than this, whatever the flags: it must hold the `101` response
-/// and a few control frames (a pong carries up to 125 bytes) besides the messages.
+/// Room the outbox always has besides two maximum-size messages, whatever the flags: the
+/// `101` response and a few control frames (a pong carries up to 125 bytes) between them.
 pub const MIN_OUTBOX_BYTES: usize = 4096;
 /// How long a client may stay backlogged (bytes queued that the kernel will not take).
 pub const DEFAULT_SLOW_TIMEOUT: Duration = Duration::from_secs(10);
@@ -258,14 +258,17 @@ impl fmt::Debug for Config {
 impl Config {
     /// The outbox bound actually enforced: the configured one, raised if needed so that
     /// `OUTBOX_MESSAGE_MULTIPLE` maximum-size messages always fit, as frames (with their header
-    /// and the outbox's charge per entry), and never below `MIN_OUTBOX_BYTES`.
+    /// and the outbox's charge per entry), with `MIN_OUTBOX_BYTES` to spare for the `101` and
+    /// control frames (pings, pongs, the close) queued between them.
     pub fn effective_outbox_bytes(&self) -> usize {
         let frame = self
             .max_message_bytes
             .saturating_add(MAX_FRAME_HEADER_BYTES + crate::outbox::ENTRY_OVERHEAD_BYTES);
-        self.outbox_bytes
-            .max(OUTBOX_MESSAGE_MULTIPLE.saturating_mul(frame))
-            .max(MIN_OUTBOX_BYTES)
+        self.outbox_bytes.max(
+            OUTBOX_MESSAGE_MULTIPLE
+                .saturating_mul(frame)
+                .saturating_add(MIN_OUTBOX_BYTES),
+        )
     }
 
     /// Checks every value against its range, and the relations between flags that no single
@@ -953,8 +956,8 @@ FLAGS (value as `--flag VALUE` or `--flag=VALUE`; [default; range]):
     --rate N                   messages/s per client; over it: 1008    [{rate}, 0 = off; up to {rate_max}]
     --burst N                  messages a client may send at once      [{burst}; up to {burst_max}]
     --outbox-bytes SIZE        unsent bytes queued per client before   [1MiB, at least {multiple} frames
-                               it is evicted as slow (64 B more per     of --max-message-bytes and
-                               queued frame)                            4KiB; up to {outbox_max}]
+                               it is evicted as slow (64 B more per     of --max-message-bytes + 4KiB;
+                               queued frame)                            up to {outbox_max}]
     --slow-timeout DUR         time a client may stay backlogged       [10s; {slow}]
     --handshake-timeout DUR    deadline for the HTTP request head      [5s; {handshake}]
     --ping-interval DUR        ping clients quiet for this long        [20s, < --idle-timeout; {ping}]
@@ -1098,10 +1101,16 @@ mod tests {
     #[test]
     fn outbox_never_below_two_messages() {
         let config = run(&["--max-message-bytes", "1M", "--outbox-bytes", "100K"]).unwrap();
-        assert_eq!(config.effective_outbox_bytes(), 2 * (1024 * 1024 + 10 + 64));
+        assert_eq!(
+            config.effective_outbox_bytes(),
+            2 * (1024 * 1024 + 10 + 64) + MIN_OUTBOX_BYTES
+        );
         // Tiny limits still leave room for the handshake and control frames.
         let config = run(&["--max-message-bytes", "40", "--outbox-bytes", "100"]).unwrap();
-        assert_eq!(config.effective_outbox_bytes(), MIN_OUTBOX_BYTES);
+        assert_eq!(
+            config.effective_outbox_bytes(),
+            2 * (40 + 10 + 64) + MIN_OUTBOX_BYTES
+        );
     }
 
     #[test]

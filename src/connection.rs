@@ -16,6 +16,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown as Both, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -432,7 +433,12 @@ fn finish(client: &Client, ending: Ending) {
     }
     if !client_closed {
         let _ = socket.shutdown(Both::Write);
-        drain_until(socket, deadline);
+        let peer_closed = drain_until(socket, deadline);
+        if !peer_closed && unsent_bytes(socket) > 0 {
+            // No FIN back within the linger, and what we sent is still in our send buffer:
+            // the peer is not reading. Reset rather than leave an orphan holding the buffer.
+            client.abort_on_close();
+        }
     }
     let _ = socket.shutdown(Both::Both);
 }
@@ -445,23 +451,36 @@ fn respond_and_close(socket: &TcpStream, response: &Response, deadline: Instant)
         .max(LINGER_STEP);
     if response.write_to(socket, timeout).is_ok() {
         let _ = socket.shutdown(Both::Write);
-        drain_until(socket, Instant::now() + LINGER.min(timeout));
+        let _ = drain_until(socket, Instant::now() + LINGER.min(timeout));
     }
     let _ = socket.shutdown(Both::Both);
 }
 
-/// Reads and discards until end-of-file or `deadline`.
-fn drain_until(socket: &TcpStream, deadline: Instant) {
+/// Reads and discards until end-of-file or `deadline`; returns whether the peer closed.
+fn drain_until(socket: &TcpStream, deadline: Instant) -> bool {
     let mut sink = [0u8; 1024];
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() || socket.set_read_timeout(Some(remaining)).is_err() {
-            return;
+            return false;
         }
         match (&*socket).read(&mut sink) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return true,
+            Err(_) => return false,
             Ok(_) => {}
         }
+    }
+}
+
+/// Bytes the kernel still holds unsent (or unacknowledged) for this socket (`SIOCOUTQ`).
+fn unsent_bytes(socket: &TcpStream) -> usize {
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: a valid socket descriptor and a pointer to an int, as TIOCOUTQ (SIOCOUTQ) takes.
+    let ok = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut unsent) } == 0;
+    if ok {
+        usize::try_from(unsent).unwrap_or(0)
+    } else {
+        0
     }
 }
 

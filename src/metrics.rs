@@ -167,6 +167,7 @@ pub(crate) fn render(shared: &Shared) -> String {
                 (Some("queue_full"), load(&backplane.dropped_queue_full)),
                 (Some("malformed"), load(&backplane.dropped_malformed)),
                 (Some("duplicate"), load(&backplane.dropped_duplicate)),
+                (Some("too_large"), load(&backplane.dropped_too_large)),
             ],
         );
         metric(

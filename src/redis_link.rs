@@ -97,23 +97,43 @@ pub(crate) fn start(
         spawn(
             "redis-publisher",
             Box::new(move || publish(&client, &backplane, &outgoing, &events, &shutdown)),
-        )?
+        )
     };
+    let mut threads = vec![publisher];
     let subscriber = {
         let (client, backplane, shutdown) = (client.clone(), backplane.clone(), shutdown.clone());
         spawn(
             "redis-subscriber",
             Box::new(move || subscribe(&client, &backplane, &events, &shutdown)),
-        )?
+        )
     };
+    threads.push(subscriber);
     let presence = {
         let shutdown = shutdown.clone();
         spawn(
             "redis-presence",
             Box::new(move || presence(&client, &backplane, &hub, &shutdown)),
-        )?
+        )
     };
-    Ok(vec![publisher, subscriber, presence])
+    threads.push(presence);
+    // All three or none: a thread that could not start leaves the others stopped and joined,
+    // not running on behind an error.
+    if threads.iter().any(Result::is_err) {
+        shutdown.trigger();
+        let mut first_error = None;
+        for thread in threads {
+            match thread {
+                Ok(handle) => {
+                    let _ = handle.join();
+                }
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        return Err(first_error.expect("one spawn failed"));
+    }
+    Ok(threads.into_iter().flatten().collect())
 }
 
 /// Runs its closure when dropped: at the end of a thread's body, and also while a panic
@@ -436,6 +456,11 @@ fn forward(
         }
         Some(Sequence { origin, seq }) if !origins.is_new(origin, seq) => {
             backplane.count_drop(Dropped::Duplicate);
+            true
+        }
+        // From a backend or another instance: held to this instance's own size limit.
+        _ if decoded.payload.len() > backplane.max_message_bytes => {
+            backplane.count_drop(Dropped::TooLarge);
             true
         }
         _ => events

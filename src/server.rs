@@ -107,7 +107,7 @@ impl Server {
         }
         if config.effective_outbox_bytes() > config.outbox_bytes {
             info!(
-                "outbox raised to {} B: it must hold 2 messages of --max-message-bytes",
+                "outbox raised to {} B: it must hold 2 frames of --max-message-bytes and 4 KiB for control frames",
                 config.effective_outbox_bytes()
             );
         }

@@ -327,6 +327,37 @@ fn a_backend_can_publish_through_redis_and_garbage_there_is_dropped() {
     assert_eq!(health(&server), "ok\n", "garbage does not disturb the link");
 }
 
+/// A message published to Redis directly, larger than this instance's `--max-message-bytes`,
+/// fits no outbox: relayed, it would evict every member of the room as "slow". It is dropped
+/// and counted instead, and the room goes on.
+#[test]
+fn a_message_from_redis_over_the_size_limit_is_dropped_not_fanned_out() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = instance(redis_config(&redis));
+    let mut member = server.connect("feed");
+    let mut huge = vec![b'T'];
+    huge.extend(std::iter::repeat_n(b'x', 2 * 1024 * 1024));
+    assert_eq!(
+        redis.command(&[b"PUBLISH", b"roomcast:room:feed", &huge]),
+        ":1"
+    );
+    assert_eq!(
+        redis.command(&[b"PUBLISH", b"roomcast:room:feed", b"Tafter"]),
+        ":1"
+    );
+    assert_eq!(next_text(&mut member), "after");
+    assert_eq!(
+        metric(
+            &server,
+            r#"roomcast_redis_dropped_total{reason="too_large"}"#
+        ),
+        1
+    );
+    assert_eq!(server.stats.evictions(roomcast::stats::Eviction::Slow), 0);
+}
+
 #[test]
 fn a_stalled_redis_overflows_the_publish_queue_without_blocking_clients() {
     let Some(redis) = RedisServer::start() else {
