@@ -853,17 +853,8 @@ mod tests {
     }
 
     fn close_event() -> Event {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let socket = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let peer = socket.local_addr().unwrap();
-        let client = crate::client::Client::new(
-            1,
-            "r".into(),
-            peer,
-            Arc::new(socket),
-            1 << 20,
-            Arc::new(crate::stats::Stats::default()),
-        );
+        let stats = Arc::new(crate::stats::Stats::default());
+        let (client, _peer) = crate::client::Client::on_loopback(1, "r", 1 << 20, stats);
         let (done, _queued) = crossbeam_channel::bounded(1);
         Event::Close {
             client: Arc::new(client),

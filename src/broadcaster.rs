@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, SendTimeoutError, Sender};
+use crossbeam_channel::{select, Receiver, Sender};
 use log::{debug, info};
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::frame::Frame;
@@ -138,15 +138,6 @@ impl Events {
     /// Sends a control event, blocking while the channel is full.
     pub fn send(&self, event: Event) -> Result<(), Stopped> {
         self.sender.send(event).map_err(|_| Stopped)
-    }
-
-    /// Sends a control event, waiting at most `timeout` for room in the channel.
-    pub fn send_timeout(&self, event: Event, timeout: Duration) -> Result<(), Stopped> {
-        self.sender
-            .send_timeout(event, timeout)
-            .map_err(|err| match err {
-                SendTimeoutError::Timeout(_) | SendTimeoutError::Disconnected(_) => Stopped,
-            })
     }
 
     /// Sends a control event, waiting until `deadline` at most for room in the channel.
@@ -411,15 +402,10 @@ impl Broadcaster {
         }
         let mut queued = 0;
         for client in std::mem::take(&mut self.overflowed) {
-            client.flush();
-            match client.queue(frame.clone()) {
-                Push::Queued { .. } => {
-                    queued += 1;
-                    // Flushed with the batch; if it stays backlogged it is tracked then.
-                    self.dirty.push(client);
-                }
-                Push::Overflow => client.evict(Eviction::Slow),
-                Push::Closed => {}
+            if let Push::Queued { .. } = client.queue_or_evict(frame.clone()) {
+                queued += 1;
+                // Flushed with the batch; if it stays backlogged it is tracked then.
+                self.dirty.push(client);
             }
         }
         queued
@@ -564,24 +550,15 @@ pub(crate) fn close_everyone(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{TcpListener, TcpStream};
+    use std::net::TcpStream;
     use std::os::fd::AsRawFd;
 
     /// A client whose kernel send buffer is full (its peer never reads) but whose outbox is
     /// empty, already on the broadcaster's retry list.
     fn broadcaster_with_a_full_socket() -> (Broadcaster, Arc<Client>, Events, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (socket, address) = listener.accept().unwrap();
         let stats = Arc::new(Stats::default());
-        let client = Arc::new(Client::new(
-            1,
-            "r".into(),
-            address,
-            Arc::new(socket),
-            1 << 20,
-            stats.clone(),
-        ));
+        let (client, peer) = Client::on_loopback(1, "r", 1 << 20, stats.clone());
+        let client = Arc::new(client);
         let chunk = [0u8; 64 * 1024];
         // SAFETY: a valid socket and buffer; MSG_DONTWAIT so it stops at a full buffer.
         while unsafe {

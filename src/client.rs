@@ -291,16 +291,30 @@ pub fn encode(frame: Frame) -> Bytes {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::TcpListener;
-
-    fn new_client() -> (Client, Arc<Stats>, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+impl Client {
+    /// For unit tests: a client on the server end of a fresh loopback connection, and the
+    /// peer's end, which the test keeps open (and may leave unread, to fill the socket).
+    pub(crate) fn on_loopback(
+        id: u64,
+        room: &str,
+        outbox_limit: usize,
+        stats: Arc<Stats>,
+    ) -> (Client, TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let peer_side = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (socket, peer) = listener.accept().unwrap();
+        let client = Client::new(id, room.into(), peer, Arc::new(socket), outbox_limit, stats);
+        (client, peer_side)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_client() -> (Client, Arc<Stats>, TcpStream) {
         let stats = Arc::new(Stats::default());
-        let client = Client::new(7, "r".into(), peer, Arc::new(socket), 1024, stats.clone());
+        let (client, peer_side) = Client::on_loopback(7, "r", 1024, stats.clone());
         (client, stats, peer_side)
     }
 

@@ -104,7 +104,7 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
     client.queue_response(Bytes::from(upgrade.response));
     let membership = Membership::join(&shared.hub, &client);
     shared.stats.clients_served.fetch_add(1, Ordering::Relaxed);
-    flush(shared, &client);
+    flush(&shared.events, &client);
     debug!("client {id} ({peer}) joined room {}", client.room);
 
     let ending = session(shared, &client, leftover);
@@ -321,7 +321,7 @@ fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
                 // reply is then dropped by the sealed outbox.
                 let code = frame.map_or(CloseCode::Normal, |f| f.code);
                 client.queue_close(code, "");
-                flush(shared, client);
+                flush(&shared.events, client);
                 continue;
             }
         };
@@ -488,9 +488,9 @@ fn unsent_bytes(socket: &TcpStream) -> usize {
 /// reply). A backlog left behind is handed to the broadcaster at once, which alone retries
 /// backlogs: otherwise bytes stuck behind a full socket buffer would wait for the next
 /// message to the room, or for nothing at all.
-fn flush(shared: &Shared, client: &Arc<Client>) {
+fn flush(events: &Events, client: &Arc<Client>) {
     if client.flush() == Flush::Backlogged {
-        shared.events.hand_over_backlog(client);
+        events.hand_over_backlog(client);
     }
 }
 
@@ -529,9 +529,7 @@ impl Write for ClientStream {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if self.client.flush() == Flush::Backlogged {
-            self.events.hand_over_backlog(&self.client);
-        }
+        flush(&self.events, &self.client);
         Ok(())
     }
 }

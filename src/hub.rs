@@ -129,26 +129,12 @@ pub const MAX_ROOM_NAME_LEN: usize = 64;
 mod tests {
     use super::*;
     use crate::stats::Stats;
-    use std::net::{TcpListener, TcpStream};
 
-    /// Clients on duplicates of one loopback socket: the hub never touches sockets.
+    /// Clients on loopback sockets whose peers are dropped: the hub never touches sockets.
     fn clients(n: u64, room: &str) -> Vec<Arc<Client>> {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let peer = socket.local_addr().unwrap();
         let stats = Arc::new(Stats::default());
         (0..n)
-            .map(|id| {
-                let socket = Arc::new(socket.try_clone().unwrap());
-                Arc::new(Client::new(
-                    id,
-                    room.into(),
-                    peer,
-                    socket,
-                    1024,
-                    stats.clone(),
-                ))
-            })
+            .map(|id| Arc::new(Client::on_loopback(id, room, 1024, stats.clone()).0))
             .collect()
     }
 
