@@ -15,7 +15,7 @@ use std::time::Duration;
 use roomcast::stats::Eviction;
 use tungstenite::Message;
 
-use crate::slow::stalled_client;
+use crate::slow::{assert_one_evicted, stalled_client};
 use crate::support::*;
 
 /// A payload that says which message it is in every byte, so loss, reordering and corruption
@@ -140,14 +140,7 @@ fn a_member_that_stops_reading_is_still_evicted_by_bytes() {
         assert_eq!(received(member, &mut keep), MESSAGES);
     }
     assert_eq!(received(sender, &mut keep), MESSAGES);
-    assert!(wait_until(Duration::from_secs(5), || server
-        .stats
-        .evictions(Eviction::Slow)
-        == 1));
-    assert!(wait_until(Duration::from_secs(5), || server
-        .hub
-        .room_size(room)
-        == 4));
+    assert_one_evicted(&server, room, 4);
     drop(stalled);
 }
 
@@ -171,12 +164,5 @@ fn a_member_that_stops_reading_is_still_evicted_by_the_clock() {
     let mut keep = Vec::new();
     assert_eq!(received(reading, &mut keep), messages);
     assert_eq!(received(sender, &mut keep), messages);
-    assert!(wait_until(Duration::from_secs(5), || server
-        .stats
-        .evictions(Eviction::Slow)
-        == 1));
-    assert!(wait_until(Duration::from_secs(5), || server
-        .hub
-        .room_size(room)
-        == 2));
+    assert_one_evicted(&server, room, 2);
 }

@@ -23,6 +23,18 @@ pub fn stalled_client(addr: std::net::SocketAddr, url: &str) -> TcpStream {
     upgrade(TcpStream::from(socket), url).unwrap().into_inner()
 }
 
+/// Waits until exactly one client has been evicted as slow and `room` is back to `members`.
+pub fn assert_one_evicted(server: &TestServer, room: &str, members: usize) {
+    assert!(wait_until(Duration::from_secs(5), || server
+        .stats
+        .evictions(Eviction::Slow)
+        == 1));
+    assert!(wait_until(Duration::from_secs(5), || server
+        .hub
+        .room_size(room)
+        == members));
+}
+
 /// Without eviction, the broadcaster would either block on the stalled socket (freezing the
 /// room) or queue for it without bound (eating memory).
 #[test]
@@ -65,14 +77,7 @@ fn a_client_that_never_reads_is_evicted_while_a_healthy_one_gets_everything() {
     }
     let (received, _healthy) = receiving.join().unwrap();
     assert_eq!(received, MESSAGES, "the healthy client lost messages");
-    assert!(wait_until(Duration::from_secs(5), || server
-        .stats
-        .evictions(Eviction::Slow)
-        == 1));
-    assert!(wait_until(Duration::from_secs(5), || server
-        .hub
-        .room_size("slow")
-        == 2));
+    assert_one_evicted(&server, "slow", 2);
     assert!(wait_until(Duration::from_secs(5), || server
         .stats
         .threads()
