@@ -298,20 +298,13 @@ fn a_backend_can_publish_through_redis_and_garbage_there_is_dropped() {
     let server = instance(redis_config(&redis));
     let mut member = server.connect("feed");
 
-    // What a backend could publish with redis-cli; each reaches one subscriber (ours).
-    let publish = |channel: &str, payload: &[u8]| {
-        assert_eq!(
-            redis.command(&[b"PUBLISH", channel.as_bytes(), payload]),
-            ":1"
-        );
-    };
     // Not roomcast's format (no kind byte), text that is not UTF-8, a bad room name: dropped.
-    publish("roomcast:room:feed", b"Xhello");
-    publish("roomcast:room:feed", b"T\xff\xfe");
-    publish("roomcast:room:bad room", b"Thi");
+    redis.publish("roomcast:room:feed", b"Xhello");
+    redis.publish("roomcast:room:feed", b"T\xff\xfe");
+    redis.publish("roomcast:room:bad room", b"Thi");
     // The documented format reaches the room, kind included.
-    publish("roomcast:room:feed", b"Tfrom redis-cli");
-    publish("roomcast:room:feed", b"B\x00\x01");
+    redis.publish("roomcast:room:feed", b"Tfrom redis-cli");
+    redis.publish("roomcast:room:feed", b"B\x00\x01");
     assert_eq!(next_text(&mut member), "from redis-cli");
     assert_eq!(
         next_data(&mut member),
@@ -339,14 +332,8 @@ fn a_message_from_redis_over_the_size_limit_is_dropped_not_fanned_out() {
     let mut member = server.connect("feed");
     let mut huge = vec![b'T'];
     huge.extend(std::iter::repeat_n(b'x', 2 * 1024 * 1024));
-    assert_eq!(
-        redis.command(&[b"PUBLISH", b"roomcast:room:feed", &huge]),
-        ":1"
-    );
-    assert_eq!(
-        redis.command(&[b"PUBLISH", b"roomcast:room:feed", b"Tafter"]),
-        ":1"
-    );
+    redis.publish("roomcast:room:feed", &huge);
+    redis.publish("roomcast:room:feed", b"Tafter");
     assert_eq!(next_text(&mut member), "after");
     assert_eq!(
         metric(
@@ -685,12 +672,6 @@ fn repeated_messages_and_forged_markers_from_redis_are_dropped_and_counted() {
     };
     let server = instance(redis_config(&redis));
     let mut member = server.connect("feed");
-    let publish = |channel: &str, payload: &[u8]| {
-        assert_eq!(
-            redis.command(&[b"PUBLISH", channel.as_bytes(), payload]),
-            ":1"
-        );
-    };
     let sequenced = |origin: u64, seq: u64, text: &str| {
         let mut wire = b"S".to_vec();
         wire.extend_from_slice(&origin.to_be_bytes());
@@ -699,9 +680,9 @@ fn repeated_messages_and_forged_markers_from_redis_are_dropped_and_counted() {
         wire.extend_from_slice(text.as_bytes());
         wire
     };
-    publish("roomcast:room:feed", &sequenced(7, 1, "first"));
-    publish("roomcast:room:feed", &sequenced(7, 1, "first"));
-    publish("roomcast:room:feed", &sequenced(7, 2, "second"));
+    redis.publish("roomcast:room:feed", &sequenced(7, 1, "first"));
+    redis.publish("roomcast:room:feed", &sequenced(7, 1, "first"));
+    redis.publish("roomcast:room:feed", &sequenced(7, 2, "second"));
     assert_eq!(next_text(&mut member), "first");
     assert_eq!(next_text(&mut member), "second");
     assert_eq!(
@@ -718,9 +699,9 @@ fn repeated_messages_and_forged_markers_from_redis_are_dropped_and_counted() {
         1,
         "one control channel per instance: {control:?}"
     );
-    publish(&control[0], b"marker 18446744073709551615");
-    publish(&control[0], b"marker 1x");
-    publish(&control[0], b"hello");
+    redis.publish(&control[0], b"marker 18446744073709551615");
+    redis.publish(&control[0], b"marker 1x");
+    redis.publish(&control[0], b"hello");
     member
         .send(Message::text("own, after the forgeries"))
         .unwrap();

@@ -706,6 +706,15 @@ fn redis_ping(port: u16) -> bool {
 }
 
 impl RedisServer {
+    /// `PUBLISH channel payload`, as a backend (or redis-cli) would; exactly one subscriber,
+    /// the instance under test, must receive it.
+    pub fn publish(&self, channel: &str, payload: &[u8]) {
+        assert_eq!(
+            self.command(&[b"PUBLISH", channel.as_bytes(), payload]),
+            ":1"
+        );
+    }
+
     /// Sends one command in RESP and returns the raw reply line (`:1`, `+OK`, ...).
     pub fn command(&self, args: &[&[u8]]) -> String {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
