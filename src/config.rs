@@ -60,6 +60,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a crashed instance's clients still count in the cluster-wide room counts (the TTL
 /// of its presence hash in Redis, refreshed every third of it).
 pub const DEFAULT_REDIS_TTL: Duration = Duration::from_secs(15);
+/// How long a room's state (epoch, seq) is kept after its last member leaves (PROTOCOL §5).
+pub const DEFAULT_ROOM_TTL: Duration = Duration::from_secs(600);
 /// Whether this build has the Redis backplane (cargo feature `redis`).
 pub const HAS_REDIS: bool = cfg!(feature = "redis");
 
@@ -171,6 +173,14 @@ pub struct Config {
     /// `None` runs alone. It may hold a password: print it only through `redact_url`.
     pub redis: Option<String>,
     pub redis_ttl: Duration,
+    /// HS256 secrets that sign join tokens (`--token-secret`, then
+    /// `ROOMCAST_TOKEN_SECRET_PREVIOUS` while rotating); empty is open mode, where anyone may
+    /// join any room. Secrets: never logged.
+    pub token_secrets: Vec<String>,
+    /// Connections one user (a token's `sub`) may hold at once; 0 turns the cap off.
+    pub max_connections_per_user: usize,
+    /// How long a room's state (epoch, seq) outlives its last member.
+    pub room_ttl: Duration,
     /// Test-only failure hook, never set from the command line: the broadcaster panics when it
     /// relays a message to this room. The supervision tests use it to check that a dead
     /// broadcaster takes the server down loudly instead of leaving it up and relaying nothing.
@@ -201,6 +211,9 @@ impl Default for Config {
             log_file: None,
             redis: None,
             redis_ttl: DEFAULT_REDIS_TTL,
+            token_secrets: Vec::new(),
+            max_connections_per_user: 0,
+            room_ttl: DEFAULT_ROOM_TTL,
             test_panic_in_room: None,
         }
     }
@@ -229,6 +242,9 @@ impl fmt::Debug for Config {
             log_file,
             redis,
             redis_ttl,
+            token_secrets,
+            max_connections_per_user,
+            room_ttl,
             test_panic_in_room,
         } = self;
         f.debug_struct("Config")
@@ -250,6 +266,9 @@ impl fmt::Debug for Config {
             .field("log_file", log_file)
             .field("redis", &redis.as_deref().map(redact_url))
             .field("redis_ttl", redis_ttl)
+            .field("token_secrets", &vec!["***"; token_secrets.len()])
+            .field("max_connections_per_user", max_connections_per_user)
+            .field("room_ttl", room_ttl)
             .field("test_panic_in_room", test_panic_in_room)
             .finish()
     }

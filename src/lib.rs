@@ -68,6 +68,7 @@ mod shared;
 pub mod shutdown;
 pub mod stats;
 pub mod supervisor;
+pub mod v1;
 pub mod workers;
 
 pub use config::{parse_args, Command, Config, ConfigError};

@@ -1,0 +1,1 @@
+//! Join tokens: HS256 JWTs minted by the application's backend (filled in by the token task).
