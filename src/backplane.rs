@@ -61,7 +61,7 @@ use log::{info, warn};
 use parking_lot::{Condvar, Mutex, RwLock};
 use tungstenite::Bytes;
 
-use crate::broadcaster::{Event, Events, MessageKind};
+use crate::broadcaster::{Event, Events, Message, MessageKind};
 
 /// Prefix of the channel each room publishes to: `roomcast:room:<room>`.
 pub const ROOM_CHANNEL_PREFIX: &str = "roomcast:room:";
@@ -89,11 +89,7 @@ pub const MAX_ORIGINS: usize = 1024;
 #[derive(Debug)]
 pub enum Outgoing {
     /// A room message: published to Redis, so every instance relays it.
-    Message {
-        room: Arc<str>,
-        kind: MessageKind,
-        payload: Bytes,
-    },
+    Message(Message),
     /// Any other event (a server-initiated close): it never leaves this instance, but a marker
     /// on the control channel keeps its place behind the messages queued before it.
     Local(Event),
@@ -103,7 +99,7 @@ impl Outgoing {
     /// The bytes it counts against the publish queue's bound.
     pub fn payload_len(&self) -> usize {
         match self {
-            Outgoing::Message { payload, .. } => payload.len(),
+            Outgoing::Message(message) => message.payload.len(),
             Outgoing::Local(_) => 0,
         }
     }
@@ -116,15 +112,10 @@ impl From<Event> for Outgoing {
             // publish queue counts its bytes instead, and the broadcaster's channel will take
             // them again when the ledger delivers it.
             Event::Message {
-                room,
-                kind,
-                payload,
+                message,
                 permit: _,
-            } => Outgoing::Message {
-                room,
-                kind,
-                payload,
-            },
+                numbered: _,
+            } => Outgoing::Message(message),
             other => Outgoing::Local(other),
         }
     }
@@ -135,11 +126,7 @@ impl Outgoing {
     /// Blocks while the broadcaster is behind; fails only once it has stopped.
     fn deliver(self, events: &Events) -> Result<(), crate::broadcaster::Stopped> {
         match self {
-            Outgoing::Message {
-                room,
-                kind,
-                payload,
-            } => events.send_message(room, kind, payload),
+            Outgoing::Message(message) => events.send_message(message, None),
             Outgoing::Local(event) => events.send(event),
         }
     }
@@ -500,20 +487,10 @@ impl Backplane {
 /// messages (the publisher decides where it goes). Without: the broadcaster's channel, which
 /// is bounded, so when the broadcaster is behind this blocks, which stops the connection
 /// thread reading, which lets TCP flow control push back on the sender.
-pub(crate) fn relay(
-    backplane: Option<&Backplane>,
-    events: &Events,
-    room: Arc<str>,
-    kind: MessageKind,
-    payload: Bytes,
-) -> Relayed {
+pub(crate) fn relay(backplane: Option<&Backplane>, events: &Events, message: Message) -> Relayed {
     match backplane {
-        Some(backplane) => backplane.publish(Outgoing::Message {
-            room,
-            kind,
-            payload,
-        }),
-        None => match events.send_message(room, kind, payload) {
+        Some(backplane) => backplane.publish(Outgoing::Message(message)),
+        None => match events.send_message(message, None) {
             Ok(()) => Relayed::Queued,
             Err(_) => Relayed::Stopped,
         },
@@ -579,9 +556,9 @@ impl Origins {
     }
 }
 
-/// The plain payload format: one kind byte (`T` text, `B` binary), then the message verbatim.
-/// Redis strings are binary-safe, so nothing else is needed, and a backend can publish to a
-/// room with `PUBLISH roomcast:room:<room> "T<text>"`.
+/// The plain payload format: one kind byte (`T` text, `B` binary, `J` a JSON value), then the
+/// message verbatim. Redis strings are binary-safe, so nothing else is needed, and a backend
+/// can publish to a room with `PUBLISH roomcast:room:<room> "T<text>"`.
 pub fn encode(kind: MessageKind, payload: &[u8]) -> Vec<u8> {
     let mut wire = Vec::with_capacity(payload.len() + 1);
     wire.push(kind_byte(kind));
@@ -593,13 +570,28 @@ pub fn encode(kind: MessageKind, payload: &[u8]) -> Vec<u8> {
 const SEQUENCED_HEADER: usize = 1 + 8 + 8;
 
 /// The format instances publish: `S`, the origin (8 bytes, big-endian), the message's number
-/// in that origin's sequence (8 bytes, big-endian), then the plain form. The numbers let the
-/// origin recognise its own messages and every instance drop a second copy.
-pub fn encode_sequenced(origin: u64, seq: u64, kind: MessageKind, payload: &[u8]) -> Vec<u8> {
-    let mut wire = Vec::with_capacity(SEQUENCED_HEADER + 1 + payload.len());
+/// in that origin's sequence (8 bytes, big-endian), then, for a client's message, `F`, the
+/// length of its sender's encoded identity (2 bytes, big-endian) and that identity, and then
+/// the plain form. The numbers let the origin recognise its own messages and every instance
+/// drop a second copy; the sender lets every instance's v1 clients see who wrote it.
+pub fn encode_sequenced(
+    origin: u64,
+    seq: u64,
+    kind: MessageKind,
+    payload: &[u8],
+    from: Option<&str>,
+) -> Vec<u8> {
+    let from = from.filter(|from| from.len() <= usize::from(u16::MAX));
+    let from_len = from.map_or(0, |from| 3 + from.len());
+    let mut wire = Vec::with_capacity(SEQUENCED_HEADER + from_len + 1 + payload.len());
     wire.push(b'S');
     wire.extend_from_slice(&origin.to_be_bytes());
     wire.extend_from_slice(&seq.to_be_bytes());
+    if let Some(from) = from {
+        wire.push(b'F');
+        wire.extend_from_slice(&(from.len() as u16).to_be_bytes());
+        wire.extend_from_slice(from.as_bytes());
+    }
     wire.push(kind_byte(kind));
     wire.extend_from_slice(payload);
     wire
@@ -609,7 +601,14 @@ fn kind_byte(kind: MessageKind) -> u8 {
     match kind {
         MessageKind::Text => b'T',
         MessageKind::Binary => b'B',
+        MessageKind::Json => b'J',
     }
+}
+
+/// Whether `bytes` is one JSON value (what a `J` payload and a sender must be, since both are
+/// written into v1 frames as they are).
+fn is_json(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<&serde_json::value::RawValue>(bytes).is_ok()
 }
 
 /// Where a sequenced message comes from: its origin instance and its number there.
@@ -626,6 +625,8 @@ pub struct Decoded {
     pub sequence: Option<Sequence>,
     pub kind: MessageKind,
     pub payload: Bytes,
+    /// The sender's encoded identity; `None` for a backend's message.
+    pub from: Option<Arc<str>>,
 }
 
 /// The inverse of `encode` and `encode_sequenced`; `None` for anything else (unknown kind,
@@ -647,20 +648,40 @@ pub fn decode(wire: Vec<u8>) -> Option<Decoded> {
         }
         _ => (None, 0),
     };
+    let (from, plain) = match (sequence, wire.get(plain)) {
+        (Some(_), Some(b'F')) => {
+            let len = wire.get(plain + 1..plain + 3)?;
+            let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+            let from = wire.get(plain + 3..plain + 3 + len)?;
+            if !is_json(from) {
+                return None;
+            }
+            let from: Arc<str> = std::str::from_utf8(from).ok()?.into();
+            (Some(from), plain + 3 + len)
+        }
+        _ => (None, plain),
+    };
     let kind = match wire.get(plain)? {
         b'T' => MessageKind::Text,
         b'B' => MessageKind::Binary,
+        b'J' => MessageKind::Json,
         _ => return None,
     };
     // A slice of the received buffer: no copy, even of a large message.
     let payload = Bytes::from(wire).slice(plain + 1..);
-    if kind == MessageKind::Text && std::str::from_utf8(&payload).is_err() {
+    let is_valid = match kind {
+        MessageKind::Text => std::str::from_utf8(&payload).is_ok(),
+        MessageKind::Json => is_json(&payload),
+        MessageKind::Binary => true,
+    };
+    if !is_valid {
         return None;
     }
     Some(Decoded {
         sequence,
         kind,
         payload,
+        from,
     })
 }
 
@@ -703,12 +724,17 @@ mod tests {
         Backplane::new("i".into(), 1024, Duration::from_secs(3))
     }
 
-    fn message(text: &str) -> Outgoing {
-        Outgoing::Message {
-            room: "r".into(),
+    fn text(room: &str, text: &str) -> Message {
+        Message {
+            room: room.into(),
             kind: MessageKind::Text,
             payload: Bytes::from(text.to_string()),
+            from: None,
         }
+    }
+
+    fn message(text: &str) -> Outgoing {
+        Outgoing::Message(self::text("r", text))
     }
 
     /// What the broadcaster received, as texts (closes as "close").
@@ -716,9 +742,12 @@ mod tests {
         events
             .try_iter()
             .map(|event| match event {
-                Event::Message { payload, .. } => String::from_utf8_lossy(&payload).into_owned(),
+                Event::Message { message, .. } => {
+                    String::from_utf8_lossy(&message.payload).into_owned()
+                }
                 Event::Close { .. } => "close".into(),
                 Event::Backlogged(_) => "backlogged".into(),
+                Event::Welcome(_) => "welcome".into(),
             })
             .collect()
     }
@@ -740,21 +769,34 @@ mod tests {
                 (plain.sequence, plain.kind, &plain.payload[..]),
                 (None, kind, payload)
             );
-            let sequenced = decode(encode_sequenced(7, 42, kind, payload)).unwrap();
+            let sequenced = decode(encode_sequenced(7, 42, kind, payload, None)).unwrap();
             let sequence = Some(Sequence { origin: 7, seq: 42 });
             assert_eq!(
                 (sequenced.sequence, sequenced.kind, &sequenced.payload[..]),
                 (sequence, kind, payload)
             );
+            let from = r#"{"id":"u1","name":"Ann","verified":true}"#;
+            let signed = decode(encode_sequenced(7, 42, kind, payload, Some(from))).unwrap();
+            assert_eq!(signed.from.as_deref(), Some(from));
+            assert_eq!((signed.kind, &signed.payload[..]), (kind, payload));
         }
+        let json = decode(encode(MessageKind::Json, br#"{"a":1}"#)).unwrap();
+        assert_eq!(json.kind, MessageKind::Json);
+        assert!(decode(b"J{not json".to_vec()).is_none(), "J must be JSON");
+        let mut bad_from = encode_sequenced(1, 1, MessageKind::Text, b"x", Some("{}"));
+        bad_from[SEQUENCED_HEADER + 3] = b'<';
+        assert!(decode(bad_from).is_none(), "a sender must be JSON");
+        let mut short_from = encode_sequenced(1, 1, MessageKind::Text, b"", Some("{}"));
+        short_from.truncate(SEQUENCED_HEADER + 4);
+        assert!(decode(short_from).is_none());
         assert!(decode(b"".to_vec()).is_none());
         assert!(decode(b"Xhello".to_vec()).is_none());
         assert!(decode(b"T\xff".to_vec()).is_none());
         assert!(decode(b"S\x00\x01".to_vec()).is_none(), "short header");
-        let mut no_kind = encode_sequenced(1, 1, MessageKind::Text, b"");
+        let mut no_kind = encode_sequenced(1, 1, MessageKind::Text, b"", None);
         no_kind.truncate(SEQUENCED_HEADER);
         assert!(decode(no_kind).is_none());
-        let mut bad_text = encode_sequenced(1, 1, MessageKind::Text, b"");
+        let mut bad_text = encode_sequenced(1, 1, MessageKind::Text, b"", None);
         bad_text.push(0xff);
         assert!(decode(bad_text).is_none());
     }
@@ -810,10 +852,12 @@ mod tests {
     #[test]
     fn a_full_queue_drops_and_counts_and_says_so() {
         let (backplane, outgoing) = new_backplane();
-        let large = || Outgoing::Message {
-            room: "r".into(),
-            kind: MessageKind::Binary,
-            payload: Bytes::from(vec![0; 1024 * 1024]),
+        let large = || {
+            Outgoing::Message(Message {
+                kind: MessageKind::Binary,
+                payload: Bytes::from(vec![0; 1024 * 1024]),
+                ..text("r", "")
+            })
         };
         let results: Vec<Relayed> = (0..20).map(|_| backplane.publish(large())).collect();
         assert_eq!(outgoing.len(), 16, "bounded by bytes");
@@ -868,15 +912,7 @@ mod tests {
     fn a_close_queues_behind_the_messages_before_it() {
         let (backplane, outgoing) = new_backplane();
         let (events, delivered) = Events::channel(1 << 16, usize::MAX);
-        let relay_text = |text: &str| {
-            relay(
-                Some(&backplane),
-                &events,
-                "r".into(),
-                MessageKind::Text,
-                Bytes::from(text.to_string()),
-            )
-        };
+        let relay_text = |text: &str| relay(Some(&backplane), &events, self::text("r", text));
         assert_eq!(relay_text("a"), Relayed::Queued);
         assert_eq!(relay_text("b"), Relayed::Queued);
         assert!(relay_close(
@@ -964,23 +1000,11 @@ mod tests {
     #[test]
     fn without_a_backplane_messages_go_to_the_broadcaster() {
         let (events, delivered) = Events::channel(1 << 16, usize::MAX);
-        let relayed = relay(
-            None,
-            &events,
-            "r".into(),
-            MessageKind::Text,
-            Bytes::from("x"),
-        );
+        let relayed = relay(None, &events, text("r", "x"));
         assert_eq!(relayed, Relayed::Queued);
         assert_eq!(received(&delivered), ["x"]);
         drop(delivered);
-        let relayed = relay(
-            None,
-            &events,
-            "r".into(),
-            MessageKind::Text,
-            Bytes::from("x"),
-        );
+        let relayed = relay(None, &events, text("r", "x"));
         assert_eq!(relayed, Relayed::Stopped);
     }
 

@@ -8,6 +8,10 @@
 //! delay anyone: its bytes wait in its outbox, retried on a short tick, until it drains, grows
 //! past its bound, or stays backlogged past `--slow-timeout` and is evicted.
 //!
+//! It also numbers every room's messages (`room_state`): each gets the room's next `seq`. A
+//! room with v1 members gets a second encoding of each message, the JSON `message` frame that
+//! carries that `seq` and the sender (`v1::codec`); a room without them costs nothing more.
+//!
 //! Its tick also drives the heartbeat (pinging quiet clients) and, at shutdown, the
 //! `1001 going away` closes and the grace period.
 
@@ -27,6 +31,7 @@ use crate::client::{encode, Client};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::outbox::{Flush, Push};
+use crate::room_state::{RoomState, RoomStates};
 use crate::shutdown::Shutdown;
 use crate::stats::{Eviction, Stats};
 
@@ -48,13 +53,19 @@ const BACKLOG_RETRY: Duration = Duration::from_millis(10);
 /// Bounds of the heartbeat sweep interval, which is a quarter of `--ping-interval`.
 const MIN_SWEEP: Duration = Duration::from_millis(10);
 const MAX_SWEEP: Duration = Duration::from_secs(1);
+/// How often room states are checked against `--room-ttl`.
+const ROOM_STATE_CHECK: Duration = Duration::from_secs(1);
 /// How often shutdown re-checks whether every client has gone during the grace period.
 const GRACE_STEP: Duration = Duration::from_millis(10);
 
-/// Frames gathered for one room within a batch.
+/// Frames gathered for one room within a batch, in each encoding the room's members need.
 #[derive(Debug, Default)]
 struct Chunk {
+    /// For plain members: the messages as sent.
     bytes: Vec<u8>,
+    /// For v1 members: the same messages as `message` frames; empty when the room had no v1
+    /// members as they were gathered.
+    v1: Vec<u8>,
     messages: u64,
 }
 
@@ -63,6 +74,31 @@ struct Chunk {
 pub enum MessageKind {
     Text,
     Binary,
+    /// A JSON value (a v1 `publish`, or a backend's `application/json` body): a text frame
+    /// for plain members, the `data` of a v1 `message`.
+    Json,
+}
+
+/// A room message on its way to the broadcaster.
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub room: Arc<str>,
+    pub kind: MessageKind,
+    pub payload: Bytes,
+    /// The sender's encoded identity (`Identity::from_json`); `None` for the server (a
+    /// backend publish).
+    pub from: Option<Arc<str>>,
+}
+
+/// What the broadcaster keeps per room beyond a batch.
+#[derive(Debug)]
+struct Room {
+    state: Arc<RoomState>,
+    /// Whether the room had v1 members when last looked at: messages gathered for it get the
+    /// v1 encoding too. Set when a v1 client is welcomed, refreshed at every fan-out.
+    has_v1_members: bool,
+    /// Last time the room had members or a message; its state goes `--room-ttl` after.
+    last_active: Instant,
 }
 
 /// What connection threads (and the publish endpoint, and the Redis subscriber) send the
@@ -73,11 +109,13 @@ pub enum Event {
     /// [`Events::send_message`], which takes the payload's bytes from the channel's byte
     /// budget; `permit` gives them back when the broadcaster drops the event.
     Message {
-        room: Arc<str>,
-        kind: MessageKind,
-        payload: Bytes,
+        message: Message,
         permit: Permit,
+        /// Told the message's `seq` once it has one (the publish endpoint answers with it).
+        numbered: Option<Sender<u64>>,
     },
+    /// A v1 client has joined its room and is owed its `welcome` (see `Broadcaster::welcome`).
+    Welcome(Arc<Client>),
     /// The server closes `client` (protocol error, limit, idle). Sent through the channel
     /// rather than queued directly so the close lands behind every message the client sent
     /// before it: per-sender order holds even for the client's own echo. `done` reports
@@ -120,18 +158,17 @@ impl Events {
     }
 
     /// Sends a message to its room, blocking while the channel is full in events or in bytes.
+    /// `numbered`, if given, is told the message's `seq`.
     pub fn send_message(
         &self,
-        room: Arc<str>,
-        kind: MessageKind,
-        payload: Bytes,
+        message: Message,
+        numbered: Option<Sender<u64>>,
     ) -> Result<(), Stopped> {
-        let permit = self.budget.acquire(payload.len()).ok_or(Stopped)?;
+        let permit = self.budget.acquire(message.payload.len()).ok_or(Stopped)?;
         self.send(Event::Message {
-            room,
-            kind,
-            payload,
+            message,
             permit,
+            numbered,
         })
     }
 
@@ -186,11 +223,17 @@ pub struct Broadcaster {
     hub: Arc<Hub>,
     stats: Arc<Stats>,
     config: Arc<Config>,
+    /// Rooms with state, this thread's view: it alone numbers messages and drops states.
+    rooms: HashMap<Arc<str>, Room>,
+    /// The same states, for readers on other threads.
+    room_states: Arc<RoomStates>,
     /// Clients given a frame in the current batch and not yet flushed.
     dirty: Vec<Arc<Client>>,
     /// Clients whose outbox was full when a frame was queued under the hub's lock; settled
     /// (flushed, then queued again or evicted) right after the lock is released.
     overflowed: Vec<Arc<Client>>,
+    /// The same for the v1 encoding of a chunk.
+    overflowed_v1: Vec<Arc<Client>>,
     /// Frames gathered per room during the current batch, fanned out at its end (or earlier,
     /// see `gather`). Emptied after every batch.
     chunks: HashMap<Arc<str>, Chunk>,
@@ -222,6 +265,7 @@ impl Broadcaster {
         hub: Arc<Hub>,
         stats: Arc<Stats>,
         config: Arc<Config>,
+        room_states: Arc<RoomStates>,
         draining: Arc<AtomicBool>,
     ) -> Broadcaster {
         let sweep_every = (config.ping_interval / 4).clamp(MIN_SWEEP, MAX_SWEEP);
@@ -230,8 +274,11 @@ impl Broadcaster {
             hub,
             stats,
             config,
+            rooms: HashMap::new(),
+            room_states,
             dirty: Vec::new(),
             overflowed: Vec::new(),
+            overflowed_v1: Vec::new(),
             chunks: HashMap::new(),
             chunk_limit,
             early_flush: chunk_limit / 2,
@@ -249,6 +296,7 @@ impl Broadcaster {
         let now = Instant::now();
         let mut next_sweep = now + self.sweep_every;
         let mut next_retry = now;
+        let mut next_room_check = now + ROOM_STATE_CHECK;
         loop {
             let due = if self.backlog.is_empty() {
                 next_sweep
@@ -281,6 +329,10 @@ impl Broadcaster {
                 self.sweep();
                 next_sweep = now + self.sweep_every;
             }
+            if now >= next_room_check {
+                self.expire_rooms(now);
+                next_room_check = now + ROOM_STATE_CHECK;
+            }
         }
         self.close_all(&events);
     }
@@ -290,15 +342,18 @@ impl Broadcaster {
     fn handle(&mut self, event: Event) {
         match event {
             Event::Message {
-                room,
-                kind,
-                payload,
+                message,
                 permit,
+                numbered,
             } => {
-                self.gather(room, kind, payload);
+                let seq = self.gather(message);
                 // The payload is copied into the room's chunk: its bytes leave the budget.
                 drop(permit);
+                if let Some(numbered) = numbered {
+                    let _ = numbered.send(seq);
+                }
             }
+            Event::Welcome(client) => self.welcome(client),
             Event::Close {
                 client,
                 code,
@@ -314,75 +369,177 @@ impl Broadcaster {
         }
     }
 
-    /// Encodes a message onto the end of its room's chunk. The same bytes serve every member
-    /// (server frames are unmasked), and gathering a batch's messages for a room into one
-    /// chunk means each member costs one queue entry, one lock and one iovec per batch rather
-    /// than per message. A chunk that would outgrow `chunk_limit` is fanned out first.
-    fn gather(&mut self, room: Arc<str>, kind: MessageKind, payload: Bytes) {
+    /// The room's state, created (with a fresh epoch) if it has none.
+    fn room(&mut self, name: &Arc<str>, now: Instant) -> &mut Room {
+        let room_states = &self.room_states;
+        let room = self.rooms.entry(name.clone()).or_insert_with(|| {
+            let state = Arc::new(RoomState::new());
+            room_states.insert(name.clone(), state.clone());
+            Room {
+                state,
+                has_v1_members: false,
+                last_active: now,
+            }
+        });
+        room.last_active = now;
+        room
+    }
+
+    /// Numbers a message and encodes it onto the end of its room's chunk; returns its `seq`.
+    ///
+    /// The same bytes serve every member of one protocol (server frames are unmasked), and
+    /// gathering a batch's messages for a room into one chunk means each member costs one
+    /// queue entry, one lock and one iovec per batch rather than per message. A chunk that
+    /// would outgrow `chunk_limit` is fanned out first.
+    fn gather(&mut self, message: Message) -> u64 {
+        let Message {
+            room: name,
+            kind,
+            payload,
+            from,
+        } = message;
         if let Some(panic_room) = &self.config.test_panic_in_room {
             // The test-only failure hook (see `Config::test_panic_in_room`).
             assert!(
-                *panic_room != *room,
-                "test hook: panic on a message to {room}"
+                *panic_room != *name,
+                "test hook: panic on a message to {name}"
             );
         }
+        let room = self.room(&name, Instant::now());
+        let seq = room.state.next_seq();
+        let has_v1_members = room.has_v1_members;
         let opcode = match kind {
-            MessageKind::Text => OpCode::Data(Data::Text),
+            MessageKind::Text | MessageKind::Json => OpCode::Data(Data::Text),
             MessageKind::Binary => OpCode::Data(Data::Binary),
         };
+        let v1 = has_v1_members.then(|| {
+            let mut json = Vec::with_capacity(payload.len() + 128);
+            crate::v1::codec::push_message(
+                &mut json,
+                seq,
+                unix_ms(),
+                from.as_deref(),
+                kind,
+                &payload,
+            );
+            Frame::message(json, OpCode::Data(Data::Text), true)
+        });
         let frame = Frame::message(payload, opcode, true);
-        let is_full = self.chunks.get(&room).is_some_and(|chunk| {
-            !chunk.bytes.is_empty() && chunk.bytes.len() + frame.len() > self.chunk_limit
+        let v1_len = v1.as_ref().map_or(0, Frame::len);
+        let is_full = self.chunks.get(&name).is_some_and(|chunk| {
+            chunk.messages > 0
+                && (chunk.bytes.len() + frame.len() > self.chunk_limit
+                    || chunk.v1.len() + v1_len > self.chunk_limit)
         });
         if is_full {
-            self.fan_out(&room);
+            self.fan_out(&name);
         }
-        let chunk = self.chunks.entry(room).or_default();
+        let chunk = self.chunks.entry(name).or_default();
         chunk.bytes.reserve(frame.len());
         frame
             .format(&mut chunk.bytes)
             .expect("writing into a Vec cannot fail");
+        if let Some(v1) = v1 {
+            chunk.v1.reserve(v1.len());
+            v1.format(&mut chunk.v1)
+                .expect("writing into a Vec cannot fail");
+        }
         chunk.messages += 1;
         self.stats.messages_relayed.fetch_add(1, Ordering::Relaxed);
+        seq
     }
 
-    /// Queues a room's gathered chunk for every member.
-    fn fan_out(&mut self, room: &str) {
-        let Some(chunk) = self.chunks.get_mut(room).filter(|chunk| chunk.messages > 0) else {
+    /// Queues a room's gathered chunk for every member, in the encoding of its protocol.
+    fn fan_out(&mut self, name: &str) {
+        let Some(chunk) = self.chunks.get_mut(name).filter(|chunk| chunk.messages > 0) else {
             return;
         };
-        let mut bytes = std::mem::take(&mut chunk.bytes);
+        let bytes = into_shared(std::mem::take(&mut chunk.bytes));
+        let v1 = into_shared(std::mem::take(&mut chunk.v1));
         let messages = std::mem::take(&mut chunk.messages);
-        // A Vec grown by doubling may own nearly twice what it holds, and every outbox that
-        // holds the chunk keeps the whole allocation alive: give the slack back first, so the
-        // outbox bound (which counts what is held) is also what memory it costs.
-        if bytes.capacity() - bytes.len() > bytes.len() / 8 {
-            bytes.shrink_to_fit();
-        }
-        let bytes = Bytes::from(bytes);
         let mut delivered = 0;
-        let (dirty, overflowed) = (&mut self.dirty, &mut self.overflowed);
+        let mut has_v1_members = false;
+        let (dirty, overflowed, overflowed_v1) = (
+            &mut self.dirty,
+            &mut self.overflowed,
+            &mut self.overflowed_v1,
+        );
         // The read lock is held only while queuing (memory operations). Sends, and the
         // verdict on clients whose outbox is full, come after it is released.
-        self.hub
-            .for_each_member(room, |client| match client.queue(bytes.clone()) {
-                Push::Queued { was_empty } => {
-                    delivered += messages;
-                    // A client whose outbox was already non-empty is either in `dirty` already
-                    // or backlogged (and retried on the tick), so each client is listed once.
-                    if was_empty {
-                        dirty.push(client.clone());
-                    }
-                }
-                Push::Overflow => overflowed.push(client.clone()),
-                Push::Closed => {}
-            });
+        self.hub.with_room(name, |room| {
+            for client in &room.plain {
+                queue_gathered(client, &bytes, messages, &mut delivered, dirty, overflowed);
+            }
+            has_v1_members = !room.v1.is_empty();
+            if v1.is_empty() {
+                return;
+            }
+            for client in room.v1.iter().filter(|client| client.is_welcomed()) {
+                queue_gathered(client, &v1, messages, &mut delivered, dirty, overflowed_v1);
+            }
+        });
+        if let Some(room) = self.rooms.get_mut(name) {
+            room.has_v1_members = has_v1_members;
+        }
         delivered += messages * self.settle_overflowed(&bytes);
+        if !v1.is_empty() {
+            std::mem::swap(&mut self.overflowed, &mut self.overflowed_v1);
+            delivered += messages * self.settle_overflowed(&v1);
+        }
         self.stats
             .messages_delivered
             .fetch_add(delivered, Ordering::Relaxed);
-        if bytes.len() >= self.early_flush {
+        if bytes.len().max(v1.len()) >= self.early_flush {
             self.flush_dirty();
+        }
+    }
+
+    /// Queues a v1 client's `welcome` (PROTOCOL §4) at its place in the room's order.
+    ///
+    /// The client joined the hub before this event was sent, unwelcomed, so `fan_out` has
+    /// been skipping it: every message numbered before this moment is counted in the welcome's
+    /// `seq` (and will be in its history), every message after goes to it as a frame. So it
+    /// sees each message once and no gap between the two.
+    fn welcome(&mut self, client: Arc<Client>) {
+        // Messages gathered before the join go out first, without this client.
+        self.fan_out(&client.room);
+        let name = client.room.clone();
+        let room = self.room(&name, Instant::now());
+        room.has_v1_members = true;
+        let (epoch, seq) = (room.state.epoch.clone(), room.state.seq());
+        let welcome = crate::v1::codec::welcome(
+            &client.room,
+            &client.identity,
+            &epoch,
+            seq,
+            self.hub.presence(&client.room),
+        );
+        client.mark_welcomed();
+        let frame = encode(Frame::message(welcome, OpCode::Data(Data::Text), true));
+        if let Push::Queued { .. } = client.queue_or_evict(frame) {
+            self.dirty.push(client);
+        }
+    }
+
+    /// Drops the state of rooms without members for `--room-ttl`: a later join starts a new
+    /// epoch. Rooms with members are marked active, under one read lock for all of them.
+    fn expire_rooms(&mut self, now: Instant) {
+        let ttl = self.config.room_ttl;
+        let mut expired = Vec::new();
+        let rooms = &mut self.rooms;
+        self.hub.with_rooms(|members| {
+            for (name, room) in rooms.iter_mut() {
+                if members.contains_key(name) {
+                    room.last_active = now;
+                } else if now.saturating_duration_since(room.last_active) > ttl {
+                    expired.push(name.clone());
+                }
+            }
+        });
+        for name in expired {
+            self.rooms.remove(&name);
+            self.room_states.remove(&name);
+            debug!("room {name}: state expired");
         }
     }
 
@@ -506,6 +663,48 @@ impl Broadcaster {
     }
 }
 
+/// A chunk's bytes as one shared allocation for every outbox that holds it.
+///
+/// A Vec grown by doubling may own nearly twice what it holds, and every outbox that holds the
+/// chunk keeps the whole allocation alive: the slack is given back first, so the outbox bound
+/// (which counts what is held) is also what memory it costs.
+fn into_shared(mut bytes: Vec<u8>) -> Bytes {
+    if bytes.capacity() - bytes.len() > bytes.len() / 8 {
+        bytes.shrink_to_fit();
+    }
+    Bytes::from(bytes)
+}
+
+/// Queues a gathered chunk for one member under the hub's read lock: a memory operation only.
+/// A client whose outbox was already non-empty is either in `dirty` already or backlogged (and
+/// retried on the tick), so each client is listed once; one without room is judged later.
+fn queue_gathered(
+    client: &Arc<Client>,
+    chunk: &Bytes,
+    messages: u64,
+    delivered: &mut u64,
+    dirty: &mut Vec<Arc<Client>>,
+    overflowed: &mut Vec<Arc<Client>>,
+) {
+    match client.queue(chunk.clone()) {
+        Push::Queued { was_empty } => {
+            *delivered += messages;
+            if was_empty {
+                dirty.push(client.clone());
+            }
+        }
+        Push::Overflow => overflowed.push(client.clone()),
+        Push::Closed => {}
+    }
+}
+
+/// Milliseconds since the Unix epoch: a v1 message's `ts`.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
+}
+
 /// Queues a close frame for every client, gives them `grace` to take it and answer, then cuts
 /// whoever is left. Cutting (socket shutdown) is what wakes each connection thread from `read`
 /// so it can exit and be joined. `between_steps` runs every `GRACE_STEP`.
@@ -573,8 +772,13 @@ mod tests {
         let hub = Arc::new(Hub::new());
         hub.join(client.clone());
         let config = Arc::new(Config::default());
-        let mut broadcaster =
-            Broadcaster::new(hub, stats, config, Arc::new(AtomicBool::new(false)));
+        let mut broadcaster = Broadcaster::new(
+            hub,
+            stats,
+            config,
+            Arc::default(),
+            Arc::new(AtomicBool::new(false)),
+        );
         broadcaster.track_backlog(client.clone());
         let (events, _receiver) = Events::channel(16, 1 << 20);
         (broadcaster, client, events, peer)

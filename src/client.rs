@@ -20,12 +20,29 @@ use tungstenite::Bytes;
 
 use crate::outbox::{Flush, Outbox, Push};
 use crate::stats::{Eviction, Stats};
+use crate::v1::identity::Identity;
+
+/// The protocol a client negotiated at its upgrade.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// No subprotocol: the verbatim relay.
+    Plain,
+    /// `roomcast.v1`: JSON frames with identity and sequence numbers (PROTOCOL.md).
+    V1,
+}
 
 /// A connected, upgraded client.
 pub struct Client {
     pub id: u64,
     pub room: Arc<str>,
     pub peer: SocketAddr,
+    pub protocol: Protocol,
+    /// Who it is: fixed at the upgrade, carried by every message it sends.
+    pub identity: Arc<Identity>,
+    /// For a v1 client: set by the broadcaster once its `welcome` is queued. Until then the
+    /// broadcaster gives it no room message, since those are already counted in the welcome's
+    /// `seq` (see `Broadcaster::welcome`). Always true for a plain client.
+    welcomed: AtomicBool,
     /// Read only by the connection thread; written only through `outbox` (see outbox.rs);
     /// shut down by whoever evicts the client, which is what wakes the reader.
     socket: Arc<TcpStream>,
@@ -77,6 +94,9 @@ impl Client {
             id,
             room,
             peer,
+            protocol: Protocol::Plain,
+            identity: Arc::new(Identity::anonymous(id, None)),
+            welcomed: AtomicBool::new(true),
             socket,
             outbox: Mutex::new(Outbox::new()),
             outbox_limit,
@@ -88,6 +108,23 @@ impl Client {
             epoch: Instant::now(),
             stats,
         }
+    }
+
+    /// The client with its negotiated protocol and identity. A v1 client starts unwelcomed.
+    pub fn with_session(mut self, protocol: Protocol, identity: Arc<Identity>) -> Client {
+        self.protocol = protocol;
+        self.identity = identity;
+        self.welcomed = AtomicBool::new(protocol == Protocol::Plain);
+        self
+    }
+
+    /// Whether room messages are for this client yet (see `welcomed`).
+    pub fn is_welcomed(&self) -> bool {
+        self.welcomed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_welcomed(&self) {
+        self.welcomed.store(true, Ordering::Release);
     }
 
     pub(crate) fn member_index(&self) -> usize {
@@ -137,12 +174,29 @@ impl Client {
     }
 
     /// Queues a close frame; nothing is sent after it.
-    pub fn queue_close(&self, code: CloseCode, reason: &'static str) {
+    pub fn queue_close(&self, code: CloseCode, reason: &str) {
         let frame = encode(Frame::close(Some(CloseFrame {
             code,
-            reason: reason.into(),
+            reason: reason.to_string().into(),
         })));
         self.outbox.lock().push_close(frame);
+    }
+
+    /// Removes a client because a moderator asked (`POST /api/rooms/<room>/disconnect`):
+    /// close `4003` with the moderator's reason; returns whether this was the first removal.
+    ///
+    /// Unlike `evict`, the client is well and is told why, so the close frame must get out:
+    /// it is queued and flushed here, and only the read side is shut down, which wakes the
+    /// connection thread (end-of-file) while the socket can still send. That thread then
+    /// lingers for the close to leave, as for any close we start (see `connection::finish`).
+    pub fn remove_by_moderator(&self, reason: &str) -> bool {
+        if !self.record_eviction(Eviction::Moderated) {
+            return false;
+        }
+        self.queue_close(CloseCode::Library(4003), reason);
+        self.flush();
+        let _ = self.socket.shutdown(Both::Read);
+        true
     }
 
     /// Sends what the kernel will take now, without blocking.

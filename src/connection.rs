@@ -5,8 +5,10 @@
 //! 2. route it: upgrade `/ws/<room>`, or answer a plain HTTP endpoint (endpoints.rs) or
 //!    status, and close;
 //! 3. queue the `101` in a fresh outbox, join the room, flush (so the client is a member the
-//!    moment it sees the `101`, and no room message can overtake the `101`);
-//! 4. loop: block in `read` until a whole message arrives, hand it to the broadcaster;
+//!    moment it sees the `101`, and no room message can overtake the `101`); a v1 client
+//!    then has the broadcaster queue its `welcome`;
+//! 4. loop: block in `read` until a whole message arrives, hand it to the broadcaster (a v1
+//!    client's JSON request goes through `v1::codec` first);
 //! 5. on close, error, timeout or eviction: leave the room, send a close frame if one is
 //!    owed, and end.
 //!
@@ -28,8 +30,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Bytes, Message, WebSocket};
 
-use crate::broadcaster::{Event, Events, MessageKind};
-use crate::client::Client;
+use crate::broadcaster::{Event, Events, Message as RoomMessage, MessageKind};
+use crate::client::{Client, Protocol};
 use crate::endpoints;
 use crate::http::{self, HeadError, Request, Response};
 use crate::hub::{is_valid_room_name, Hub};
@@ -38,6 +40,9 @@ use crate::outbox::Flush;
 use crate::ratelimit::TokenBucket;
 use crate::shared::Shared;
 use crate::stats::Eviction;
+use crate::users::{Seat, User};
+use crate::v1::codec::{self, ErrorCode, Incoming};
+use crate::v1::identity::{self, Identity};
 
 /// Tungstenite's read buffer per connection. Its default (128 KiB, allocated eagerly and
 /// zero-filled on first read) would make 15,000 idle viewers cost 2 GiB. Measured with 5,000
@@ -77,7 +82,7 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
             return;
         }
     };
-    let (upgrade, leftover) = match decide(shared, &socket, &request, leftover, deadline) {
+    let (upgrade, leftover) = match decide(shared, &socket, &request, leftover, deadline, id) {
         Decision::Upgrade(upgrade, leftover) => (upgrade, leftover),
         Decision::Respond(response) => {
             debug!(
@@ -89,15 +94,23 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
         }
     };
 
+    let Admitted {
+        upgrade,
+        identity,
+        seat,
+    } = upgrade;
     let room: Arc<str> = Arc::from(upgrade.room.as_str());
-    let client = Arc::new(Client::new(
-        id,
-        room,
-        peer,
-        socket,
-        shared.config.effective_outbox_bytes(),
-        shared.stats.clone(),
-    ));
+    let client = Arc::new(
+        Client::new(
+            id,
+            room,
+            peer,
+            socket,
+            shared.config.effective_outbox_bytes(),
+            shared.stats.clone(),
+        )
+        .with_session(upgrade.protocol, Arc::new(identity)),
+    );
     client.mark_heard();
     // Order matters: queue the 101 first, then become visible to the broadcaster, then flush.
     // Anything the broadcaster queues from now on lands behind the 101.
@@ -105,9 +118,19 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
     let membership = Membership::join(&shared.hub, &client);
     shared.stats.clients_served.fetch_add(1, Ordering::Relaxed);
     flush(&shared.events, &client);
-    debug!("client {id} ({peer}) joined room {}", client.room);
+    debug!(
+        "client {id} ({peer}) joined room {} as {} ({:?})",
+        client.room, client.identity.id, client.protocol
+    );
 
-    let ending = session(shared, &client, leftover);
+    let ending = if client.protocol == Protocol::V1
+        && shared.events.send(Event::Welcome(client.clone())).is_err()
+    {
+        Ending::Close(CloseCode::Away, "server shutting down", None)
+    } else {
+        let user = seat.as_ref().map(|seat| &*seat.user);
+        session(shared, &client, leftover, user)
+    };
     // Still a member here, so messages the client sent before the close are echoed to it.
     if let Ending::Close(code, reason, eviction) = ending {
         if let Some(eviction) = eviction {
@@ -118,6 +141,7 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
     drop(membership);
     debug!("client {id} ({peer}) left room {}: {ending:?}", client.room);
     finish(&client, ending);
+    drop(seat);
 }
 
 /// A client's place in the hub, given up on drop: on the normal path, and also if the
@@ -142,19 +166,28 @@ impl Drop for Membership<'_> {
 
 /// What a request gets: a WebSocket session (with the bytes that followed its head), or one
 /// plain HTTP response.
-enum Decision {
-    Upgrade(Upgrade, Vec<u8>),
+enum Decision<'a> {
+    Upgrade(Admitted<'a>, Vec<u8>),
     Respond(Response),
 }
 
+/// An upgrade that passed every check, with who is asking and, for a verified user, its
+/// place among that user's connections.
+struct Admitted<'a> {
+    upgrade: Upgrade,
+    identity: Identity,
+    seat: Option<Seat<'a>>,
+}
+
 #[inline(never)]
-fn decide(
-    shared: &Shared,
+fn decide<'a>(
+    shared: &'a Shared,
     socket: &TcpStream,
     request: &Request,
     leftover: Vec<u8>,
     deadline: Instant,
-) -> Decision {
+    id: u64,
+) -> Decision<'a> {
     if !is_websocket_path(&request.path) {
         return Decision::Respond(endpoints::answer(
             shared, socket, request, leftover, deadline,
@@ -167,8 +200,76 @@ fn decide(
                 .with_header("Retry-After", RETRY_AFTER_SECS.to_string())
                 .with_body("draining: the server is shutting down\n"),
         ),
-        Ok(upgrade) => Decision::Upgrade(upgrade, leftover),
+        Ok(upgrade) => match admit(shared, request, upgrade, id) {
+            Ok(admitted) => Decision::Upgrade(admitted, leftover),
+            Err(response) => Decision::Respond(response),
+        },
         Err(response) => Decision::Respond(response),
+    }
+}
+
+/// Who may join: the join token (PROTOCOL §2), bans, and the per-user connection cap. Runs
+/// after `route`, so a request that is not even a valid upgrade never costs an HMAC.
+fn admit<'a>(
+    shared: &'a Shared,
+    request: &Request,
+    upgrade: Upgrade,
+    id: u64,
+) -> Result<Admitted<'a>, Response> {
+    let config = &shared.config;
+    let refuse = |status: u16, reason: &'static str, body: &str| {
+        shared.stats.count_auth_refusal(reason);
+        debug!(
+            "connection {id}: upgrade to {} refused: {reason}",
+            upgrade.room
+        );
+        let response = Response::status(status).with_body(format!("{body}\n"));
+        if status == 401 {
+            response.with_header("WWW-Authenticate", "Bearer")
+        } else {
+            response
+        }
+    };
+    let identity = identity::identify(
+        request,
+        &upgrade.room,
+        &config.token_secrets,
+        id,
+        std::time::SystemTime::now(),
+    )
+    .map_err(|refused| {
+        let body = format!("join token refused: {}", refused.reason);
+        refuse(refused.status, refused.reason, &body)
+    })?;
+    let Some(user) = identity.user().cloned() else {
+        return Ok(Admitted {
+            upgrade,
+            identity,
+            seat: None,
+        });
+    };
+    let now = Instant::now();
+    if shared.users.is_banned(&upgrade.room, &user, now) {
+        return Err(refuse(403, "banned", "banned from this room"));
+    }
+    match shared.users.admit(
+        &user,
+        config.max_connections_per_user,
+        config.rate,
+        config.burst,
+        now,
+    ) {
+        Ok(seat) => Ok(Admitted {
+            upgrade,
+            identity,
+            seat: Some(seat),
+        }),
+        Err(_) => Err(refuse(
+            503,
+            "too_many_connections",
+            "too many connections for this user",
+        )
+        .with_header("Retry-After", RETRY_AFTER_SECS.to_string())),
     }
 }
 
@@ -181,6 +282,8 @@ fn is_websocket_path(path: &str) -> bool {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Upgrade {
     pub room: String,
+    /// `V1` when the client offered `roomcast.v1` (and the `101` names it).
+    pub protocol: Protocol,
     /// The complete `101 Switching Protocols` response.
     pub response: Vec<u8>,
 }
@@ -232,12 +335,24 @@ pub fn route(request: &Request, allowed_origins: &[Origin]) -> Result<Upgrade, R
             return Err(Response::status(403).with_body("origin not allowed\n"));
         }
     }
+    // A client offering only protocols we do not speak gets no protocol header back, and
+    // decides itself whether to go on (RFC 6455 §4.2.2). Names are compared exactly.
+    let protocol = if request.header_list_contains("Sec-WebSocket-Protocol", codec::SUBPROTOCOL) {
+        Protocol::V1
+    } else {
+        Protocol::Plain
+    };
+    let protocol_header = match protocol {
+        Protocol::V1 => "Sec-WebSocket-Protocol: roomcast.v1\r\n",
+        Protocol::Plain => "",
+    };
     let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol_header}\r\n",
         derive_accept_key(key.as_bytes())
     );
     Ok(Upgrade {
         room: room.to_string(),
+        protocol,
         response: response.into_bytes(),
     })
 }
@@ -259,6 +374,8 @@ enum Ending {
     /// The TCP connection went away (FIN without close, RST), or we were evicted: nothing to
     /// send.
     Gone,
+    /// A moderator removed the client: its `4003` close is queued, and must get out.
+    Removed,
     /// We end it, with this close code and reason.
     Close(CloseCode, &'static str, Option<Eviction>),
 }
@@ -266,7 +383,12 @@ enum Ending {
 /// Reads messages until the session ends. This is where the connection thread spends its life,
 /// almost all of it blocked in `read`.
 #[inline(never)]
-fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
+fn session(
+    shared: &Shared,
+    client: &Arc<Client>,
+    leftover: Vec<u8>,
+    user: Option<&User>,
+) -> Ending {
     let config = &shared.config;
     // The read deadline is the idle timeout: every byte received restarts it (it bounds each
     // read call), so it fires only when the client has been silent, pongs included, that long.
@@ -286,13 +408,16 @@ fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
         events: shared.events.clone(),
     };
     let mut ws = WebSocket::from_partially_read(stream, leftover, Role::Server, Some(ws_config));
-    let mut bucket = TokenBucket::new(config.rate, config.burst, Instant::now());
+    let mut limit = match user {
+        Some(user) => Limit::User(user),
+        None => Limit::Connection(TokenBucket::new(config.rate, config.burst, Instant::now())),
+    };
 
     loop {
         let message = match ws.read() {
             // Messages tungstenite had already buffered when the client was evicted are not
             // relayed either (see `ClientStream::read`).
-            Ok(_) if client.eviction().is_some() => return Ending::Gone,
+            Ok(_) if client.eviction().is_some() => return ending_after_removal(client),
             Ok(message) => message,
             Err(error) => return ending_for(client, error),
         };
@@ -302,19 +427,39 @@ fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
             message,
             Message::Text(_) | Message::Binary(_) | Message::Ping(_)
         );
-        if is_counted && !bucket.try_take(Instant::now()) {
+        if is_counted && !limit.try_take(Instant::now()) {
             return Ending::Close(
                 CloseCode::Policy,
                 "rate limit exceeded",
                 Some(Eviction::Rate),
             );
         }
-        let (kind, payload) = match message {
-            Message::Text(text) => (MessageKind::Text, Bytes::from(text)),
-            Message::Binary(data) => (MessageKind::Binary, data),
+        let (kind, payload) = match (client.protocol, message) {
+            (Protocol::V1, Message::Text(text)) => match v1_request(shared, client, &text) {
+                Some(message) => message,
+                None => continue,
+            },
+            (Protocol::V1, Message::Binary(_)) => {
+                return Ending::Close(
+                    CloseCode::Unsupported,
+                    "binary frames are not part of roomcast.v1",
+                    None,
+                )
+            }
+            (Protocol::Plain, Message::Text(_) | Message::Binary(_))
+                if !client.identity.perm.can_post() =>
+            {
+                return Ending::Close(
+                    CloseCode::Policy,
+                    "not allowed to post",
+                    Some(Eviction::Forbidden),
+                )
+            }
+            (Protocol::Plain, Message::Text(text)) => (MessageKind::Text, Bytes::from(text)),
+            (Protocol::Plain, Message::Binary(data)) => (MessageKind::Binary, data),
             // Tungstenite has queued the pong; it is flushed at the top of the next `read`.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-            Message::Close(frame) => {
+            (_, Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+            (_, Message::Close(frame)) => {
                 // Answer with the client's own code (tungstenite has already replaced a code
                 // that is not allowed on the wire by 1002). Queuing it ourselves seals the
                 // outbox, so no room message can follow our close; tungstenite's identical
@@ -340,17 +485,81 @@ fn session(shared: &Shared, client: &Arc<Client>, leftover: Vec<u8>) -> Ending {
         // this thread reading, which lets TCP flow control push back on the sender. With
         // `--redis` a full publish queue drops the message (counted); the sender is not told,
         // the relay being best-effort under overload. It stops only during shutdown.
-        let relayed = shared.relay(client.room.clone(), kind, payload);
+        let relayed = shared.relay(RoomMessage {
+            room: client.room.clone(),
+            kind,
+            payload,
+            from: Some(client.identity.from_json.clone()),
+        });
         if relayed == crate::backplane::Relayed::Stopped {
             return Ending::Close(CloseCode::Away, "server shutting down", None);
         }
     }
 }
 
+/// Whose message rate a data message counts against: the connection's own bucket, or, for a
+/// verified user, the bucket all of that user's connections share (so neither a second
+/// connection nor a reconnect buys more).
+enum Limit<'a> {
+    Connection(TokenBucket),
+    User(&'a User),
+}
+
+impl Limit<'_> {
+    fn try_take(&mut self, now: Instant) -> bool {
+        match self {
+            Limit::Connection(bucket) => bucket.try_take(now),
+            Limit::User(user) => user.bucket.lock().try_take(now),
+        }
+    }
+}
+
+/// Answers one text frame of a v1 client: the room message it asks for, or `None` after
+/// queuing an `error` frame for a request that is malformed or not allowed.
+///
+/// Out of line, so the JSON parser's stack frames exist only while a frame is parsed, not for
+/// the whole session (see `serve`).
+#[inline(never)]
+fn v1_request(shared: &Shared, client: &Arc<Client>, text: &str) -> Option<(MessageKind, Bytes)> {
+    let perm = client.identity.perm;
+    let refusal = match codec::parse(text) {
+        Ok(Incoming::Publish(data)) if perm.can_post() => {
+            return Some((MessageKind::Json, Bytes::from(codec::minify(data))));
+        }
+        Ok(Incoming::Publish(_)) => (ErrorCode::Forbidden, "your token does not allow posting"),
+        // Counting reactions comes with the room's live state (PROTOCOL §3, §5); until then a
+        // permitted reaction is accepted and goes nowhere.
+        Ok(Incoming::React(_)) if perm.can_react() => return None,
+        Ok(Incoming::React(_)) => (ErrorCode::Forbidden, "your token does not allow reacting"),
+        Err(reason) => (ErrorCode::BadRequest, reason),
+    };
+    let (code, message) = refusal;
+    let frame = crate::client::encode(tungstenite::protocol::frame::Frame::message(
+        codec::error(code, message),
+        tungstenite::protocol::frame::coding::OpCode::Data(
+            tungstenite::protocol::frame::coding::Data::Text,
+        ),
+        true,
+    ));
+    client.queue_or_evict(frame);
+    flush(&shared.events, client);
+    shared.stats.v1_errors_sent.fetch_add(1, Ordering::Relaxed);
+    None
+}
+
+/// How a session ends when the server has removed the client: a moderator's removal still
+/// owes the client its close frame; every other removal (an eviction) leaves nothing to send.
+fn ending_after_removal(client: &Client) -> Ending {
+    match client.eviction() {
+        Some(Eviction::Moderated) => Ending::Removed,
+        _ => Ending::Gone,
+    }
+}
+
 /// Maps what ended `read` to what the client is owed.
 fn ending_for(client: &Client, error: WsError) -> Ending {
     if client.eviction().is_some() {
-        return Ending::Gone;
+        return ending_after_removal(client);
     }
     match error {
         WsError::ConnectionClosed | WsError::AlreadyClosed => Ending::ClosedByClient,
@@ -415,8 +624,9 @@ fn finish(client: &Client, ending: Ending) {
             let _ = client.socket().shutdown(Both::Both);
             return;
         }
-        // Our close frame is already queued, by `close_in_order` or by the close reply.
-        Ending::ClosedByClient => true,
+        // Our close frame is already queued, by `close_in_order` or by the close reply (or,
+        // for a removal, by the moderator's request, which also ended our reading).
+        Ending::ClosedByClient | Ending::Removed => true,
         Ending::Close(..) => false,
     };
     let deadline = Instant::now() + LINGER;
@@ -542,6 +752,7 @@ mod tests {
         Request {
             method: method.into(),
             path: path.into(),
+            query: String::new(),
             headers: headers
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))

@@ -7,9 +7,9 @@
 
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::broadcaster::MessageKind;
+use crate::broadcaster::{Message, MessageKind};
 use crate::http::{self, Request, Response, CSS, HTML, JAVASCRIPT, JSON, PROMETHEUS, TEXT};
 use crate::hub::is_valid_room_name;
 use crate::metrics;
@@ -38,13 +38,15 @@ pub enum Resource<'a> {
     Rooms,
     Room(&'a str),
     RoomMessages(&'a str),
+    /// `POST /api/rooms/<room>/disconnect`: moderation (PROTOCOL §6).
+    RoomDisconnect(&'a str),
 }
 
 impl Resource<'_> {
     /// The methods the resource answers, for routing and for `405`'s `Allow`.
     pub fn allowed_method(&self) -> &'static str {
         match self {
-            Resource::RoomMessages(_) => "POST",
+            Resource::RoomMessages(_) | Resource::RoomDisconnect(_) => "POST",
             _ => "GET",
         }
     }
@@ -56,7 +58,10 @@ impl Resource<'_> {
     pub fn is_token_protected(&self) -> bool {
         matches!(
             self,
-            Resource::Metrics | Resource::Rooms | Resource::RoomMessages(_)
+            Resource::Metrics
+                | Resource::Rooms
+                | Resource::RoomMessages(_)
+                | Resource::RoomDisconnect(_)
         )
     }
 }
@@ -71,14 +76,21 @@ pub fn resource(path: &str) -> Result<Resource<'_>, Response> {
         "/metrics" => Resource::Metrics,
         "/api/rooms" => Resource::Rooms,
         _ => match path.strip_prefix("/api/rooms/") {
-            Some(rest) => match rest.strip_suffix("/messages") {
-                Some(room) => Resource::RoomMessages(room),
-                None => Resource::Room(rest),
-            },
+            Some(rest) => {
+                if let Some(room) = rest.strip_suffix("/messages") {
+                    Resource::RoomMessages(room)
+                } else if let Some(room) = rest.strip_suffix("/disconnect") {
+                    Resource::RoomDisconnect(room)
+                } else {
+                    Resource::Room(rest)
+                }
+            }
             None => return Err(Response::status(404)),
         },
     };
-    if let Resource::Room(room) | Resource::RoomMessages(room) = resource {
+    if let Resource::Room(room) | Resource::RoomMessages(room) | Resource::RoomDisconnect(room) =
+        resource
+    {
         if !is_valid_room_name(room) {
             return Err(Response::status(400)
                 .with_body("bad room name: use 1-64 of A-Z a-z 0-9 _ . - (but not . or ..)\n"));
@@ -100,11 +112,11 @@ pub(crate) fn answer(
         Ok(resource) => resource,
         Err(response) => return response,
     };
-    if let Resource::RoomMessages(_) = resource {
+    if let Resource::RoomMessages(_) | Resource::RoomDisconnect(_) = resource {
         if !is_publish_enabled(shared) {
             return Response::status(404)
                 .with_body(
-                    "publishing is off: start roomcast with --api-token-file, ROOMCAST_API_TOKEN or --api-token\n",
+                    "the backend API is off: start roomcast with --api-token-file, ROOMCAST_API_TOKEN or --api-token\n",
                 );
         }
     }
@@ -120,14 +132,12 @@ pub(crate) fn answer(
         return Response::status(401).with_header("WWW-Authenticate", "Bearer");
     }
     let body = match resource {
-        Resource::RoomMessages(_) => {
-            match http::read_body(
-                socket,
-                request,
-                leftover,
-                shared.config.max_message_bytes,
-                deadline,
-            ) {
+        Resource::RoomMessages(_) | Resource::RoomDisconnect(_) => {
+            let limit = match resource {
+                Resource::RoomDisconnect(_) => MAX_DISCONNECT_BODY_BYTES,
+                _ => shared.config.max_message_bytes,
+            };
+            match http::read_body(socket, request, leftover, limit, deadline) {
                 Ok(body) => body,
                 Err(status) => return Response::status(status),
             }
@@ -212,8 +222,9 @@ fn respond(shared: &Shared, request: &Request, resource: &Resource<'_>, body: Ve
         Resource::Rooms => Response::ok(JSON, rooms_json(shared)),
         Resource::DemoScript => Response::ok(JAVASCRIPT, DEMO_SCRIPT),
         Resource::DemoStyle => Response::ok(CSS, DEMO_STYLE),
-        Resource::Room(room) => Response::ok(JSON, room_json(room, shared.room_size(room))),
+        Resource::Room(room) => Response::ok(JSON, room_details_json(shared, room)),
         Resource::RoomMessages(room) => publish(shared, request, room, body),
+        Resource::RoomDisconnect(room) => crate::moderation::disconnect(shared, room, &body),
     }
 }
 
@@ -251,7 +262,29 @@ fn publish(shared: &Shared, request: &Request, room: &str, body: Vec<u8>) -> Res
         Ok(kind) => kind,
         Err(response) => return response,
     };
-    match shared.relay(room.into(), kind, Bytes::from(body)) {
+    let message = Message {
+        room: room.into(),
+        kind,
+        payload: Bytes::from(body),
+        from: None,
+    };
+    // Without Redis, the broadcaster numbers the message and says so; with Redis the message
+    // is numbered where it is relayed, after this response.
+    let (numbered, seq) = crossbeam_channel::bounded(1);
+    let relayed = match shared.backplane {
+        Some(_) => shared.relay(message),
+        None => match shared.events.send_message(message, Some(numbered)) {
+            Ok(()) => crate::backplane::Relayed::Queued,
+            Err(_) => crate::backplane::Relayed::Stopped,
+        },
+    };
+    let seq = match relayed {
+        crate::backplane::Relayed::Queued if shared.backplane.is_none() => {
+            seq.recv_timeout(SEQ_WAIT).ok()
+        }
+        _ => None,
+    };
+    match relayed {
         crate::backplane::Relayed::Queued => {}
         // Not accepted, so not counted as published: the backend can retry, unlike a
         // WebSocket sender, whose dropped message is only counted.
@@ -271,11 +304,42 @@ fn publish(shared: &Shared, request: &Request, room: &str, body: Vec<u8>) -> Res
         .stats
         .messages_published
         .fetch_add(1, Ordering::Relaxed);
-    Response::status(202).with_content(JSON, room_json(room, shared.room_size(room)))
+    let mut body = room_json(room, shared.room_size(room));
+    if let Some(seq) = seq {
+        body.pop();
+        body.push_str(&format!(",\"seq\":{seq}}}"));
+    }
+    Response::status(202).with_content(JSON, body)
 }
 
-/// Text for `text/*` and `application/json` bodies that are valid UTF-8 (a text frame must
-/// be, RFC 6455 §8.1), binary for everything else.
+/// How long the publish endpoint waits for the broadcaster to number its message. It does so
+/// as it takes the message from its channel, so only a broadcaster far behind takes long; the
+/// `202` then goes without its `seq` rather than keep the backend waiting.
+const SEQ_WAIT: Duration = Duration::from_secs(1);
+/// A moderation request is a small JSON object.
+const MAX_DISCONNECT_BODY_BYTES: usize = 4096;
+
+/// `GET /api/rooms/<room>`: its member count, distinct users, and while it has state, its
+/// `seq`.
+fn room_details_json(shared: &Shared, room: &str) -> String {
+    let mut body = room_json(room, shared.room_size(room));
+    body.pop();
+    let users = shared.hub.presence(room).users;
+    body.push_str(&format!(",\"users\":{users}"));
+    if let Some(state) = shared.room_states.get(room) {
+        body.push_str(&format!(
+            ",\"epoch\":{},\"seq\":{}",
+            json_string(&state.epoch),
+            state.seq()
+        ));
+    }
+    body.push('}');
+    body
+}
+
+/// Text for `text/*` bodies that are valid UTF-8 (a text frame must be, RFC 6455 §8.1), JSON
+/// for an `application/json` body that parses (a v1 client gets it as `data`; one that does
+/// not parse is text), binary for everything else.
 fn message_kind(content_type: Option<&str>, body: &[u8]) -> Result<MessageKind, Response> {
     let media_type = content_type
         .and_then(|value| value.split(';').next())
@@ -283,6 +347,12 @@ fn message_kind(content_type: Option<&str>, body: &[u8]) -> Result<MessageKind, 
         .unwrap_or_default();
     let is_text = media_type.starts_with("text/") || media_type == "application/json";
     match (is_text, std::str::from_utf8(body).is_ok()) {
+        (true, true)
+            if media_type == "application/json"
+                && serde_json::from_slice::<&serde_json::value::RawValue>(body).is_ok() =>
+        {
+            Ok(MessageKind::Json)
+        }
         (true, true) => Ok(MessageKind::Text),
         (true, false) => {
             Err(Response::status(400).with_body("a text content type needs a UTF-8 body\n"))
@@ -359,6 +429,12 @@ mod tests {
         assert_eq!(resource("/demo.css").unwrap(), Resource::DemoStyle);
         assert_eq!(resource("/nope").unwrap_err().status, 404);
         assert_eq!(Resource::RoomMessages("x").allowed_method(), "POST");
+        assert_eq!(
+            resource("/api/rooms/stage/disconnect").unwrap(),
+            Resource::RoomDisconnect("stage")
+        );
+        assert_eq!(Resource::RoomDisconnect("x").allowed_method(), "POST");
+        assert!(Resource::RoomDisconnect("x").is_token_protected());
     }
 
     #[test]
@@ -369,7 +445,12 @@ mod tests {
         );
         assert_eq!(
             message_kind(Some("Application/JSON"), b"{}").unwrap(),
-            MessageKind::Text
+            MessageKind::Json
+        );
+        assert_eq!(
+            message_kind(Some("application/json"), b"{not json").unwrap(),
+            MessageKind::Text,
+            "a JSON-typed body that does not parse is text"
         );
         assert_eq!(
             message_kind(Some("application/octet-stream"), b"\xff").unwrap(),

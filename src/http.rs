@@ -24,6 +24,8 @@ pub struct Request {
     pub method: String,
     /// The request target without its query string.
     pub path: String,
+    /// What followed the `?` in the request target, still percent-encoded; empty if none.
+    pub query: String,
     pub headers: Vec<(String, String)>,
 }
 
@@ -36,6 +38,16 @@ impl Request {
             .map(|(_, v)| v.trim())
     }
 
+    /// The first value of a query parameter, percent-decoded (`+` is a space, as forms send
+    /// it). `None` when absent, or when its decoding is not UTF-8.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query
+            .split('&')
+            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, value)| percent_decode(value))
+    }
+
     /// Whether a comma-separated header (like `Connection`) contains `token`, case-insensitive.
     pub fn header_has_token(&self, name: &str, token: &str) -> bool {
         self.headers
@@ -43,6 +55,14 @@ impl Request {
             .filter(|(n, _)| n.eq_ignore_ascii_case(name))
             .flat_map(|(_, v)| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// Whether a comma-separated header contains exactly `token` (case matters, as it does
+    /// for subprotocol names).
+    pub fn header_list_contains(&self, name: &str, token: &str) -> bool {
+        self.header_values(name)
+            .flat_map(|value| value.split(','))
+            .any(|item| item.trim() == token)
     }
 
     /// Every value of a header, in order and trimmed; a comma-separated list stays one value.
@@ -202,6 +222,35 @@ pub fn read_request(
     }
 }
 
+/// Decodes `%XX` escapes and `+`; `None` for a bad escape or a result that is not UTF-8.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                let hex = std::str::from_utf8(hex).ok()?;
+                decoded.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                decoded.push(b' ');
+                i += 1;
+            }
+            byte => {
+                decoded.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(decoded).ok()
+}
+
 /// Parses a complete head from `bytes`, or returns `None` when more bytes are needed.
 pub fn parse_head(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     // On the heap, not the stack: 1.5 KiB here would make every connection thread's stack
@@ -216,7 +265,8 @@ pub fn parse_head(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
         return Err(HeadError::Malformed);
     };
-    let path = target.split('?').next().unwrap_or_default().to_string();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = (path.to_string(), query.to_string());
     let mut owned = Vec::with_capacity(parsed.headers.len());
     for header in parsed.headers.iter() {
         // Header values are bytes in HTTP; the ones we read (Upgrade, Connection, Origin,
@@ -227,6 +277,7 @@ pub fn parse_head(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     let request = Request {
         method: method.to_string(),
         path,
+        query,
         headers: owned,
     };
     // Checked on every request, not only where a body is read: bad framing is an
@@ -416,6 +467,23 @@ pub fn reason(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_parameters_are_found_and_percent_decoded() {
+        let head =
+            b"GET /ws/a?since=41&name=Ann%20B+C&x&token=a%2Eb&bad=%G1&half=%4 HTTP/1.1\r\n\r\n";
+        let (request, _) = parse_head(head).unwrap().unwrap();
+        assert_eq!(request.path, "/ws/a");
+        assert_eq!(request.query_param("since").as_deref(), Some("41"));
+        assert_eq!(request.query_param("name").as_deref(), Some("Ann B C"));
+        assert_eq!(request.query_param("token").as_deref(), Some("a.b"));
+        assert_eq!(request.query_param("x").as_deref(), Some(""));
+        assert_eq!(request.query_param("bad"), None);
+        assert_eq!(request.query_param("half"), None);
+        assert_eq!(request.query_param("missing"), None);
+        assert_eq!(percent_decode("%+5"), None);
+        assert_eq!(percent_decode("%ff"), None, "not UTF-8");
+    }
 
     #[test]
     fn parses_a_complete_head_and_reports_its_length() {

@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use crate::client::Client;
+use crate::client::{Client, Protocol};
+use crate::v1::codec::Presence;
 
 /// Rooms and their members. Shared as `Arc<Hub>` by the acceptor's connection threads and the
 /// broadcaster; it lives as long as the server.
@@ -23,7 +24,47 @@ pub struct Hub {
     /// Written by connection threads (join on upgrade, leave on exit); read by the broadcaster
     /// for every message and every heartbeat sweep. An empty room is removed, so the map never
     /// outgrows the set of rooms with someone in them.
-    rooms: RwLock<HashMap<Arc<str>, Vec<Arc<Client>>>>,
+    rooms: RwLock<HashMap<Arc<str>, Room>>,
+}
+
+/// One room's members, kept apart by protocol: each protocol gets its own encoding of a
+/// message (see `broadcaster`), so the broadcaster walks one list per encoding.
+#[derive(Debug, Default)]
+pub struct Room {
+    pub plain: Vec<Arc<Client>>,
+    pub v1: Vec<Arc<Client>>,
+    /// Connections per verified user (`sub`), for the `users` count of presence.
+    users: HashMap<Arc<str>, usize>,
+    /// Members without a verified user: each is its own user.
+    anonymous: usize,
+}
+
+impl Room {
+    fn members_mut(&mut self, protocol: Protocol) -> &mut Vec<Arc<Client>> {
+        match protocol {
+            Protocol::Plain => &mut self.plain,
+            Protocol::V1 => &mut self.v1,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.plain.len() + self.v1.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn presence(&self) -> Presence {
+        Presence {
+            clients: self.len(),
+            users: self.users.len() + self.anonymous,
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<Client>> {
+        self.plain.iter().chain(&self.v1)
+    }
 }
 
 impl Hub {
@@ -34,7 +75,12 @@ impl Hub {
     /// Adds a client to its room.
     pub fn join(&self, client: Arc<Client>) {
         let mut rooms = self.rooms.write();
-        let members = rooms.entry(client.room.clone()).or_default();
+        let room = rooms.entry(client.room.clone()).or_default();
+        match client.identity.user() {
+            Some(user) => *room.users.entry(user.clone()).or_default() += 1,
+            None => room.anonymous += 1,
+        }
+        let members = room.members_mut(client.protocol);
         client.set_member_index(members.len());
         members.push(client);
     }
@@ -45,9 +91,10 @@ impl Hub {
     /// at once cost ten thousand short write-lock holds, not a scan of the room each.
     pub fn leave(&self, client: &Client) -> bool {
         let mut rooms = self.rooms.write();
-        let Some(members) = rooms.get_mut(&client.room) else {
+        let Some(room) = rooms.get_mut(&client.room) else {
             return false;
         };
+        let members = room.members_mut(client.protocol);
         let index = client.member_index();
         if members
             .get(index)
@@ -62,23 +109,47 @@ impl Hub {
         if let Some(moved) = members.get(index) {
             moved.set_member_index(index);
         }
-        if members.is_empty() {
+        match client.identity.user() {
+            Some(user) => {
+                if let Some(count) = room.users.get_mut(user) {
+                    *count -= 1;
+                    if *count == 0 {
+                        room.users.remove(user);
+                    }
+                }
+            }
+            None => room.anonymous -= 1,
+        }
+        if room.is_empty() {
             rooms.remove(&client.room);
         }
         true
     }
 
-    /// Runs `f` on every member of `room` while holding the read lock. `f` must not block.
+    /// Runs `f` on every member of `room`, plain and v1, while holding the read lock. `f`
+    /// must not block.
     pub fn for_each_member(&self, room: &str, mut f: impl FnMut(&Arc<Client>)) {
-        if let Some(members) = self.rooms.read().get(room) {
-            members.iter().for_each(&mut f);
+        if let Some(room) = self.rooms.read().get(room) {
+            room.iter().for_each(&mut f);
         }
+    }
+
+    /// Runs `f` on `room`'s members while holding the read lock. `f` must not block.
+    pub fn with_room(&self, room: &str, f: impl FnOnce(&Room)) {
+        if let Some(room) = self.rooms.read().get(room) {
+            f(room);
+        }
+    }
+
+    /// Runs `f` on the map of rooms while holding the read lock. `f` must not block.
+    pub fn with_rooms(&self, f: impl FnOnce(&HashMap<Arc<str>, Room>)) {
+        f(&self.rooms.read());
     }
 
     /// Runs `f` on every client of every room while holding the read lock. `f` must not block.
     pub fn for_each_client(&self, mut f: impl FnMut(&Arc<Client>)) {
-        for members in self.rooms.read().values() {
-            members.iter().for_each(&mut f);
+        for room in self.rooms.read().values() {
+            room.iter().for_each(&mut f);
         }
     }
 
@@ -87,18 +158,42 @@ impl Hub {
         self.rooms
             .read()
             .iter()
-            .map(|(room, members)| (room.to_string(), members.len()))
+            .map(|(name, room)| (name.to_string(), room.len()))
             .collect()
     }
 
     /// Clients in all rooms.
     pub fn client_count(&self) -> usize {
-        self.rooms.read().values().map(Vec::len).sum()
+        self.rooms.read().values().map(Room::len).sum()
+    }
+
+    /// v1 clients in all rooms.
+    pub fn v1_client_count(&self) -> usize {
+        self.rooms.read().values().map(|room| room.v1.len()).sum()
     }
 
     /// Members of one room.
     pub fn room_size(&self, room: &str) -> usize {
-        self.rooms.read().get(room).map_or(0, Vec::len)
+        self.rooms.read().get(room).map_or(0, Room::len)
+    }
+
+    /// Clients and distinct users in one room.
+    pub fn presence(&self, room: &str) -> Presence {
+        self.rooms.read().get(room).map_or(
+            Presence {
+                clients: 0,
+                users: 0,
+            },
+            Room::presence,
+        )
+    }
+
+    /// Whether `room` has v1 members, who need the v1 encoding of its messages.
+    pub fn has_v1_members(&self, room: &str) -> bool {
+        self.rooms
+            .read()
+            .get(room)
+            .is_some_and(|room| !room.v1.is_empty())
     }
 
     /// Rooms with at least one member.

@@ -58,16 +58,19 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod moderation;
 pub mod origin;
 pub mod outbox;
 pub mod ratelimit;
 #[cfg(feature = "redis")]
 mod redis_link;
+pub mod room_state;
 pub mod server;
 mod shared;
 pub mod shutdown;
 pub mod stats;
 pub mod supervisor;
+pub mod users;
 pub mod v1;
 pub mod workers;
 

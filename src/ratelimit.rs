@@ -1,6 +1,7 @@
 //! A token bucket: the per-client message rate limit (`--rate`, `--burst`).
 //!
-//! Owned by one connection thread, so it needs no lock. Tokens refill continuously at `rate`
+//! Owned by one connection thread, so it needs no lock; a verified user's bucket, shared by
+//! all of that user's connections, sits behind a mutex in `users`. Tokens refill continuously at `rate`
 //! per second up to `burst`; each message takes one.
 
 use std::time::Instant;
@@ -40,6 +41,14 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+
+    /// Whether the bucket has refilled completely by `now`: forgetting it then loses nothing.
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
+        self.rate == 0.0 || self.tokens + elapsed * self.rate >= self.burst
     }
 }
 

@@ -305,20 +305,17 @@ impl Pipeline {
         let mut messages = 0;
         for (seq, event) in (backplane.last_numbered() + 1..).zip(batch) {
             match event {
-                Outgoing::Message {
-                    room,
-                    kind,
-                    payload,
-                } => {
+                Outgoing::Message(message) => {
                     messages += 1;
                     commands
                         .cmd("PUBLISH")
-                        .arg(backplane::room_channel(room))
+                        .arg(backplane::room_channel(&message.room))
                         .arg(backplane::encode_sequenced(
                             backplane.origin,
                             seq,
-                            *kind,
-                            payload,
+                            message.kind,
+                            &message.payload,
+                            message.from.as_deref(),
                         ))
                         .ignore();
                 }
@@ -463,9 +460,15 @@ fn forward(
             backplane.count_drop(Dropped::TooLarge);
             true
         }
-        _ => events
-            .send_message(room.into(), decoded.kind, decoded.payload)
-            .is_ok(),
+        _ => {
+            let message = crate::broadcaster::Message {
+                room: room.into(),
+                kind: decoded.kind,
+                payload: decoded.payload,
+                from: decoded.from,
+            };
+            events.send_message(message, None).is_ok()
+        }
     }
 }
 

@@ -140,6 +140,8 @@ impl Server {
             draining: draining.clone(),
             backplane,
             supervisor: Supervisor::new(draining),
+            room_states: Arc::default(),
+            users: crate::users::Users::new(),
         });
         Ok(Server {
             listener,
@@ -185,10 +187,11 @@ impl Server {
         let redis_threads = start_redis_link(&shared, outgoing, shutdown)?;
 
         let broadcaster = {
-            let (hub, stats, config, draining) = (
+            let (hub, stats, config, room_states, draining) = (
                 shared.hub.clone(),
                 shared.stats.clone(),
                 shared.config.clone(),
+                shared.room_states.clone(),
                 shared.draining.clone(),
             );
             let watch = shared.supervisor.watch("broadcaster", shutdown.clone());
@@ -200,7 +203,7 @@ impl Server {
                     // Dropped in reverse order, however the thread ends: the budget closes
                     // (waiting senders give up), then the watch reports a panic.
                     let (_watch, _budget) = (watch, budget);
-                    Broadcaster::new(hub, stats, config, draining).run(events, &stop)
+                    Broadcaster::new(hub, stats, config, room_states, draining).run(events, &stop)
                 })
                 .map_err(Error::io("spawning the broadcaster thread"));
             match spawned {

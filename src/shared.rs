@@ -12,11 +12,13 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::backplane::{self, Backplane};
-use crate::broadcaster::{Events, MessageKind};
+use crate::broadcaster::{Events, Message};
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::room_state::RoomStates;
 use crate::stats::Stats;
 use crate::supervisor::Supervisor;
+use crate::users::Users;
 
 /// State every connection thread needs. Shared as `Arc<Shared>`, dropped when the last
 /// connection thread and the acceptor are done.
@@ -37,6 +39,10 @@ pub(crate) struct Shared {
     pub backplane: Option<Arc<Backplane>>,
     /// Which vital thread, if any, has died (see `supervisor`); read by `/healthz`.
     pub supervisor: Arc<Supervisor>,
+    /// Every room's epoch and `seq`, kept by the broadcaster, read by the rooms API.
+    pub room_states: Arc<RoomStates>,
+    /// Verified users across their connections: the per-user cap, rate limit and bans.
+    pub users: Users,
 }
 
 impl Shared {
@@ -46,13 +52,8 @@ impl Shared {
 
     /// Sends a message on its way to `room`: with `--redis` into the publish queue (which
     /// drops it when full), else straight to the broadcaster. See `backplane::relay`.
-    pub fn relay(
-        &self,
-        room: Arc<str>,
-        kind: MessageKind,
-        payload: tungstenite::Bytes,
-    ) -> backplane::Relayed {
-        backplane::relay(self.backplane.as_deref(), &self.events, room, kind, payload)
+    pub fn relay(&self, message: Message) -> backplane::Relayed {
+        backplane::relay(self.backplane.as_deref(), &self.events, message)
     }
 
     /// Every room with its member count: across the cluster with `--redis`, else here.

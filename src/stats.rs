@@ -15,14 +15,20 @@ pub enum Eviction {
     Size,
     /// Nothing arrived from it for `--idle-timeout`.
     Idle,
+    /// A moderator removed it (close 4003).
+    Moderated,
+    /// It sent a data message without the right to post (close 1008).
+    Forbidden,
 }
 
 impl Eviction {
-    pub const ALL: [Eviction; 4] = [
+    pub const ALL: [Eviction; 6] = [
         Eviction::Slow,
         Eviction::Rate,
         Eviction::Size,
         Eviction::Idle,
+        Eviction::Moderated,
+        Eviction::Forbidden,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -31,6 +37,8 @@ impl Eviction {
             Eviction::Rate => "rate",
             Eviction::Size => "size",
             Eviction::Idle => "idle",
+            Eviction::Moderated => "moderated",
+            Eviction::Forbidden => "forbidden",
         }
     }
 }
@@ -42,6 +50,8 @@ impl fmt::Display for Eviction {
             Eviction::Rate => "over its message rate",
             Eviction::Size => "message over the size limit",
             Eviction::Idle => "idle past the idle timeout",
+            Eviction::Moderated => "removed by a moderator",
+            Eviction::Forbidden => "posted without the right to post",
         })
     }
 }
@@ -96,6 +106,13 @@ pub struct Stats {
     pub evicted_rate: AtomicU64,
     pub evicted_size: AtomicU64,
     pub evicted_idle: AtomicU64,
+    pub evicted_moderated: AtomicU64,
+    pub evicted_forbidden: AtomicU64,
+    /// Upgrades refused for their join token, by reason (`expired`, `bad_signature`, ...,
+    /// `banned`, `too_many_connections`). The reasons are a small fixed set of labels.
+    pub auth_refused: parking_lot::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// `error` frames sent to v1 clients.
+    pub v1_errors_sent: AtomicU64,
 }
 
 impl Stats {
@@ -114,7 +131,13 @@ impl Stats {
             Eviction::Rate => &self.evicted_rate,
             Eviction::Size => &self.evicted_size,
             Eviction::Idle => &self.evicted_idle,
+            Eviction::Moderated => &self.evicted_moderated,
+            Eviction::Forbidden => &self.evicted_forbidden,
         }
+    }
+
+    pub fn count_auth_refusal(&self, reason: &'static str) {
+        *self.auth_refused.lock().entry(reason).or_default() += 1;
     }
 
     pub fn count_refusal(&self, reason: Refusal) {

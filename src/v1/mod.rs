@@ -2,4 +2,6 @@
 //!
 //! Everything here is off the plain relay's path: a plain client never reaches this code.
 
+pub mod codec;
+pub mod identity;
 pub mod token;

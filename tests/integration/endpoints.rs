@@ -202,11 +202,18 @@ fn rooms_api_lists_rooms_and_counts_as_valid_json() {
     let one: serde_json::Value =
         serde_json::from_slice(&http(server.addr, "GET", "/api/rooms/alpha", &[], b"").body)
             .unwrap();
-    assert_eq!(one, serde_json::json!({"room": "alpha", "clients": 2}));
+    assert_eq!(
+        one,
+        serde_json::json!({"room": "alpha", "clients": 2, "users": 2}),
+        "plain clients in open mode are each their own user; no message yet, so no seq"
+    );
     let empty: serde_json::Value =
         serde_json::from_slice(&http(server.addr, "GET", "/api/rooms/nobody", &[], b"").body)
             .unwrap();
-    assert_eq!(empty, serde_json::json!({"room": "nobody", "clients": 0}));
+    assert_eq!(
+        empty,
+        serde_json::json!({"room": "nobody", "clients": 0, "users": 0})
+    );
     assert_eq!(
         http(server.addr, "GET", "/api/rooms/bad%20name", &[], b"").status,
         400
@@ -235,7 +242,12 @@ fn publish_relays_text_and_binary_through_the_rooms_single_order() {
         "from the backend ✓".as_bytes(),
     );
     assert_eq!(response.status, 202);
-    let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+    let mut body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+    let seq = body["seq"]
+        .as_u64()
+        .expect("the 202 carries the message's seq");
+    assert!(seq >= 1);
+    body.as_object_mut().unwrap().remove("seq");
     assert_eq!(body, serde_json::json!({"room": "news", "clients": 2}));
     first.send(Message::text("client after")).unwrap();
     // As above: once `first` has its own message back, the server has read it, so the next
@@ -520,7 +532,7 @@ fn metrics_and_the_room_list_need_the_token_when_one_is_configured() {
     let one = token_get(&server, "/api/rooms/private", None);
     assert_eq!(
         (one.status, one.text().as_str()),
-        (200, r#"{"room":"private","clients":1}"#)
+        (200, r#"{"room":"private","clients":1,"users":1}"#)
     );
     assert_eq!(token_get(&server, "/healthz", None).status, 200);
     assert_eq!(token_get(&server, "/", None).status, 200);
