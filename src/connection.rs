@@ -523,9 +523,10 @@ impl Limit<'_> {
 fn v1_request(shared: &Shared, client: &Arc<Client>, text: &str) -> Option<(MessageKind, Bytes)> {
     let perm = client.identity.perm;
     let refusal = match codec::parse(text) {
-        Ok(Incoming::Publish(data)) if perm.can_post() => {
-            return Some((MessageKind::Json, Bytes::from(codec::minify(data))));
-        }
+        Ok(Incoming::Publish(data)) if perm.can_post() => match codec::minify(data) {
+            Some(data) => return Some((MessageKind::Json, Bytes::from(data))),
+            None => (ErrorCode::BadRequest, "data nested deeper than 64 levels"),
+        },
         Ok(Incoming::Publish(_)) => (ErrorCode::Forbidden, "your token does not allow posting"),
         // Counting reactions comes with the room's live state (PROTOCOL §3, §5); until then a
         // permitted reaction is accepted and goes nowhere.

@@ -62,13 +62,20 @@ pub fn parse(text: &str) -> Result<Incoming<'_>, &'static str> {
 /// Longest reaction key, in bytes of UTF-8 (PROTOCOL §3).
 pub const MAX_REACTION_KEY_BYTES: usize = 32;
 
+/// Deepest nesting of arrays and objects a published `data` may have. Far more than any chat
+/// payload needs, and under the 128 levels at which common JSON parsers (serde_json's default,
+/// for one) give up, so one client cannot publish what the others cannot read.
+pub const MAX_DATA_DEPTH: usize = 64;
+
 /// The JSON text of `raw` without insignificant whitespace: what a plain client receives for
 /// a v1 publish. Keeps key order and the exact text of every number and string, which a
-/// round trip through `serde_json::Value` would not.
-pub fn minify(raw: &RawValue) -> String {
+/// round trip through `serde_json::Value` would not. `None` when it nests deeper than
+/// `MAX_DATA_DEPTH`.
+pub fn minify(raw: &RawValue) -> Option<String> {
     let text = raw.get();
     let mut compact = String::with_capacity(text.len());
     let (mut in_string, mut escaped) = (false, false);
+    let mut depth = 0usize;
     for c in text.chars() {
         if in_string {
             compact.push(c);
@@ -81,10 +88,20 @@ pub fn minify(raw: &RawValue) -> String {
             }
         } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
             compact.push(c);
-            in_string = c == '"';
+            match c {
+                '"' => in_string = true,
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_DATA_DEPTH {
+                        return None;
+                    }
+                }
+                ']' | '}' => depth -= 1,
+                _ => {}
+            }
         }
     }
-    compact
+    Some(compact)
 }
 
 /// Appends a JSON string literal.
@@ -259,7 +276,18 @@ mod tests {
         let raw: &RawValue =
             serde_json::from_str("{ \"a b\" : [ 1 ,\n 2e400 ] ,\t\"c\":\"x \\\" y\\\\\" }")
                 .unwrap();
-        assert_eq!(minify(raw), r#"{"a b":[1,2e400],"c":"x \" y\\"}"#);
+        assert_eq!(
+            minify(raw).as_deref(),
+            Some(r#"{"a b":[1,2e400],"c":"x \" y\\"}"#)
+        );
+        let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let deep = nested(MAX_DATA_DEPTH);
+        assert!(minify(serde_json::from_str(&deep).unwrap()).is_some());
+        let deeper = nested(MAX_DATA_DEPTH + 1);
+        assert!(minify(serde_json::from_str(&deeper).unwrap()).is_none());
+        // Brackets inside strings are text, not nesting.
+        let text = format!("\"{}\"", "[".repeat(200));
+        assert!(minify(serde_json::from_str(&text).unwrap()).is_some());
     }
 
     fn message(kind: MessageKind, payload: &[u8], from: Option<&str>) -> serde_json::Value {

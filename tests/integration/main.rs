@@ -18,3 +18,4 @@ mod shutdown;
 mod slow;
 mod supervision;
 mod threshold;
+mod v1;

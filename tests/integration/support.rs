@@ -740,3 +740,120 @@ impl RedisServer {
         assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
     }
 }
+
+/// A `roomcast.v1` client: it offers the subprotocol, and speaks JSON frames.
+pub struct V1Client {
+    pub ws: Client,
+    /// The `welcome`, the first frame of every v1 session.
+    pub welcome: serde_json::Value,
+}
+
+impl TestServer {
+    /// Connects a v1 client to `room`, with `query` (`token=...&name=...`, or empty) on the
+    /// upgrade URL; panics unless the upgrade succeeds and a `welcome` arrives.
+    pub fn connect_v1(&self, room: &str, query: &str) -> V1Client {
+        self.try_connect_v1(room, query, &[])
+            .unwrap_or_else(|e| panic!("v1 connect to {room}: {e}"))
+    }
+
+    /// Connects a v1 client with extra request headers.
+    pub fn try_connect_v1(
+        &self,
+        room: &str,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<V1Client, tungstenite::Error> {
+        let url = match query {
+            "" => self.url(room),
+            query => format!("{}?{query}", self.url(room)),
+        };
+        V1Client::connect(self.addr, &url, headers)
+    }
+}
+
+impl V1Client {
+    /// Upgrades offering `roomcast.v1` (tungstenite then insists the `101` names it) and reads
+    /// the `welcome`.
+    pub fn connect(
+        addr: SocketAddr,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<V1Client, tungstenite::Error> {
+        use tungstenite::client::IntoClientRequest;
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
+        let mut request = url.into_client_request()?;
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", "roomcast.v1".parse().unwrap());
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        let (ws, response) = match tungstenite::client(request, stream) {
+            Ok(done) => done,
+            Err(tungstenite::HandshakeError::Failure(e)) => return Err(e),
+            Err(tungstenite::HandshakeError::Interrupted(_)) => {
+                panic!("blocking handshake interrupted")
+            }
+        };
+        assert_eq!(
+            response
+                .headers()
+                .get("Sec-WebSocket-Protocol")
+                .map(|v| v.to_str().unwrap()),
+            Some("roomcast.v1")
+        );
+        let mut client = V1Client {
+            ws,
+            welcome: serde_json::Value::Null,
+        };
+        let welcome = client.next_frame();
+        assert_eq!(welcome["type"], "welcome", "the first frame: {welcome}");
+        client.welcome = welcome;
+        Ok(client)
+    }
+
+    /// Sends one JSON text frame as given.
+    pub fn send_raw(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).expect("send a frame");
+    }
+
+    pub fn publish(&mut self, data: serde_json::Value) {
+        let frame = serde_json::json!({"type": "publish", "data": data});
+        self.send_raw(&frame.to_string());
+    }
+
+    pub fn react(&mut self, key: &str) {
+        let frame = serde_json::json!({"type": "react", "key": key});
+        self.send_raw(&frame.to_string());
+    }
+
+    /// The next frame, parsed; panics on anything but a JSON text frame.
+    pub fn next_frame(&mut self) -> serde_json::Value {
+        match next_data(&mut self.ws) {
+            Message::Text(text) => serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("a v1 frame that is not JSON ({e}): {text}")),
+            other => panic!("a v1 client got a non-text frame: {other:?}"),
+        }
+    }
+
+    /// The next frame of `kind` (`message`, `error`, ...), skipping presence and reactions.
+    pub fn next_of(&mut self, kind: &str) -> serde_json::Value {
+        loop {
+            let frame = self.next_frame();
+            match frame["type"].as_str() {
+                Some(t) if t == kind => return frame,
+                Some("presence" | "reactions") => continue,
+                _ => panic!("expected a {kind} frame, got {frame}"),
+            }
+        }
+    }
+
+    pub fn next_message(&mut self) -> serde_json::Value {
+        self.next_of("message")
+    }
+}
