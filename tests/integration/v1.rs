@@ -155,7 +155,7 @@ fn a_client_offering_only_unknown_protocols_gets_no_protocol_header_and_speaks_p
         request.len() - 2,
         "Sec-WebSocket-Protocol: chat, roomcast.v2, ROOMCAST.V1\r\n",
     );
-    let response = raw_exchange(server.addr, request.as_bytes());
+    let response = response_head(server.addr, &request);
     assert_eq!(status_of(&response), 101);
     assert!(
         !response
@@ -169,7 +169,7 @@ fn a_client_offering_only_unknown_protocols_gets_no_protocol_header_and_speaks_p
         offered.len() - 2,
         "Sec-WebSocket-Protocol: chat, roomcast.v1\r\n",
     );
-    let response = raw_exchange(server.addr, offered.as_bytes());
+    let response = response_head(server.addr, &offered);
     assert!(
         response.contains("Sec-WebSocket-Protocol: roomcast.v1\r\n"),
         "{response}"
@@ -252,4 +252,22 @@ fn deeply_nested_data_is_refused_and_does_not_overflow_a_connection_threads_stac
         "after",
         "nothing deep was relayed"
     );
+}
+
+/// Sends an upgrade request and reads the response head only: the session it opens stays up,
+/// so reading to the end (as `raw_exchange` does) would wait for the idle timeout.
+fn response_head(addr: std::net::SocketAddr, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "the head ended early");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
 }
