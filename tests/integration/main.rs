@@ -12,6 +12,7 @@ mod cgroup;
 mod endpoints;
 mod flags;
 mod hostile;
+mod identity;
 mod limits;
 mod relay;
 mod shutdown;
