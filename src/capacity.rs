@@ -25,11 +25,11 @@ use std::io;
 use log::{info, warn};
 
 use crate::backplane::PUBLISH_QUEUE_BYTES;
-use crate::broadcaster::{EVENT_QUEUE_CAPACITY, MAX_BATCH, MAX_CHUNK};
-use crate::budget::EVENT_QUEUE_BYTES;
 use crate::config::Config;
-use crate::connection::READ_BUFFER_BYTES;
 use crate::http::MAX_HEAD_BYTES;
+use crate::relay::broadcaster::{EVENT_QUEUE_CAPACITY, MAX_BATCH, MAX_CHUNK};
+use crate::relay::budget::EVENT_QUEUE_BYTES;
+use crate::relay::connection::READ_BUFFER_BYTES;
 use crate::workers::CONNECTION_STACK_BYTES;
 use cgroup::{Controller, Limit};
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
-use crate::origin::Origin;
+use crate::http::origin::Origin;
 
 /// Where the server listens unless `--listen` says otherwise: loopback, so a first
 /// `cargo run` never exposes anything to the network.
@@ -282,7 +282,7 @@ impl Config {
     pub fn effective_outbox_bytes(&self) -> usize {
         let frame = self
             .max_message_bytes
-            .saturating_add(MAX_FRAME_HEADER_BYTES + crate::outbox::ENTRY_OVERHEAD_BYTES);
+            .saturating_add(MAX_FRAME_HEADER_BYTES + crate::relay::outbox::ENTRY_OVERHEAD_BYTES);
         self.outbox_bytes.max(
             OUTBOX_MESSAGE_MULTIPLE
                 .saturating_mul(frame)

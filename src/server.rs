@@ -18,14 +18,14 @@ use parking_lot::Mutex;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::backplane::{Backplane, Outgoing};
-use crate::broadcaster::{self, Broadcaster, Events, EVENT_QUEUE_CAPACITY};
-use crate::budget::EVENT_QUEUE_BYTES;
 use crate::capacity;
 use crate::config::Config;
-use crate::connection::{self, RETRY_AFTER_SECS};
 use crate::error::Error;
 use crate::http::Response;
-use crate::hub::Hub;
+use crate::relay::broadcaster::{self, Broadcaster, Events, EVENT_QUEUE_CAPACITY};
+use crate::relay::budget::EVENT_QUEUE_BYTES;
+use crate::relay::connection::{self, RETRY_AFTER_SECS};
+use crate::relay::hub::Hub;
 use crate::shared::Shared;
 use crate::shutdown::Shutdown;
 use crate::stats::{Refusal, Stats};
@@ -141,7 +141,7 @@ impl Server {
             backplane,
             supervisor: Supervisor::new(draining),
             room_states: Arc::default(),
-            users: crate::users::Users::new(),
+            users: crate::relay::users::Users::new(),
         });
         Ok(Server {
             listener,
@@ -343,7 +343,7 @@ fn start_redis_link(
     shutdown: &Shutdown,
 ) -> Result<Vec<JoinHandle<()>>, Error> {
     match (&shared.config.redis, &shared.backplane, outgoing) {
-        (Some(url), Some(backplane), Some(outgoing)) => crate::redis_link::start(
+        (Some(url), Some(backplane), Some(outgoing)) => crate::backplane::redis_link::start(
             url,
             backplane.clone(),
             outgoing,

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::backplane::{self, Backplane};
-use crate::broadcaster::{Events, Message};
 use crate::config::Config;
-use crate::hub::Hub;
-use crate::room_state::RoomStates;
+use crate::relay::broadcaster::{Events, Message};
+use crate::relay::hub::Hub;
+use crate::relay::room_state::RoomStates;
+use crate::relay::users::Users;
 use crate::stats::Stats;
 use crate::supervisor::Supervisor;
-use crate::users::Users;
 
 /// State every connection thread needs. Shared as `Arc<Shared>`, dropped when the last
 /// connection thread and the acceptor are done.

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use serde_json::value::RawValue;
 
-use crate::broadcaster::MessageKind;
+use crate::relay::broadcaster::MessageKind;
 use crate::v1::identity::Identity;
 
 /// The subprotocol name a client offers in `Sec-WebSocket-Protocol`.

@@ -90,7 +90,7 @@ pub fn identify(
     let from_query = request.query_param("token");
     let from_header = request
         .header("Authorization")
-        .and_then(crate::endpoints::bearer_token)
+        .and_then(crate::http::endpoints::bearer_token)
         .map(str::to_string);
     let Some(token) = from_query.or(from_header) else {
         return Err(Refused {

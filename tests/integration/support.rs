@@ -12,7 +12,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use roomcast::hub::Hub;
+use roomcast::relay::hub::Hub;
 use roomcast::{Config, Server, Shutdown, Stats, Summary};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};

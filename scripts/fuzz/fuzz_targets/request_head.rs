@@ -4,11 +4,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use roomcast::connection::route;
-use roomcast::endpoints::resource;
+use roomcast::relay::connection::route;
+use roomcast::http::endpoints::resource;
 use roomcast::http::parse_head;
-use roomcast::hub::is_valid_room_name;
-use roomcast::origin::Origin;
+use roomcast::relay::hub::is_valid_room_name;
+use roomcast::http::origin::Origin;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(Some((request, head_len))) = parse_head(data) else { return };

@@ -50,6 +50,9 @@
 //! threads and endpoints touch, plus the ledger and the wire format, and compiles without the
 //! `redis` feature (a server without `--redis` never builds one).
 
+#[cfg(feature = "redis")]
+pub(crate) mod redis_link;
+
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -61,7 +64,7 @@ use log::{info, warn};
 use parking_lot::{Condvar, Mutex, RwLock};
 use tungstenite::Bytes;
 
-use crate::broadcaster::{Event, Events, Message, MessageKind};
+use crate::relay::broadcaster::{Event, Events, Message, MessageKind};
 
 /// Prefix of the channel each room publishes to: `roomcast:room:<room>`.
 pub const ROOM_CHANNEL_PREFIX: &str = "roomcast:room:";
@@ -124,7 +127,7 @@ impl From<Event> for Outgoing {
 impl Outgoing {
     /// Hands it to the broadcaster (a message takes its bytes from the channel's budget).
     /// Blocks while the broadcaster is behind; fails only once it has stopped.
-    fn deliver(self, events: &Events) -> Result<(), crate::broadcaster::Stopped> {
+    fn deliver(self, events: &Events) -> Result<(), crate::relay::broadcaster::Stopped> {
         match self {
             Outgoing::Message(message) => events.send_message(message, None),
             Outgoing::Local(event) => events.send(event),
@@ -708,7 +711,7 @@ pub fn room_channel(room: &str) -> String {
 pub fn room_of_channel(channel: &str) -> Option<&str> {
     channel
         .strip_prefix(ROOM_CHANNEL_PREFIX)
-        .filter(|room| crate::hub::is_valid_room_name(room))
+        .filter(|room| crate::relay::hub::is_valid_room_name(room))
 }
 
 /// The channel only `instance` subscribes to.
@@ -898,7 +901,7 @@ mod tests {
 
     fn close_event() -> Event {
         let stats = Arc::new(crate::stats::Stats::default());
-        let (client, _peer) = crate::client::Client::on_loopback(1, "r", 1 << 20, stats);
+        let (client, _peer) = crate::relay::client::Client::on_loopback(1, "r", 1 << 20, stats);
         let (done, _queued) = crossbeam_channel::bounded(1);
         Event::Close {
             client: Arc::new(client),

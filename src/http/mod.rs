@@ -4,6 +4,11 @@
 //! Every connection starts here. The connection thread reads the head, then either upgrades
 //! it to a WebSocket (connection.rs) or answers it with a status and closes.
 
+pub mod endpoints;
+pub mod metrics;
+pub mod moderation;
+pub mod origin;
+
 use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;

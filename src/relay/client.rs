@@ -18,7 +18,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::frame::{CloseFrame, Frame};
 use tungstenite::Bytes;
 
-use crate::outbox::{Flush, Outbox, Push};
+use crate::relay::outbox::{Flush, Outbox, Push};
 use crate::stats::{Eviction, Stats};
 use crate::v1::identity::Identity;
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use crate::client::{Client, Protocol};
+use crate::relay::client::{Client, Protocol};
 use crate::v1::codec::Presence;
 
 /// Rooms and their members. Shared as `Arc<Hub>` by the acceptor's connection threads and the

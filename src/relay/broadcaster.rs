@@ -26,12 +26,12 @@ use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::frame::Frame;
 use tungstenite::Bytes;
 
-use crate::budget::{Budget, Permit};
-use crate::client::{encode, Client};
 use crate::config::Config;
-use crate::hub::Hub;
-use crate::outbox::{Flush, Push};
-use crate::room_state::{RoomState, RoomStates};
+use crate::relay::budget::{Budget, Permit};
+use crate::relay::client::{encode, Client};
+use crate::relay::hub::Hub;
+use crate::relay::outbox::{Flush, Push};
+use crate::relay::room_state::{RoomState, RoomStates};
 use crate::shutdown::Shutdown;
 use crate::stats::{Eviction, Stats};
 
@@ -550,7 +550,7 @@ impl Broadcaster {
     /// down and logs.
     fn settle_overflowed(&mut self, frame: &Bytes) -> u64 {
         let limit = self.config.effective_outbox_bytes();
-        if frame.len() + crate::outbox::ENTRY_OVERHEAD_BYTES > limit {
+        if frame.len() + crate::relay::outbox::ENTRY_OVERHEAD_BYTES > limit {
             // No outbox could ever hold it (only a message from outside this instance's
             // limits can be this large): not the clients' fault, so nobody is evicted for it.
             debug!("dropped a {} B frame larger than any outbox", frame.len());

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::ratelimit::TokenBucket;
+use crate::relay::ratelimit::TokenBucket;
 
 /// Bans held at most. A raid of fresh accounts could otherwise grow the list without end;
 /// expired bans are dropped first, and past this a new ban is refused (`503`), loudly.

@@ -9,10 +9,10 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::broadcaster::{Message, MessageKind};
+use crate::http::metrics;
 use crate::http::{self, Request, Response, CSS, HTML, JAVASCRIPT, JSON, PROMETHEUS, TEXT};
-use crate::hub::is_valid_room_name;
-use crate::metrics;
+use crate::relay::broadcaster::{Message, MessageKind};
+use crate::relay::hub::is_valid_room_name;
 use crate::shared::Shared;
 use tungstenite::Bytes;
 
@@ -224,7 +224,7 @@ fn respond(shared: &Shared, request: &Request, resource: &Resource<'_>, body: Ve
         Resource::DemoStyle => Response::ok(CSS, DEMO_STYLE),
         Resource::Room(room) => Response::ok(JSON, room_details_json(shared, room)),
         Resource::RoomMessages(room) => publish(shared, request, room, body),
-        Resource::RoomDisconnect(room) => crate::moderation::disconnect(shared, room, &body),
+        Resource::RoomDisconnect(room) => crate::http::moderation::disconnect(shared, room, &body),
     }
 }
 
@@ -291,7 +291,7 @@ fn publish(shared: &Shared, request: &Request, room: &str, body: Vec<u8>) -> Res
         crate::backplane::Relayed::Dropped => return Response::status(503)
             .with_header(
                 "Retry-After",
-                crate::connection::RETRY_AFTER_SECS.to_string(),
+                crate::relay::connection::RETRY_AFTER_SECS.to_string(),
             )
             .with_body(
                 "the Redis publish queue is full (Redis is slower than the clients); retry later\n",

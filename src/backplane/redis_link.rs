@@ -34,9 +34,9 @@ use crate::backplane::{
     self, Backplane, Dropped, Origins, Outgoing, Sequence, Side, INSTANCE_KEY_PREFIX,
     MAX_HELD_EVENTS,
 };
-use crate::broadcaster::Events;
 use crate::error::Error;
-use crate::hub::{is_valid_room_name, Hub};
+use crate::relay::broadcaster::Events;
+use crate::relay::hub::{is_valid_room_name, Hub};
 use crate::shutdown::Shutdown;
 use crate::supervisor::Supervisor;
 
@@ -461,7 +461,7 @@ fn forward(
             true
         }
         _ => {
-            let message = crate::broadcaster::Message {
+            let message = crate::relay::broadcaster::Message {
                 room: room.into(),
                 kind: decoded.kind,
                 payload: decoded.payload,

@@ -30,17 +30,17 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Bytes, Message, WebSocket};
 
-use crate::broadcaster::{Event, Events, Message as RoomMessage, MessageKind};
-use crate::client::{Client, Protocol};
-use crate::endpoints;
+use crate::http::endpoints;
+use crate::http::origin::{self, Origin};
 use crate::http::{self, HeadError, Request, Response};
-use crate::hub::{is_valid_room_name, Hub};
-use crate::origin::{self, Origin};
-use crate::outbox::Flush;
-use crate::ratelimit::TokenBucket;
+use crate::relay::broadcaster::{Event, Events, Message as RoomMessage, MessageKind};
+use crate::relay::client::{Client, Protocol};
+use crate::relay::hub::{is_valid_room_name, Hub};
+use crate::relay::outbox::Flush;
+use crate::relay::ratelimit::TokenBucket;
+use crate::relay::users::{Seat, User};
 use crate::shared::Shared;
 use crate::stats::Eviction;
-use crate::users::{Seat, User};
 use crate::v1::codec::{self, ErrorCode, Incoming};
 use crate::v1::identity::{self, Identity};
 
@@ -535,7 +535,7 @@ fn v1_request(shared: &Shared, client: &Arc<Client>, text: &str) -> Option<(Mess
         Err(reason) => (ErrorCode::BadRequest, reason),
     };
     let (code, message) = refusal;
-    let frame = crate::client::encode(tungstenite::protocol::frame::Frame::message(
+    let frame = crate::relay::client::encode(tungstenite::protocol::frame::Frame::message(
         codec::error(code, message),
         tungstenite::protocol::frame::coding::OpCode::Data(
             tungstenite::protocol::frame::coding::Data::Text,

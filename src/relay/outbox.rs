@@ -7,7 +7,7 @@
 //! closes) and the client's own connection thread (tungstenite's pong and close replies). Two
 //! writers on one socket interleave frames, and a blocking write to a client that stopped
 //! reading would freeze whoever made it. So every frame for a client is appended here, under
-//! one mutex (in [`Client`](crate::client::Client)), and sent with a *non-blocking* `sendmsg`:
+//! one mutex (in [`Client`](crate::relay::client::Client)), and sent with a *non-blocking* `sendmsg`:
 //! whatever the kernel will not take right now stays queued, with its offset, for the next
 //! attempt. Nobody ever waits on a slow client; the queue just grows, and its growth (bytes,
 //! and how long it has been non-empty) is what evicts a client that cannot keep up.

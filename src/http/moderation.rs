@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use log::info;
 
-use crate::client::Client;
 use crate::http::Response;
+use crate::relay::client::Client;
 use crate::shared::Shared;
 
 /// Longest ban: a week. Bans are memory the server holds for each; anything longer is the
@@ -76,7 +76,7 @@ pub(crate) fn disconnect(shared: &Shared, room: &str, body: &[u8]) -> Response {
         {
             return Response::status(503).with_body(format!(
                 "the ban list is full ({} bans); retry when some have expired\n",
-                crate::users::MAX_BANS
+                crate::relay::users::MAX_BANS
             ));
         }
     }
