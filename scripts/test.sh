@@ -13,6 +13,8 @@
 #   - cargo-fuzz, to build the fuzz targets and run each briefly (scripts/fuzz.sh installs it)
 #   - systemd (for systemd-analyze): scripts/roomcast.service is verified; no systemd needs to
 #     be running
+#   - PyJWT, in a virtualenv (scripts/pyjwt.sh installs it): join tokens minted by Python
+#     backends must verify, and ours must decode there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +41,10 @@ if ! command -v promtool >/dev/null 2>&1; then
     fi
     export PROMTOOL="$tools/usr/bin/promtool"
 fi
+
+# The join-token interop test runs PyJWT through this interpreter.
+PYJWT_PYTHON=$(scripts/pyjwt.sh)
+export PYJWT_PYTHON
 
 # Connection tests open thousands of sockets; use the hard file limit if the soft one is low.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

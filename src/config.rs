@@ -19,6 +19,7 @@ use std::time::Duration;
 use log::LevelFilter;
 
 use crate::http::origin::Origin;
+use crate::v1::token::{self, Perm};
 
 /// Where the server listens unless `--listen` says otherwise: loopback, so a first
 /// `cargo run` never exposes anything to the network.
@@ -62,6 +63,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub const DEFAULT_REDIS_TTL: Duration = Duration::from_secs(15);
 /// How long a room's state (epoch, seq) is kept after its last member leaves (PROTOCOL §5).
 pub const DEFAULT_ROOM_TTL: Duration = Duration::from_secs(600);
+/// How long a token from `roomcast token` is valid unless `--ttl` says otherwise.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60 * 60);
 /// Whether this build has the Redis backplane (cargo feature `redis`).
 pub const HAS_REDIS: bool = cfg!(feature = "redis");
 
@@ -111,8 +114,24 @@ pub const REDIS_TTL_RANGE: RangeInclusive<Duration> =
 /// server answers; a token must also fit easily in the 16 KiB request head that carries it.
 pub const API_TOKEN_BYTES_RANGE: RangeInclusive<usize> = 16..=4096;
 
+/// `--max-connections-per-user`; 0 is off. No user can hold more connections than the server
+/// has threads, so the bound is `MAX_CLIENTS_RANGE`'s.
+pub const MAX_CONNECTIONS_PER_USER_RANGE: RangeInclusive<usize> = 0..=1 << 22;
+/// `--room-ttl`: under a second, a viewer whose page reloads would find a new epoch; a room's
+/// state kept for more than a day after everyone left is a leak, not a feature.
+pub const ROOM_TTL_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 60 * 60);
+/// A join-token secret, in bytes (see `token::MIN_SECRET_BYTES`); the upper bound only keeps a
+/// secret file from being something else.
+pub const TOKEN_SECRET_BYTES_RANGE: RangeInclusive<usize> = token::MIN_SECRET_BYTES..=4096;
+/// `roomcast token --ttl`: past 30 days a join token is a password, and leaks like one.
+pub const TOKEN_TTL_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(30 * 24 * 60 * 60);
+
 /// The environment variable that sets the publish API token (`env_var("--api-token")`).
 pub const API_TOKEN_ENV: &str = "ROOMCAST_API_TOKEN";
+/// The environment variable that sets the join-token secret (`env_var("--token-secret")`).
+pub const TOKEN_SECRET_ENV: &str = "ROOMCAST_TOKEN_SECRET";
 /// What every environment variable's name starts with.
 pub const ENV_PREFIX: &str = "ROOMCAST_";
 
@@ -138,6 +157,24 @@ pub const FLAGS: &[&str] = &[
     "--log-file",
     "--redis",
     "--redis-ttl",
+    // roomcast.v1 (PROTOCOL.md).
+    "--token-secret",
+    "--token-secret-file",
+    "--token-secret-previous",
+    "--max-connections-per-user",
+    "--room-ttl",
+];
+
+/// The flags of `roomcast token`, which take no environment variables of their own (the
+/// secret's two flags read `ROOMCAST_TOKEN_SECRET` and `ROOMCAST_TOKEN_SECRET_FILE`).
+pub const TOKEN_COMMAND_FLAGS: &[&str] = &[
+    "--room",
+    "--sub",
+    "--name",
+    "--perm",
+    "--ttl",
+    "--token-secret",
+    "--token-secret-file",
 ];
 
 /// Everything the server needs to know, fixed at start-up and shared read-only by every thread.
@@ -326,8 +363,17 @@ impl Config {
                 &SHUTDOWN_GRACE_RANGE,
             ),
             ("--redis-ttl", self.redis_ttl, &REDIS_TTL_RANGE),
+            ("--room-ttl", self.room_ttl, &ROOM_TTL_RANGE),
         ] {
             check_duration(flag, value, range)?;
+        }
+        check_count(
+            "--max-connections-per-user",
+            self.max_connections_per_user,
+            &MAX_CONNECTIONS_PER_USER_RANGE,
+        )?;
+        for secret in &self.token_secrets {
+            check_token_secret("--token-secret", secret)?;
         }
         if self.ping_interval >= self.idle_timeout {
             return Err(ConfigError::new(
@@ -367,12 +413,52 @@ impl Config {
     }
 }
 
-/// What the command line asked for: run with a config, or print something and exit 0.
+/// What the command line asked for: run with a config, mint a join token (`roomcast token`),
+/// or print something and exit 0.
 #[derive(Debug)]
 pub enum Command {
     Run(Box<Config>),
+    Token(Box<TokenRequest>),
     Help,
     Version,
+}
+
+/// What `roomcast token` mints: one join token for `room` and `sub`, signed with the current
+/// secret, valid for `ttl` from now. Every claim has passed the checks `token::verify` makes,
+/// so the server never refuses the token for its contents.
+///
+/// `Debug` is written by hand: the secret never shows.
+#[derive(Clone, PartialEq)]
+pub struct TokenRequest {
+    pub secret: String,
+    /// A room name, or `token::ANY_ROOM`.
+    pub room: String,
+    pub sub: String,
+    pub name: Option<String>,
+    /// `None` leaves the claim out (the server reads it as `post`).
+    pub perm: Option<Perm>,
+    pub ttl: Duration,
+}
+
+impl fmt::Debug for TokenRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let TokenRequest {
+            secret: _,
+            room,
+            sub,
+            name,
+            perm,
+            ttl,
+        } = self;
+        f.debug_struct("TokenRequest")
+            .field("secret", &"***")
+            .field("room", room)
+            .field("sub", sub)
+            .field("name", name)
+            .field("perm", perm)
+            .field("ttl", ttl)
+            .finish()
+    }
 }
 
 /// A bad flag or value. Displays as one line naming the flag (or the environment variable the
@@ -446,7 +532,10 @@ struct Setting {
 ///
 /// A flag left out of the command line is read from its variable (`env_var`); an empty
 /// variable counts as unset. `--api-token` and `--api-token-file` set the same thing, so either
-/// on the command line overrides both variables.
+/// on the command line overrides both variables; so do `--token-secret` and
+/// `--token-secret-file`.
+///
+/// A first argument `token` is the `roomcast token` subcommand (`parse_token_command`).
 pub fn parse_args_from<I, S>(
     args: I,
     env: impl Fn(&str) -> Option<OsString>,
@@ -456,7 +545,11 @@ where
     S: Into<String>,
 {
     let mut from_args = Vec::new();
-    let mut args = args.into_iter().map(Into::into);
+    let mut args = args.into_iter().map(Into::into).peekable();
+    if args.peek().is_some_and(|first| first == "token") {
+        args.next();
+        return parse_token_command(args, env);
+    }
     while let Some(arg) = args.next() {
         let (flag, inline) = split_flag(&arg);
         match flag {
@@ -486,11 +579,196 @@ where
         });
     }
 
+    let mut settings = variables_left_out(FLAGS, &from_args, &env)?;
+    // After the variables, so the command line has the last word.
+    settings.extend(from_args);
+
+    let mut config = Config::default();
+    let (mut api_token, mut token_secret, mut previous_secret) = (Vec::new(), Vec::new(), None);
+    for setting in &settings {
+        match one_setting(setting.flag) {
+            "--api-token" => api_token.push(setting),
+            "--token-secret" => token_secret.push(setting),
+            "--token-secret-previous" => previous_secret = Some(setting),
+            _ => apply(&mut config, setting)?,
+        }
+    }
+    if let Some(setting) = one_source(&api_token, "token")? {
+        let value = match setting.flag {
+            "--api-token-file" => read_secret_file(
+                &setting.source,
+                &setting.value,
+                "a token",
+                *API_TOKEN_BYTES_RANGE.end(),
+            )?,
+            _ => setting.value.clone(),
+        };
+        check_token(&setting.source, &value)?;
+        config.api_token = Some(value);
+    }
+    if let Some(setting) = one_source(&token_secret, "secret")? {
+        config.token_secrets.push(token_secret_of(setting)?);
+    }
+    if let Some(setting) = previous_secret {
+        // Checked first, so a short previous secret is named as such.
+        let previous = token_secret_of(setting)?;
+        if config.token_secrets.is_empty() {
+            return Err(ConfigError::new(
+                &setting.source,
+                format!(
+                    "needs the current secret too ({TOKEN_SECRET_ENV}, --token-secret-file or --token-secret): the previous one only keeps tokens minted before a rotation valid"
+                ),
+            ));
+        }
+        config.token_secrets.push(previous);
+    }
+    config.validate().map_err(|mut err| {
+        // A relation between flags fails on the value as given: name where it came from.
+        if let Some(setting) = settings.iter().rev().find(|s| s.flag == err.flag) {
+            err.flag.clone_from(&setting.source);
+        }
+        err
+    })?;
+    Ok(Command::Run(Box::new(config)))
+}
+
+/// Parses the arguments of `roomcast token` (after `token`): `--room ROOM --sub USER [--name
+/// NAME] [--perm read|react|post] [--ttl DUR]`, and the secret from `--token-secret`,
+/// `--token-secret-file` or their variables, as the server reads it. Each claim is held to the
+/// rules `token::verify` applies, so what is minted is never refused for its contents.
+fn parse_token_command(
+    args: impl Iterator<Item = String>,
+    env: impl Fn(&str) -> Option<OsString>,
+) -> Result<Command, ConfigError> {
+    let mut from_args = Vec::new();
+    let mut args = args;
+    while let Some(arg) = args.next() {
+        let (flag, inline) = split_flag(&arg);
+        if matches!(flag, "-h" | "--help") {
+            return Ok(Command::Help);
+        }
+        let Some(&flag) = TOKEN_COMMAND_FLAGS.iter().find(|known| **known == flag) else {
+            return Err(ConfigError::new(
+                flag,
+                "is not a flag of roomcast token (see --help)",
+            ));
+        };
+        let value = match inline {
+            Some(value) => value.to_string(),
+            None => args
+                .next()
+                .ok_or_else(|| ConfigError::new(flag, "needs a value"))?,
+        };
+        from_args.push(Setting {
+            flag,
+            source: flag.to_string(),
+            value,
+        });
+    }
+    let last = |flag: &str| from_args.iter().rev().find(|given| given.flag == flag);
+
+    let secret_flags = ["--token-secret", "--token-secret-file"];
+    let variables = variables_left_out(&secret_flags, &from_args, &env)?;
+    // The variables first, so the command line has the last word.
+    let secrets: Vec<&Setting> = variables
+        .iter()
+        .chain(
+            from_args
+                .iter()
+                .filter(|given| secret_flags.contains(&given.flag)),
+        )
+        .collect();
+    let secret = match one_source(&secrets, "secret")? {
+        Some(setting) => token_secret_of(setting)?,
+        None => {
+            return Err(ConfigError::new(
+                "--token-secret",
+                format!("roomcast token signs with the server's secret: set {TOKEN_SECRET_ENV} (or ROOMCAST_TOKEN_SECRET_FILE, or --token-secret-file PATH)"),
+            ))
+        }
+    };
+
+    let room = last("--room")
+        .ok_or_else(|| ConfigError::new("--room", "is required: the room the token opens, or *"))?
+        .value
+        .clone();
+    if !token::is_valid_room_claim(&room) {
+        return Err(ConfigError::new(
+            "--room",
+            format!("{room:?} is not a room name ([A-Za-z0-9_.-]{{1,64}}, not . or ..) nor *"),
+        ));
+    }
+    let sub = last("--sub")
+        .ok_or_else(|| ConfigError::new("--sub", "is required: the user id"))?
+        .value
+        .clone();
+    if !token::is_valid_sub(&sub) {
+        return Err(ConfigError::new(
+            "--sub",
+            format!(
+                "is {} bytes: a user id has 1 to {}",
+                sub.len(),
+                token::MAX_SUB_BYTES
+            ),
+        ));
+    }
+    let name = last("--name").map(|given| given.value.clone());
+    if let Some(name) = name.as_deref().filter(|name| !token::is_valid_name(name)) {
+        return Err(ConfigError::new(
+            "--name",
+            format!(
+                "is {} bytes: a display name has at most {}",
+                name.len(),
+                token::MAX_NAME_BYTES
+            ),
+        ));
+    }
+    let perm = last("--perm")
+        .map(|given| {
+            Perm::parse(&given.value).ok_or_else(|| {
+                ConfigError::new(
+                    "--perm",
+                    format!("{:?} is not one of read, react, post", given.value),
+                )
+            })
+        })
+        .transpose()?;
+    let ttl = match last("--ttl") {
+        Some(given) => parse_duration("--ttl", &given.value, &TOKEN_TTL_RANGE)?,
+        None => DEFAULT_TOKEN_TTL,
+    };
+    Ok(Command::Token(Box::new(TokenRequest {
+        secret,
+        room,
+        sub,
+        // Empty is absent, as `token::verify` reads it.
+        name: name.filter(|name| !name.is_empty()),
+        perm,
+        ttl,
+    })))
+}
+
+/// Splits `--flag=value` into the flag and its inline value; anything else is all flag.
+fn split_flag(arg: &str) -> (&str, Option<&str>) {
+    match arg.split_once('=') {
+        Some((flag, value)) if flag.starts_with("--") => (flag, Some(value)),
+        _ => (arg, None),
+    }
+}
+
+/// The variables of the `flags` that `from_args` leaves out, as settings; an empty variable
+/// counts as unset. A flag given one way on the command line (`--api-token-file`) also leaves
+/// out the variable of its other way (`ROOMCAST_API_TOKEN`): see `one_setting`.
+fn variables_left_out(
+    flags: &[&'static str],
+    from_args: &[Setting],
+    env: &impl Fn(&str) -> Option<OsString>,
+) -> Result<Vec<Setting>, ConfigError> {
     let mut settings = Vec::new();
-    for &flag in FLAGS {
+    for &flag in flags {
         let is_on_command_line = from_args
             .iter()
-            .any(|given| given.flag == flag || (is_token_flag(flag) && is_token_flag(given.flag)));
+            .any(|given| one_setting(given.flag) == one_setting(flag));
         if is_on_command_line {
             continue;
         }
@@ -507,52 +785,51 @@ where
             });
         }
     }
-    // After the variables, so the command line has the last word.
-    settings.extend(from_args);
-
-    let mut config = Config::default();
-    let mut token: Option<&Setting> = None;
-    for setting in &settings {
-        if is_token_flag(setting.flag) {
-            if let Some(earlier) = token.filter(|earlier| earlier.flag != setting.flag) {
-                return Err(ConfigError::new(
-                    &setting.source,
-                    format!("conflicts with {}: give the token one way", earlier.source),
-                ));
-            }
-            token = Some(setting);
-        } else {
-            apply(&mut config, setting)?;
-        }
-    }
-    if let Some(setting) = token {
-        let value = match setting.flag {
-            "--api-token-file" => read_token_file(&setting.source, &setting.value)?,
-            _ => setting.value.clone(),
-        };
-        check_token(&setting.source, &value)?;
-        config.api_token = Some(value);
-    }
-    config.validate().map_err(|mut err| {
-        // A relation between flags fails on the value as given: name where it came from.
-        if let Some(setting) = settings.iter().rev().find(|s| s.flag == err.flag) {
-            err.flag.clone_from(&setting.source);
-        }
-        err
-    })?;
-    Ok(Command::Run(Box::new(config)))
+    Ok(settings)
 }
 
-/// Splits `--flag=value` into the flag and its inline value; anything else is all flag.
-fn split_flag(arg: &str) -> (&str, Option<&str>) {
-    match arg.split_once('=') {
-        Some((flag, value)) if flag.starts_with("--") => (flag, Some(value)),
-        _ => (arg, None),
+/// The setting a flag gives: itself, or for a flag that reads a secret from a file, the flag
+/// that gives it directly. The two ways are one setting: either on the command line overrides
+/// both variables, and both at once are a conflict (`one_source`).
+fn one_setting(flag: &'static str) -> &'static str {
+    match flag {
+        "--api-token-file" => "--api-token",
+        "--token-secret-file" => "--token-secret",
+        _ => flag,
     }
 }
 
-fn is_token_flag(flag: &str) -> bool {
-    flag == "--api-token" || flag == "--api-token-file"
+/// The one setting among `given` (the ways of one setting, in order, the command line last),
+/// or a conflict naming both when it was given two ways. One way twice is no conflict: the
+/// last wins, as for any flag.
+fn one_source<'a>(given: &[&'a Setting], what: &str) -> Result<Option<&'a Setting>, ConfigError> {
+    let mut chosen: Option<&Setting> = None;
+    for &setting in given {
+        if let Some(earlier) = chosen.filter(|earlier| earlier.flag != setting.flag) {
+            return Err(ConfigError::new(
+                &setting.source,
+                format!("conflicts with {}: give the {what} one way", earlier.source),
+            ));
+        }
+        chosen = Some(setting);
+    }
+    Ok(chosen)
+}
+
+/// A join-token secret from its setting (the value, or the file `--token-secret-file` names),
+/// checked.
+fn token_secret_of(setting: &Setting) -> Result<String, ConfigError> {
+    let secret = match setting.flag {
+        "--token-secret-file" => read_secret_file(
+            &setting.source,
+            &setting.value,
+            "a secret",
+            *TOKEN_SECRET_BYTES_RANGE.end(),
+        )?,
+        _ => setting.value.clone(),
+    };
+    check_token_secret(&setting.source, &secret)?;
+    Ok(secret)
 }
 
 /// Sets one flag's value in `config`. Errors name `setting.source`.
@@ -616,18 +893,31 @@ fn apply(config: &mut Config, setting: &Setting) -> Result<(), ConfigError> {
         "--log-file" => config.log_file = Some(PathBuf::from(value)),
         "--redis" => config.redis = Some(value.to_string()),
         "--redis-ttl" => config.redis_ttl = parse_duration(name, value, &REDIS_TTL_RANGE)?,
-        // The token flags are read by `parse_args_from` itself; every other flag is above.
+        "--max-connections-per-user" => {
+            config.max_connections_per_user =
+                parse_count(name, value, &MAX_CONNECTIONS_PER_USER_RANGE)?
+        }
+        "--room-ttl" => config.room_ttl = parse_duration(name, value, &ROOM_TTL_RANGE)?,
+        // The token and secret flags are read by `parse_args_from` itself; every other flag is
+        // above.
         _ => return Err(ConfigError::new(name, "unknown flag (see --help)")),
     }
     Ok(())
 }
 
-/// Reads the API token from a file, as systemd's `LoadCredential=` and secret mounts provide
-/// it: the whole file, less one trailing newline. Bounded, so `/dev/zero` cannot hang start-up.
-fn read_token_file(name: &str, path: &str) -> Result<String, ConfigError> {
+/// Reads a secret (the API token, a join-token secret) from a file, as systemd's
+/// `LoadCredential=` and secret mounts provide it: the whole file, less one trailing newline.
+/// Bounded by `max_bytes`, so `/dev/zero` cannot hang start-up; `what` names the secret in
+/// the error ("a token").
+fn read_secret_file(
+    name: &str,
+    path: &str,
+    what: &str,
+    max_bytes: usize,
+) -> Result<String, ConfigError> {
     let cannot_read =
         |err: std::io::Error| ConfigError::new(name, format!("cannot read {path:?}: {err}"));
-    let limit = *API_TOKEN_BYTES_RANGE.end() + "\r\n".len();
+    let limit = max_bytes + "\r\n".len();
     let mut bytes = Vec::new();
     File::open(path)
         .map_err(cannot_read)?
@@ -637,10 +927,7 @@ fn read_token_file(name: &str, path: &str) -> Result<String, ConfigError> {
     if bytes.len() > limit {
         return Err(ConfigError::new(
             name,
-            format!(
-                "{path:?} is longer than a token can be ({} bytes)",
-                API_TOKEN_BYTES_RANGE.end()
-            ),
+            format!("{path:?} is longer than {what} can be ({max_bytes} bytes)"),
         ));
     }
     let text = String::from_utf8(bytes)
@@ -676,9 +963,34 @@ fn check_token(name: &str, token: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Holds a join-token secret to `TOKEN_SECRET_BYTES_RANGE`, without control characters (a
+/// line break inside is a file that holds something else). It is used as its UTF-8 bytes, as
+/// PyJWT and jsonwebtoken use a string secret. The error never shows the secret.
+fn check_token_secret(name: &str, secret: &str) -> Result<(), ConfigError> {
+    if !TOKEN_SECRET_BYTES_RANGE.contains(&secret.len()) {
+        return Err(ConfigError::new(
+            name,
+            format!(
+                "the secret is {} bytes: it must be between {} and {} (make one with `openssl rand -hex 32`)",
+                secret.len(),
+                TOKEN_SECRET_BYTES_RANGE.start(),
+                TOKEN_SECRET_BYTES_RANGE.end()
+            ),
+        ));
+    }
+    if secret.chars().any(char::is_control) {
+        return Err(ConfigError::new(
+            name,
+            "the secret must not contain control characters (a secret file may end in one newline)",
+        ));
+    }
+    Ok(())
+}
+
 /// The secret-bearing flags given on the command line itself, where every local user can read
-/// them (`ps`, `/proc/PID/cmdline`): `--api-token`, and `--redis` with credentials in its URL.
-/// `main` warns about each; the variables and `--api-token-file` keep them private.
+/// them (`ps`, `/proc/PID/cmdline`): `--api-token`, `--token-secret`,
+/// `--token-secret-previous`, and `--redis` with credentials in its URL. `main` warns about
+/// each; the variables and the `-file` flags keep them private.
 pub fn secrets_on_command_line<S: AsRef<str>>(args: &[S]) -> Vec<&'static str> {
     let mut found = Vec::new();
     let mut args = args.iter().map(AsRef::as_ref);
@@ -690,6 +1002,8 @@ pub fn secrets_on_command_line<S: AsRef<str>>(args: &[S]) -> Vec<&'static str> {
         let value = inline.or_else(|| args.next()).unwrap_or_default();
         match flag {
             "--api-token" => found.push("--api-token"),
+            "--token-secret" => found.push("--token-secret"),
+            "--token-secret-previous" => found.push("--token-secret-previous"),
             "--redis" if redact_url(value) != value => found.push("--redis"),
             _ => {}
         }
@@ -965,6 +1279,7 @@ Every text or binary message is relayed verbatim to everyone in the room, the se
 
 USAGE:
     roomcast [FLAGS]
+    roomcast token --room ROOM --sub USER [--name NAME] [--perm PERM] [--ttl DUR]
 
 FLAGS (value as `--flag VALUE` or `--flag=VALUE`; [default; range]):
     --listen ADDR              address to listen on                    [{listen}]
@@ -997,8 +1312,31 @@ FLAGS (value as `--flag VALUE` or `--flag=VALUE`; [default; range]):
                                through Redis, e.g. redis://HOST:6379/0  cargo feature]
     --redis-ttl DUR            how long a crashed instance's clients   [15s; {redis_ttl}]
                                still count in cluster-wide room counts
+    --token-secret SECRET      HS256 secret of join tokens: every      [off (open rooms); {secret}
+                               upgrade then needs ?token= or a Bearer   bytes]
+                               token (401/403 without a good one);
+                               visible in ps, so prefer the variable
+                               or --token-secret-file
+    --token-secret-file PATH   read the secret from this file, less    [off]
+                               one trailing newline
+    --token-secret-previous SECRET
+                               the secret before a rotation: tokens it [off; needs the current one]
+                               signed still verify (prefer the
+                               variable)
+    --max-connections-per-user N
+                               connections one user (a token's sub)    [0 = off; up to {per_user_max}]
+                               holds at once; over it: 503
+    --room-ttl DUR             how long a room's state (epoch, seq)    [10m; {room_ttl}]
+                               outlives its last member
     -h, --help                 print this help
     -V, --version              print the version
+
+roomcast token prints one join token signed with the secret above (its flag, file or variable):
+    --room ROOM                the room it opens, or * for every room  [required]
+    --sub USER                 the user id, 1 to {sub_max} bytes             [required]
+    --name NAME                display name, at most {name_max} bytes          [the sub]
+    --perm PERM                read, react or post                     [post]
+    --ttl DUR                  expires this long after now             [1h; {token_ttl}]
 
 SIZE is bytes with an optional K/KiB, M/MiB or G/GiB suffix; DUR is a number with ms, s, m or h
 (bare = s). An out-of-range or malformed value exits with status 2, naming the flag.
@@ -1008,7 +1346,8 @@ ENVIRONMENT:
     capitals, - as _ (--max-clients is {prefix}MAX_CLIENTS, --api-token is {token_env}).
     A flag on the command line wins over its variable; an empty variable counts as unset.
     {prefix}ALLOWED_ORIGIN takes a comma-separated list. Either token flag overrides both
-    {token_env} and {prefix}API_TOKEN_FILE.
+    {token_env} and {prefix}API_TOKEN_FILE, and either secret flag both
+    {secret_env} and {prefix}TOKEN_SECRET_FILE.
 ",
         version = env!("CARGO_PKG_VERSION"),
         listen = DEFAULT_LISTEN,
@@ -1028,8 +1367,15 @@ ENVIRONMENT:
         grace = durations(&SHUTDOWN_GRACE_RANGE),
         token = format_args!("{} to {}", API_TOKEN_BYTES_RANGE.start(), API_TOKEN_BYTES_RANGE.end()),
         redis_ttl = durations(&REDIS_TTL_RANGE),
+        secret = format_args!("{} to {}", TOKEN_SECRET_BYTES_RANGE.start(), TOKEN_SECRET_BYTES_RANGE.end()),
+        per_user_max = MAX_CONNECTIONS_PER_USER_RANGE.end(),
+        room_ttl = durations(&ROOM_TTL_RANGE),
+        sub_max = token::MAX_SUB_BYTES,
+        name_max = token::MAX_NAME_BYTES,
+        token_ttl = durations(&TOKEN_TTL_RANGE),
         prefix = ENV_PREFIX,
         token_env = API_TOKEN_ENV,
+        secret_env = TOKEN_SECRET_ENV,
     )
 }
 
@@ -1085,6 +1431,9 @@ mod tests {
     }
 
     const TOKEN: &str = "0123456789abcdef-token";
+    /// Join-token secrets of 32 bytes and more.
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-current";
+    const PREVIOUS: &str = "0123456789abcdef0123456789abcdef-previous";
 
     #[test]
     fn no_flags_gives_documented_defaults() {
@@ -1291,6 +1640,22 @@ mod tests {
                 "3601s",
                 "300ms and 1h",
             ),
+            (
+                "--max-connections-per-user",
+                "0",
+                "4194304",
+                None,
+                "4194305",
+                "0 and 4194304",
+            ),
+            (
+                "--room-ttl",
+                "1s",
+                "24h",
+                Some("999ms"),
+                "86401s",
+                "1s and 24h",
+            ),
         ] {
             // The ping interval must stay below the idle timeout, whichever is being probed.
             let others: &[&str] = match flag {
@@ -1381,6 +1746,28 @@ mod tests {
             },
             "--redis-ttl",
         );
+        check(
+            Config {
+                room_ttl: Duration::ZERO,
+                ..Config::default()
+            },
+            "--room-ttl",
+        );
+        check(
+            Config {
+                max_connections_per_user: usize::MAX,
+                ..Config::default()
+            },
+            "--max-connections-per-user",
+        );
+        let err = Config {
+            token_secrets: vec!["short".into()],
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.flag, "--token-secret", "{err}");
+        assert!(!err.problem.contains("short"), "{err}");
     }
 
     #[test]
@@ -1476,6 +1863,9 @@ mod tests {
             ("--log-level", "debug"),
             ("--log-file", "/tmp/roomcast.log"),
             ("--redis-ttl", "2s"),
+            ("--token-secret", SECRET),
+            ("--max-connections-per-user", "3"),
+            ("--room-ttl", "2m"),
         ] {
             let from_env = run_with_env(&[], &[(&env_var(flag), value)]).unwrap();
             let from_flag = run(&[flag, value]).unwrap();
@@ -1673,6 +2063,350 @@ mod tests {
     }
 
     #[test]
+    fn v1_flags_default_to_open_rooms_and_parse() {
+        let config = run(&[]).unwrap();
+        assert!(config.token_secrets.is_empty());
+        assert_eq!(config.max_connections_per_user, 0);
+        assert_eq!(config.room_ttl, Duration::from_secs(600));
+        let config = run(&["--max-connections-per-user=4", "--room-ttl", "90s"]).unwrap();
+        assert_eq!(config.max_connections_per_user, 4);
+        assert_eq!(config.room_ttl, Duration::from_secs(90));
+    }
+
+    /// The current secret comes first, the previous one after it: `token::verify` tries them
+    /// in that order.
+    #[test]
+    fn token_secrets_come_from_a_flag_a_variable_or_a_file_current_first() {
+        let secrets =
+            |args: &[&str], vars: &[(&str, &str)]| run_with_env(args, vars).unwrap().token_secrets;
+        assert_eq!(secrets(&["--token-secret", SECRET], &[]), [SECRET]);
+        assert_eq!(secrets(&[], &[(TOKEN_SECRET_ENV, SECRET)]), [SECRET]);
+        for (name, contents) in [
+            ("secret-lf", format!("{SECRET}\n")),
+            ("secret-crlf", format!("{SECRET}\r\n")),
+            ("secret-bare", SECRET.to_string()),
+        ] {
+            let file = TempFile::new(name, contents.as_bytes());
+            assert_eq!(
+                secrets(&["--token-secret-file", file.path()], &[]),
+                [SECRET]
+            );
+            let vars = [("ROOMCAST_TOKEN_SECRET_FILE", file.path())];
+            assert_eq!(secrets(&[], &vars), [SECRET], "{name}");
+        }
+        let rotating = [
+            (TOKEN_SECRET_ENV, SECRET),
+            ("ROOMCAST_TOKEN_SECRET_PREVIOUS", PREVIOUS),
+        ];
+        assert_eq!(secrets(&[], &rotating), [SECRET, PREVIOUS]);
+        assert_eq!(
+            secrets(
+                &[
+                    "--token-secret-previous",
+                    PREVIOUS,
+                    "--token-secret",
+                    SECRET
+                ],
+                &[]
+            ),
+            [SECRET, PREVIOUS]
+        );
+        // Any bytes but control characters: a passphrase with spaces is a secret too.
+        let spaced = "correct horse battery staple, twice over";
+        assert_eq!(secrets(&["--token-secret", spaced], &[]), [spaced]);
+    }
+
+    #[test]
+    fn either_secret_flag_beats_both_variables() {
+        let file = TempFile::new("secret-beats", format!("{PREVIOUS}\n").as_bytes());
+        let vars = [(TOKEN_SECRET_ENV, SECRET)];
+        let config = run_with_env(&["--token-secret-file", file.path()], &vars).unwrap();
+        assert_eq!(config.token_secrets, [PREVIOUS]);
+        let vars = [("ROOMCAST_TOKEN_SECRET_FILE", file.path())];
+        let config = run_with_env(&["--token-secret", SECRET], &vars).unwrap();
+        assert_eq!(config.token_secrets, [SECRET]);
+    }
+
+    #[test]
+    fn bad_token_secrets_exit_naming_their_source_without_showing_them() {
+        let short_secret = "0123456789abcdef0123456789abcde"; // 31 bytes
+        let short = TempFile::new("secret-short", format!("{short_secret}\n").as_bytes());
+        let blank_line = TempFile::new("secret-blank", format!("{SECRET}\n\n").as_bytes());
+        let huge = TempFile::new("secret-huge", &[b'a'; 5000]);
+        let file = TempFile::new("secret-both", SECRET.as_bytes());
+        let missing = "/nonexistent/roomcast/secret";
+        for (args, vars, source, problem) in [
+            (
+                vec!["--token-secret", short_secret],
+                vec![],
+                "--token-secret",
+                "31 bytes: it must be between 32 and 4096",
+            ),
+            (
+                vec![],
+                vec![(TOKEN_SECRET_ENV, short_secret)],
+                TOKEN_SECRET_ENV,
+                "31 bytes",
+            ),
+            (
+                vec!["--token-secret-file", short.path()],
+                vec![],
+                "--token-secret-file",
+                "31 bytes",
+            ),
+            (
+                vec![
+                    "--token-secret",
+                    SECRET,
+                    "--token-secret-previous",
+                    short_secret,
+                ],
+                vec![],
+                "--token-secret-previous",
+                "31 bytes",
+            ),
+            (
+                vec![],
+                vec![
+                    (TOKEN_SECRET_ENV, SECRET),
+                    ("ROOMCAST_TOKEN_SECRET_PREVIOUS", short_secret),
+                ],
+                "ROOMCAST_TOKEN_SECRET_PREVIOUS",
+                "31 bytes",
+            ),
+            (
+                vec![],
+                vec![("ROOMCAST_TOKEN_SECRET_PREVIOUS", PREVIOUS)],
+                "ROOMCAST_TOKEN_SECRET_PREVIOUS",
+                "needs the current secret",
+            ),
+            (
+                vec!["--token-secret-previous", PREVIOUS],
+                vec![],
+                "--token-secret-previous",
+                "needs the current secret",
+            ),
+            (
+                vec!["--token-secret", SECRET, "--token-secret-file", file.path()],
+                vec![],
+                "--token-secret-file",
+                "conflicts with --token-secret: give the secret one way",
+            ),
+            (
+                vec![],
+                vec![
+                    (TOKEN_SECRET_ENV, SECRET),
+                    ("ROOMCAST_TOKEN_SECRET_FILE", file.path()),
+                ],
+                "ROOMCAST_TOKEN_SECRET_FILE",
+                "conflicts with ROOMCAST_TOKEN_SECRET",
+            ),
+            (
+                vec!["--token-secret-file", blank_line.path()],
+                vec![],
+                "--token-secret-file",
+                "control characters",
+            ),
+            (
+                vec!["--token-secret", &format!("{SECRET}\t")],
+                vec![],
+                "--token-secret",
+                "control characters",
+            ),
+            (
+                vec!["--token-secret-file", huge.path()],
+                vec![],
+                "--token-secret-file",
+                "longer than a secret can be (4096 bytes)",
+            ),
+            (
+                vec!["--token-secret-file", missing],
+                vec![],
+                "--token-secret-file",
+                "cannot read",
+            ),
+            (
+                vec!["--token-secret", ""],
+                vec![],
+                "--token-secret",
+                "empty",
+            ),
+        ] {
+            let err = run_with_env(&args, &vars).unwrap_err();
+            assert_eq!(err.flag, source, "{args:?} {vars:?}: {err}");
+            assert!(err.problem.contains(problem), "{args:?} {vars:?}: {err}");
+            for secret in [SECRET, PREVIOUS, short_secret] {
+                assert!(!err.problem.contains(secret), "{err}");
+            }
+        }
+    }
+
+    /// `roomcast token` with the parsed request, or the error.
+    fn token_command(args: &[&str], vars: &[(&str, &str)]) -> Result<TokenRequest, ConfigError> {
+        let vars: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(name, value)| (name.to_string(), OsString::from(value)))
+            .collect();
+        let args = ["token"].iter().chain(args).copied();
+        match parse_args_from(args, |name| vars.get(name).cloned())? {
+            Command::Token(request) => Ok(*request),
+            other => panic!("expected Token, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_token_command_takes_its_claims_and_the_servers_secret() {
+        let vars = [(TOKEN_SECRET_ENV, SECRET)];
+        assert_eq!(
+            token_command(&["--room", "stage", "--sub", "u42"], &vars).unwrap(),
+            TokenRequest {
+                secret: SECRET.into(),
+                room: "stage".into(),
+                sub: "u42".into(),
+                name: None,
+                perm: None,
+                ttl: DEFAULT_TOKEN_TTL,
+            }
+        );
+        let args = [
+            "--room=*",
+            "--sub",
+            &"u".repeat(128),
+            "--name",
+            &"🎉".repeat(16),
+            "--perm",
+            "react",
+            "--ttl",
+            "10m",
+        ];
+        let request = token_command(&args, &vars).unwrap();
+        assert_eq!(
+            (request.room.as_str(), request.perm, request.ttl),
+            ("*", Some(Perm::React), Duration::from_secs(600))
+        );
+        assert_eq!(request.name.as_deref().map(str::len), Some(64));
+        // The secret from its file or flag, as the server reads it; other variables are not
+        // the subcommand's business, bad or not.
+        let file = TempFile::new("secret-token", format!("{PREVIOUS}\n").as_bytes());
+        let vars = [
+            ("ROOMCAST_TOKEN_SECRET_FILE", file.path()),
+            ("ROOMCAST_RATE", "fast"),
+        ];
+        let request = token_command(&["--room", "a", "--sub", "b"], &vars).unwrap();
+        assert_eq!(request.secret, PREVIOUS);
+        let args = ["--room", "a", "--sub", "b", "--token-secret", SECRET];
+        assert_eq!(token_command(&args, &vars).unwrap().secret, SECRET);
+        let help = parse_args_from(["token", "--help"], |_| None).unwrap();
+        assert!(matches!(help, Command::Help));
+        // `token` anywhere but first is a stray argument, as before.
+        assert_eq!(run(&["--rate", "5", "token"]).unwrap_err().flag, "token");
+    }
+
+    /// `roomcast token` refuses every claim `token::verify` would, naming the flag, so it
+    /// never prints a token the server turns away.
+    #[test]
+    fn the_token_command_refuses_what_the_server_would() {
+        let vars = [(TOKEN_SECRET_ENV, SECRET)];
+        let long_sub = "u".repeat(129);
+        let long_name = "n".repeat(65);
+        for (args, flag, problem) in [
+            (&["--sub", "u"][..], "--room", "is required"),
+            (&["--room", "stage"][..], "--sub", "is required"),
+            (
+                &["--room", "a/b", "--sub", "u"][..],
+                "--room",
+                "not a room name",
+            ),
+            (
+                &["--room", "..", "--sub", "u"][..],
+                "--room",
+                "not a room name",
+            ),
+            (
+                &["--room", "**", "--sub", "u"][..],
+                "--room",
+                "not a room name",
+            ),
+            (
+                &["--room", "", "--sub", "u"][..],
+                "--room",
+                "not a room name",
+            ),
+            (&["--room", "a", "--sub", ""][..], "--sub", "0 bytes"),
+            (
+                &["--room", "a", "--sub", &long_sub][..],
+                "--sub",
+                "129 bytes",
+            ),
+            (
+                &["--room", "a", "--sub", "u", "--name", &long_name][..],
+                "--name",
+                "65 bytes",
+            ),
+            (
+                &["--room", "a", "--sub", "u", "--perm", "admin"][..],
+                "--perm",
+                "read, react, post",
+            ),
+            (
+                &["--room", "a", "--sub", "u", "--perm", "POST"][..],
+                "--perm",
+                "read, react, post",
+            ),
+            (
+                &["--room", "a", "--sub", "u", "--ttl", "0s"][..],
+                "--ttl",
+                "between 1s and 720h",
+            ),
+            (
+                &["--room", "a", "--sub", "u", "--ttl", "721h"][..],
+                "--ttl",
+                "between 1s and 720h",
+            ),
+            (
+                &["--room", "a", "--sub", "u", "--ttl", "soon"][..],
+                "--ttl",
+                "not a duration",
+            ),
+            (&["--room", "a", "--sub"][..], "--sub", "needs a value"),
+            (
+                &["--room", "a", "--sub", "u", "--rate", "5"][..],
+                "--rate",
+                "not a flag of roomcast token",
+            ),
+            (
+                &["--room", "a", "--sub", "u", "stray"][..],
+                "stray",
+                "not a flag of roomcast token",
+            ),
+        ] {
+            let err = token_command(args, &vars).unwrap_err();
+            assert_eq!(err.flag, flag, "{args:?}: {err}");
+            assert!(err.problem.contains(problem), "{args:?}: {err}");
+        }
+        // Without a secret, or with one the server would refuse.
+        let args = ["--room", "a", "--sub", "u"];
+        let err = token_command(&args, &[]).unwrap_err();
+        assert_eq!(err.flag, "--token-secret");
+        assert!(err.problem.contains(TOKEN_SECRET_ENV), "{err}");
+        let err = token_command(&args, &[(TOKEN_SECRET_ENV, "short")]).unwrap_err();
+        assert_eq!(
+            (err.flag.as_str(), err.problem.contains("5 bytes")),
+            (TOKEN_SECRET_ENV, true)
+        );
+        let file = TempFile::new("secret-conflict", SECRET.as_bytes());
+        let both = [
+            &args[..],
+            &["--token-secret", SECRET, "--token-secret-file", file.path()],
+        ]
+        .concat();
+        assert_eq!(
+            token_command(&both, &[]).unwrap_err().flag,
+            "--token-secret-file"
+        );
+    }
+
+    #[test]
     fn debug_never_shows_the_token_or_the_redis_password() {
         let config = Config {
             api_token: Some(TOKEN.into()),
@@ -1681,6 +2415,24 @@ mod tests {
         };
         let debug = format!("{config:?} {:?}", Command::Run(Box::new(config.clone())));
         assert!(!debug.contains(TOKEN), "{debug}");
+        let with_secrets = Config {
+            token_secrets: vec![SECRET.into(), PREVIOUS.into()],
+            ..Config::default()
+        };
+        let request = TokenRequest {
+            secret: SECRET.into(),
+            room: "stage".into(),
+            sub: "u42".into(),
+            name: None,
+            perm: None,
+            ttl: DEFAULT_TOKEN_TTL,
+        };
+        let hidden = format!("{with_secrets:?} {:?}", Command::Token(Box::new(request)));
+        assert!(
+            !debug.contains(SECRET) && !debug.contains(PREVIOUS),
+            "{debug}"
+        );
+        assert!(hidden.contains("u42"), "{hidden}");
         assert!(!debug.contains("hunter2secret"), "{debug}");
         assert!(
             debug.contains("redis://admin:***@10.0.0.5:6379/0"),
@@ -1717,6 +2469,15 @@ mod tests {
         assert_eq!(found(&["--api-token", TOKEN]), ["--api-token"]);
         assert_eq!(found(&["--api-token=x"]), ["--api-token"]);
         assert!(found(&["--api-token-file", "/run/token"]).is_empty());
+        assert_eq!(
+            found(&["--token-secret", SECRET, "--token-secret-previous=x"]),
+            ["--token-secret", "--token-secret-previous"]
+        );
+        assert!(found(&["--token-secret-file", "/run/secret"]).is_empty());
+        assert_eq!(
+            found(&["token", "--room", "a", "--token-secret", SECRET]),
+            ["--token-secret"]
+        );
         assert_eq!(found(&["--redis", "redis://:pw@h/0"]), ["--redis"]);
         assert!(found(&["--redis=redis://h/0", "--rate", "5"]).is_empty());
         // A flag's value is not mistaken for a flag.
@@ -1726,9 +2487,13 @@ mod tests {
     #[test]
     fn help_mentions_every_flag_and_the_variables() {
         let text = help();
-        for flag in FLAGS {
+        for flag in FLAGS.iter().chain(TOKEN_COMMAND_FLAGS) {
             assert!(text.contains(flag), "help lacks {flag}");
         }
+        assert!(
+            text.contains("roomcast token --room ROOM --sub USER"),
+            "{text}"
+        );
         assert!(text.contains("ROOMCAST_MAX_CLIENTS"), "{text}");
         assert!(text.contains("wins over its variable"), "{text}");
         assert!(text.contains("1ms to 1h"), "{text}");

@@ -1,12 +1,16 @@
-//! The `roomcast` binary: parse flags, start logging, install the signal handler, run.
+//! The `roomcast` binary: parse flags, start logging, install the signal handler, run; or, as
+//! `roomcast token`, print one join token.
 
 use std::fs::OpenOptions;
 use std::io::IsTerminal;
 use std::net::TcpListener;
 use std::process::exit;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
+use roomcast::config::TokenRequest;
+use roomcast::v1::token;
 use roomcast::{Command, Config, Error, Shutdown};
 use simplelog::{
     ColorChoice, CombinedLogger, ConfigBuilder, SharedLogger, TermLogger, TerminalMode,
@@ -34,6 +38,19 @@ fn main() {
             println!("roomcast {}", env!("CARGO_PKG_VERSION"));
             return;
         }
+        Ok(Command::Token(request)) => {
+            for flag in roomcast::config::secrets_on_command_line(&args) {
+                eprintln!("roomcast: warning: {}", exposed_secret_warning(flag));
+            }
+            match mint_token(&request, SystemTime::now()) {
+                Ok(token) => println!("{token}"),
+                Err(err) => {
+                    eprintln!("roomcast: {err}");
+                    exit(1);
+                }
+            }
+            return;
+        }
         Err(err) => {
             eprintln!("roomcast: {err}");
             exit(2);
@@ -59,19 +76,56 @@ fn utf8_args() -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// `roomcast token`: the request's claims, `iat` now and `exp` `ttl` later (whole seconds, as
+/// most libraries write them), signed. The token is verified before it is printed, with the
+/// server's own check: a token that the server would refuse is a bug here, never output.
+fn mint_token(request: &TokenRequest, now: SystemTime) -> Result<String, String> {
+    let iat = now
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| "the system clock is before 1970".to_string())?
+        .as_secs();
+    let mut claims = serde_json::json!({
+        "sub": request.sub,
+        "room": request.room,
+        "iat": iat,
+        "exp": iat + request.ttl.as_secs(),
+    });
+    if let Some(name) = &request.name {
+        claims["name"] = name.as_str().into();
+    }
+    if let Some(perm) = request.perm {
+        claims["perm"] = perm.as_str().into();
+    }
+    let minted = token::mint(request.secret.as_bytes(), &claims);
+    // `*` opens every room, so any valid name checks it.
+    let room = match request.room.as_str() {
+        token::ANY_ROOM => "lobby",
+        room => room,
+    };
+    token::verify(&minted, &[request.secret.as_bytes()], room, now)
+        .map_err(|rejection| format!("the minted token does not verify ({rejection}): a bug"))?;
+    Ok(minted)
+}
+
+/// The warning for a secret-bearing `flag` given on the command line.
+fn exposed_secret_warning(flag: &str) -> String {
+    let instead = match flag {
+        "--api-token" => " or --api-token-file",
+        "--token-secret" => " or --token-secret-file",
+        _ => "",
+    };
+    format!(
+        "{flag} is on the command line, where any local user can read it (ps): use {}{instead} instead",
+        roomcast::config::env_var(flag)
+    )
+}
+
 /// `exposed_secrets` are the secret-bearing flags given on the command line, warned about once
 /// logging is up.
 fn run(config: Config, exposed_secrets: &[&str]) -> Result<(), Error> {
     init_logging(&config)?;
     for &flag in exposed_secrets {
-        let instead = match flag {
-            "--api-token" => " or --api-token-file",
-            _ => "",
-        };
-        warn!(
-            "{flag} is on the command line, where any local user can read it (ps): use {}{instead} instead",
-            roomcast::config::env_var(flag)
-        );
+        warn!("{}", exposed_secret_warning(flag));
     }
     let names: Vec<String> = std::env::vars_os()
         .map(|(name, _)| name.to_string_lossy().into_owned())

@@ -343,3 +343,274 @@ fn the_redis_password_never_reaches_the_log() {
         "{log:#?}"
     );
 }
+
+/// A join-token secret of 32 bytes and more.
+const SECRET: &str = "flags-test-join-token-secret-0123456789";
+/// The secret before a rotation.
+const PREVIOUS: &str = "flags-test-previous-join-secret-0123456";
+/// 31 bytes: one short of the minimum.
+const SHORT_SECRET: &str = "flags-test-short-secret-0123456";
+
+#[test]
+fn a_short_or_orphaned_token_secret_exits_2_without_showing_it() {
+    let short = TempFile::new("short-secret", &format!("{SHORT_SECRET}\n"));
+    for (args, vars, name, problem) in [
+        (
+            vec!["--token-secret", SHORT_SECRET],
+            vec![],
+            "--token-secret",
+            "31 bytes: it must be between 32 and 4096",
+        ),
+        (
+            vec![],
+            vec![("ROOMCAST_TOKEN_SECRET", SHORT_SECRET)],
+            "ROOMCAST_TOKEN_SECRET",
+            "31 bytes",
+        ),
+        (
+            vec!["--token-secret-file", short.path()],
+            vec![],
+            "--token-secret-file",
+            "31 bytes",
+        ),
+        (
+            vec![],
+            vec![
+                ("ROOMCAST_TOKEN_SECRET", SECRET),
+                ("ROOMCAST_TOKEN_SECRET_PREVIOUS", SHORT_SECRET),
+            ],
+            "ROOMCAST_TOKEN_SECRET_PREVIOUS",
+            "31 bytes",
+        ),
+        (
+            vec![],
+            vec![("ROOMCAST_TOKEN_SECRET_PREVIOUS", PREVIOUS)],
+            "ROOMCAST_TOKEN_SECRET_PREVIOUS",
+            "needs the current secret",
+        ),
+        (
+            vec!["--max-connections-per-user", "-1"],
+            vec![],
+            "--max-connections-per-user",
+            "not a whole number",
+        ),
+        (
+            vec!["--room-ttl", "25h"],
+            vec![],
+            "--room-ttl",
+            "must be between 1s and 24h",
+        ),
+    ] {
+        let stderr = assert_refused(&args, &vars, name, problem);
+        for secret in [SECRET, PREVIOUS, SHORT_SECRET] {
+            assert!(!stderr.contains(secret), "{stderr}");
+        }
+    }
+}
+
+/// `--token-secret` works, but every local user can read it in `ps`; the variable and the
+/// file are not warned about. No secret reaches the log.
+#[test]
+fn a_token_secret_on_the_command_line_is_warned_about() {
+    let mut process = running(&["--token-secret", SECRET], &[]);
+    let warning = process.wait_for_line("--token-secret is on the command line");
+    assert!(
+        warning.contains("ROOMCAST_TOKEN_SECRET or --token-secret-file"),
+        "{warning}"
+    );
+    process.wait_for_line("limits: max clients");
+    let log = process.stop();
+    assert!(log.iter().all(|line| !line.contains(SECRET)), "{log:#?}");
+
+    let file = TempFile::new("secret", &format!("{SECRET}\n"));
+    let vars = [("ROOMCAST_TOKEN_SECRET_PREVIOUS", PREVIOUS)];
+    let mut process = running(&["--token-secret-file", file.path()], &vars);
+    process.wait_for_line("limits: max clients");
+    let log = process.stop();
+    assert!(
+        log.iter().all(|line| !line.contains("command line")
+            && !line.contains(SECRET)
+            && !line.contains(PREVIOUS)),
+        "{log:#?}"
+    );
+}
+
+/// `roomcast token ARGS` with exactly `vars` as its `ROOMCAST_*` environment: its status,
+/// stdout and stderr, bounded by `EXIT_WAIT`.
+fn token_command(args: &[&str], vars: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut command = Command::new(BINARY);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("ROOMCAST_") {
+            command.env_remove(name);
+        }
+    }
+    let mut child = command
+        .arg("token")
+        .args(args)
+        .envs(vars.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + EXIT_WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("roomcast token {args:?} kept running");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    (
+        status.code(),
+        stdout.join().unwrap(),
+        stderr.join().unwrap(),
+    )
+}
+
+/// The token `roomcast token` prints is one the server's own check accepts, with the claims
+/// asked for, for that room only; `*` opens every room.
+#[test]
+fn roomcast_token_prints_a_token_the_server_accepts() {
+    use roomcast::v1::token::{verify, Perm, Rejection};
+    use std::time::SystemTime;
+
+    let vars = [("ROOMCAST_TOKEN_SECRET", SECRET)];
+    let args = [
+        "--room", "stage", "--sub", "u42", "--name", "Ann", "--perm", "react", "--ttl", "10m",
+    ];
+    let (code, stdout, stderr) = token_command(&args, &vars);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stderr, "");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let token = stdout.trim_end();
+    let now = SystemTime::now();
+    let claims = verify(token, &[SECRET.as_bytes()], "stage", now).unwrap();
+    assert_eq!(
+        (
+            claims.sub.as_str(),
+            claims.name.as_deref(),
+            claims.room.as_str(),
+            claims.perm
+        ),
+        ("u42", Some("Ann"), "stage", Perm::React)
+    );
+    let seconds_left = claims.exp
+        - now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+    assert!((595.0..=601.0).contains(&seconds_left), "{seconds_left}");
+    assert_eq!(
+        verify(token, &[SECRET.as_bytes()], "backstage", now),
+        Err(Rejection::WrongRoom)
+    );
+    assert_eq!(
+        verify(token, &[PREVIOUS.as_bytes()], "stage", now),
+        Err(Rejection::BadSignature)
+    );
+
+    // Every room, the defaults (perm post, 1 h), and the secret from a file.
+    let file = TempFile::new("token-secret", &format!("{SECRET}\n"));
+    let vars = [("ROOMCAST_TOKEN_SECRET_FILE", file.path())];
+    let (code, stdout, stderr) = token_command(&["--room", "*", "--sub", "u7"], &vars);
+    assert_eq!(code, Some(0), "{stderr}");
+    let token = stdout.trim_end();
+    for room in ["stage", "lobby"] {
+        let claims = verify(token, &[SECRET.as_bytes()], room, now).unwrap();
+        assert_eq!((claims.perm, claims.display_name()), (Perm::Post, "u7"));
+    }
+
+    // The secret on the command line works, and is warned about.
+    let (code, stdout, stderr) = token_command(
+        &["--room", "stage", "--sub", "u1", "--token-secret", SECRET],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("--token-secret is on the command line"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(SECRET), "{stderr}");
+    assert!(verify(stdout.trim_end(), &[SECRET.as_bytes()], "stage", now).is_ok());
+}
+
+/// Without a secret, or with a claim the server would refuse, `roomcast token` prints no
+/// token and exits 2 with one line naming what to fix.
+#[test]
+fn roomcast_token_refuses_what_the_server_would() {
+    let vars = [("ROOMCAST_TOKEN_SECRET", SECRET)];
+    let long_name = "n".repeat(65);
+    for (args, vars, name, problem) in [
+        (
+            vec!["--room", "stage", "--sub", "u1"],
+            vec![],
+            "--token-secret",
+            "ROOMCAST_TOKEN_SECRET",
+        ),
+        (
+            vec!["--room", "stage", "--sub", "u1"],
+            vec![("ROOMCAST_TOKEN_SECRET", SHORT_SECRET)],
+            "ROOMCAST_TOKEN_SECRET",
+            "31 bytes",
+        ),
+        (vec!["--sub", "u1"], vars.to_vec(), "--room", "is required"),
+        (
+            vec!["--room", "a/b", "--sub", "u1"],
+            vars.to_vec(),
+            "--room",
+            "not a room name",
+        ),
+        (
+            vec!["--room", "stage", "--sub", ""],
+            vars.to_vec(),
+            "--sub",
+            "0 bytes",
+        ),
+        (
+            vec!["--room", "stage", "--sub", "u1", "--name", &long_name],
+            vars.to_vec(),
+            "--name",
+            "65 bytes",
+        ),
+        (
+            vec!["--room", "stage", "--sub", "u1", "--perm", "admin"],
+            vars.to_vec(),
+            "--perm",
+            "not one of read, react, post",
+        ),
+        (
+            vec!["--room", "stage", "--sub", "u1", "--ttl", "31d"],
+            vars.to_vec(),
+            "--ttl",
+            "not a duration",
+        ),
+    ] {
+        let (code, stdout, stderr) = token_command(&args, &vars);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(stdout, "", "{args:?}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with(&format!("roomcast: {name}: ")),
+            "{args:?}: {stderr}"
+        );
+        assert!(stderr.contains(problem), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains(SECRET) && !stderr.contains(SHORT_SECRET),
+            "{stderr}"
+        );
+    }
+}

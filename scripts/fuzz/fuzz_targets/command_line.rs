@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let args: Vec<&str> = if text.is_empty() { Vec::new() } else { text.split('\0').collect() };
     // The token file is read at parse time; a path the fuzzer names (a FIFO, /dev/stdin)
     // could block, and reading files is not what this target explores.
-    if args.iter().any(|arg| arg.contains("token-file")) {
+    if args.iter().any(|arg| arg.contains("token-file") || arg.contains("secret-file")) {
         return;
     }
     // No environment: the process's own ROOMCAST_* variables must not leak into the input.
@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(config.max_message_bytes <= roomcast::config::MAX_MESSAGE_BYTES_LIMIT);
             assert!(config.effective_outbox_bytes() >= config.max_message_bytes.saturating_mul(2));
         }
-        Ok(Command::Help | Command::Version) => {}
+        Ok(Command::Help | Command::Version | Command::Token(_)) => {}
         Err(err) => {
             assert!(!err.flag.is_empty() || args_had_empty(&text));
             assert!(!err.to_string().contains('\n') || err.flag.contains('\n'));
