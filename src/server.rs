@@ -105,6 +105,11 @@ impl Server {
             }
             None => info!("publish API off: set --api-token-file, ROOMCAST_API_TOKEN or --api-token to enable it"),
         }
+        match config.token_secrets.len() {
+            0 => info!("open mode: anyone may join any room (set ROOMCAST_TOKEN_SECRET to require join tokens)"),
+            1 => info!("join tokens required (HS256)"),
+            _ => info!("join tokens required (HS256; the previous secret is accepted too)"),
+        }
         if config.effective_outbox_bytes() > config.outbox_bytes {
             info!(
                 "outbox raised to {} B: it must hold 2 frames of --max-message-bytes and 4 KiB for control frames",

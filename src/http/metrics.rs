@@ -100,6 +100,44 @@ pub(crate) fn render(shared: &Shared) -> String {
         &evictions,
     );
     metric(
+        "roomcast_v1_clients",
+        "gauge",
+        "Connected clients speaking roomcast.v1.",
+        &[(None, shared.hub.v1_client_count() as u64)],
+    );
+    metric(
+        "roomcast_v1_errors_sent_total",
+        "counter",
+        "error frames sent to v1 clients (bad requests, missing rights).",
+        &[(None, load(&stats.v1_errors_sent))],
+    );
+    let refusals: Vec<_> = stats
+        .auth_refused
+        .lock()
+        .iter()
+        .map(|(reason, count)| (Some(*reason), *count))
+        .collect();
+    if !refusals.is_empty() {
+        metric(
+            "roomcast_upgrades_refused_total",
+            "counter",
+            "WebSocket upgrades refused for their join token, a ban or the per-user cap, by reason.",
+            &refusals,
+        );
+    }
+    metric(
+        "roomcast_room_states",
+        "gauge",
+        "Rooms with state (epoch and seq), members or not (see --room-ttl).",
+        &[(None, shared.room_states.len() as u64)],
+    );
+    metric(
+        "roomcast_bans",
+        "gauge",
+        "Bans held (see POST /api/rooms/<room>/disconnect).",
+        &[(None, shared.users.ban_count() as u64)],
+    );
+    metric(
         "roomcast_broadcast_queue_depth",
         "gauge",
         "Messages waiting for the broadcaster.",

@@ -356,3 +356,39 @@ fn open_mode_v1_clients_are_anonymous_each_their_own_user() {
     a.publish(json!("after"));
     assert_eq!(a.next_message()["data"], "after");
 }
+
+#[test]
+fn metrics_count_v1_clients_refused_upgrades_by_reason_and_error_frames() {
+    let server = start(secured());
+    let mut client = server.connect_v1("r", &format!("token={}", token("u1", "r", json!({}))));
+    client.send_raw("not json");
+    client.next_of("error");
+    let expired = token("u1", "r", json!({"exp": now_secs() - 600}));
+    assert_eq!(
+        upgrade_status(&server, &format!("/ws/r?token={expired}"), &[], true),
+        401
+    );
+    assert_eq!(upgrade_status(&server, "/ws/r", &[], true), 401);
+    let bearer = format!("Bearer {API_TOKEN}");
+    let text = http(
+        server.addr,
+        "GET",
+        "/metrics",
+        &[("Authorization", bearer.as_str())],
+        b"",
+    )
+    .text();
+    for line in [
+        "roomcast_v1_clients 1",
+        "roomcast_v1_errors_sent_total 1",
+        "roomcast_upgrades_refused_total{reason=\"expired\"} 1",
+        "roomcast_upgrades_refused_total{reason=\"missing\"} 1",
+        "roomcast_room_states 1",
+        "roomcast_evictions_total{reason=\"moderated\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from\n{text}"
+        );
+    }
+}
