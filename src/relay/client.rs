@@ -82,6 +82,7 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
+    /// A client of `protocol`; a v1 client starts unwelcomed.
     pub fn new(
         id: u64,
         room: Arc<str>,
@@ -89,14 +90,16 @@ impl Client {
         socket: Arc<TcpStream>,
         outbox_limit: usize,
         stats: Arc<Stats>,
+        protocol: Protocol,
+        identity: Arc<Identity>,
     ) -> Client {
         Client {
             id,
             room,
             peer,
-            protocol: Protocol::Plain,
-            identity: Arc::new(Identity::anonymous(id, None)),
-            welcomed: AtomicBool::new(true),
+            protocol,
+            identity,
+            welcomed: AtomicBool::new(protocol == Protocol::Plain),
             socket,
             outbox: Mutex::new(Outbox::new()),
             outbox_limit,
@@ -108,14 +111,6 @@ impl Client {
             epoch: Instant::now(),
             stats,
         }
-    }
-
-    /// The client with its negotiated protocol and identity. A v1 client starts unwelcomed.
-    pub fn with_session(mut self, protocol: Protocol, identity: Arc<Identity>) -> Client {
-        self.protocol = protocol;
-        self.identity = identity;
-        self.welcomed = AtomicBool::new(protocol == Protocol::Plain);
-        self
     }
 
     /// Whether room messages are for this client yet (see `welcomed`).
@@ -357,7 +352,17 @@ impl Client {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let peer_side = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (socket, peer) = listener.accept().unwrap();
-        let client = Client::new(id, room.into(), peer, Arc::new(socket), outbox_limit, stats);
+        let identity = Arc::new(Identity::anonymous(id, None));
+        let client = Client::new(
+            id,
+            room.into(),
+            peer,
+            Arc::new(socket),
+            outbox_limit,
+            stats,
+            Protocol::Plain,
+            identity,
+        );
         (client, peer_side)
     }
 }

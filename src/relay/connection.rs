@@ -100,17 +100,16 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
         seat,
     } = upgrade;
     let room: Arc<str> = Arc::from(upgrade.room.as_str());
-    let client = Arc::new(
-        Client::new(
-            id,
-            room,
-            peer,
-            socket,
-            shared.config.effective_outbox_bytes(),
-            shared.stats.clone(),
-        )
-        .with_session(upgrade.protocol, Arc::new(identity)),
-    );
+    let client = Arc::new(Client::new(
+        id,
+        room,
+        peer,
+        socket,
+        shared.config.effective_outbox_bytes(),
+        shared.stats.clone(),
+        upgrade.protocol,
+        Arc::new(identity),
+    ));
     client.mark_heard();
     // Order matters: queue the 101 first, then become visible to the broadcaster, then flush.
     // Anything the broadcaster queues from now on lands behind the 101.
@@ -209,7 +208,9 @@ fn decide<'a>(
 }
 
 /// Who may join: the join token (PROTOCOL §2), bans, and the per-user connection cap. Runs
-/// after `route`, so a request that is not even a valid upgrade never costs an HMAC.
+/// after `route`, so a request that is not even a valid upgrade never costs an HMAC. Out of
+/// line, like `decide`, so its frames are not part of the session's.
+#[inline(never)]
 fn admit<'a>(
     shared: &'a Shared,
     request: &Request,

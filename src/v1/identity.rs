@@ -46,13 +46,20 @@ impl Identity {
     }
 
     fn new(id: String, name: String, verified: bool, perm: Perm) -> Identity {
-        let from_json = serde_json::json!({"id": id, "name": name, "verified": verified});
+        // Formatted by hand: a `serde_json::Value` and its serializer would make this, run on
+        // every connection thread at its upgrade, that thread's deepest call, and a stack page
+        // touched once stays resident for the whole session (see `connection::serve`).
+        let from_json = format!(
+            r#"{{"id":{},"name":{},"verified":{verified}}}"#,
+            crate::http::endpoints::json_string(&id),
+            crate::http::endpoints::json_string(&name),
+        );
         Identity {
             id: id.into(),
             name: name.into(),
             verified,
             perm,
-            from_json: from_json.to_string().into(),
+            from_json: from_json.into(),
         }
     }
 
