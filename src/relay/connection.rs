@@ -61,12 +61,30 @@ pub const RETRY_AFTER_SECS: u32 = 2;
 
 /// Serves one accepted connection from its first byte to its end.
 ///
-/// The session and the steps around it (`decide`, `session`, `close_in_order`, `finish`,
-/// `respond_and_close`) are kept out of line. Inlined, their locals all share this frame,
-/// which stays on the stack for the whole session: measured with 3,000 idle clients, that
-/// made every connection's stack touch one more 4 KiB page (17.3 instead of 13.3 KiB RSS per
-/// connection).
+/// Its two phases, the handshake (read the head, decide, admit) and the session, are kept out
+/// of line, and so are the steps inside them (`decide`, `session`, `close_in_order`,
+/// `finish`, `respond_and_close`). A connection thread's stack pages, once touched, stay
+/// resident for the connection's life, so what counts is the deepest moment of each phase:
+/// inlined, all their locals would share one frame, on the stack for the whole session.
+/// Measured with 3,000 idle clients, inlining the steps made every connection touch one more
+/// 4 KiB page (17.3 instead of 13.3 KiB RSS per connection), and so did keeping the
+/// handshake's locals in this frame beneath the session, or tungstenite's `WebSocket` in the
+/// session's frame (see `new_websocket`).
 pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, id: u64) {
+    if let Some((admitted, leftover)) = handshake(shared, &socket, peer, id) {
+        run(shared, socket, peer, id, admitted, leftover);
+    }
+}
+
+/// Steps 1 and 2: reads the request head and decides what it gets. Returns the admitted
+/// upgrade, or `None` once a plain response has been sent (or nothing could be).
+#[inline(never)]
+fn handshake<'a>(
+    shared: &'a Shared,
+    socket: &TcpStream,
+    peer: SocketAddr,
+    id: u64,
+) -> Option<(Admitted<'a>, Vec<u8>)> {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let (request, leftover) = match http::read_request(&socket, deadline) {
         Ok(read) => read,
@@ -76,40 +94,41 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
                 HeadError::Timeout => 408,
                 HeadError::TooLarge => 431,
                 HeadError::Malformed => 400,
-                HeadError::Disconnected | HeadError::Io(_) => return,
+                HeadError::Disconnected | HeadError::Io(_) => return None,
             };
-            respond_and_close(&socket, &Response::status(status), deadline);
-            return;
+            respond_and_close(socket, &Response::status(status), deadline);
+            return None;
         }
     };
-    let (upgrade, leftover) = match decide(shared, &socket, &request, leftover, deadline, id) {
-        Decision::Upgrade(upgrade, leftover) => (upgrade, leftover),
+    match decide(shared, socket, &request, leftover, deadline, id) {
+        Decision::Upgrade(admitted, leftover) => Some((admitted, leftover)),
         Decision::Respond(response) => {
             debug!(
                 "connection {id} ({peer}): {} {} -> {}",
                 request.method, request.path, response.status
             );
-            respond_and_close(&socket, &response, deadline);
-            return;
+            respond_and_close(socket, &response, deadline);
+            None
         }
-    };
+    }
+}
 
+/// Steps 3 to 5: the WebSocket session of an admitted upgrade.
+#[inline(never)]
+fn run(
+    shared: &Shared,
+    socket: Arc<TcpStream>,
+    peer: SocketAddr,
+    id: u64,
+    admitted: Admitted<'_>,
+    leftover: Vec<u8>,
+) {
     let Admitted {
         upgrade,
         identity,
         seat,
-    } = upgrade;
-    let room: Arc<str> = Arc::from(upgrade.room.as_str());
-    let client = Arc::new(Client::new(
-        id,
-        room,
-        peer,
-        socket,
-        shared.config.effective_outbox_bytes(),
-        shared.stats.clone(),
-        upgrade.protocol,
-        Arc::new(identity),
-    ));
+    } = admitted;
+    let client = new_client(shared, &upgrade, socket, peer, id, identity);
     client.mark_heard();
     // Order matters: queue the 101 first, then become visible to the broadcaster, then flush.
     // Anything the broadcaster queues from now on lands behind the 101.
@@ -141,6 +160,30 @@ pub(crate) fn serve(shared: &Shared, socket: Arc<TcpStream>, peer: SocketAddr, i
     debug!("client {id} ({peer}) left room {}: {ending:?}", client.room);
     finish(&client, ending);
     drop(seat);
+}
+
+/// The shared `Client` of an admitted upgrade. Out of line: a `Client` is built on the stack
+/// before it moves into its `Arc`, and that temporary would otherwise widen `run`'s frame for
+/// the whole session.
+#[inline(never)]
+fn new_client(
+    shared: &Shared,
+    upgrade: &Upgrade,
+    socket: Arc<TcpStream>,
+    peer: SocketAddr,
+    id: u64,
+    identity: Identity,
+) -> Arc<Client> {
+    Arc::new(Client::new(
+        id,
+        Arc::from(upgrade.room.as_str()),
+        peer,
+        socket,
+        shared.config.effective_outbox_bytes(),
+        shared.stats.clone(),
+        upgrade.protocol,
+        Arc::new(identity),
+    ))
 }
 
 /// A client's place in the hub, given up on drop: on the normal path, and also if the
@@ -251,7 +294,7 @@ fn admit<'a>(
     };
     let now = Instant::now();
     if shared.users.is_banned(&upgrade.room, &user, now) {
-        return Err(refuse(403, "banned", "banned from this room"));
+        return Err(refuse(403, "banned", "join token refused: banned from this room"));
     }
     match shared.users.admit(
         &user,
@@ -408,7 +451,7 @@ fn session(
         client: client.clone(),
         events: shared.events.clone(),
     };
-    let mut ws = WebSocket::from_partially_read(stream, leftover, Role::Server, Some(ws_config));
+    let mut ws = new_websocket(stream, leftover, ws_config);
     let mut limit = match user {
         Some(user) => Limit::User(user),
         None => Limit::Connection(TokenBucket::new(config.rate, config.burst, Instant::now())),
@@ -556,6 +599,22 @@ fn ending_after_removal(client: &Client) -> Ending {
         Some(Eviction::Moderated) => Ending::Removed,
         _ => Ending::Gone,
     }
+}
+
+/// Tungstenite's side of a session, on the heap: on the stack it would be the largest local of
+/// `session`, whose frame lives under every `read` for the whole session (see `serve`).
+#[inline(never)]
+fn new_websocket(
+    stream: ClientStream,
+    leftover: Vec<u8>,
+    config: WebSocketConfig,
+) -> Box<WebSocket<ClientStream>> {
+    Box::new(WebSocket::from_partially_read(
+        stream,
+        leftover,
+        Role::Server,
+        Some(config),
+    ))
 }
 
 /// Maps what ended `read` to what the client is owed.
