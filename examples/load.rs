@@ -166,8 +166,13 @@ const MAX_CHECKED_SIZE: usize = 60_000;
 /// above any sensible `--max-message-bytes`, so the tool never caps what the server allows.
 const MAX_HOARD_SIZE: usize = 16 * 1024 * 1024;
 
-fn parse_args() -> Result<Args, String> {
-    let mut it = std::env::args().skip(1);
+/// The scenario and its flags from `args` (the command line after the program's name);
+/// `token_secret` is `ROOMCAST_TOKEN_SECRET`'s value, which `--token-secret` overrides.
+fn parse_args(
+    args: impl IntoIterator<Item = String>,
+    token_secret: Option<Vec<u8>>,
+) -> Result<Args, String> {
+    let mut it = args.into_iter();
     let scenario = it
         .next()
         .ok_or("usage: load SCENARIO [--flag value]... [--v1] (capacity, fanout, slow, churn, rooms, stalled, hoard, leave)")?;
@@ -191,9 +196,7 @@ fn parse_args() -> Result<Args, String> {
         reconnect: true,
         leave_mode: LeaveMode::Rst,
         v1: false,
-        token_secret: std::env::var_os("ROOMCAST_TOKEN_SECRET")
-            .filter(|secret| !secret.is_empty())
-            .map(|secret| secret.into_encoded_bytes()),
+        token_secret: token_secret.filter(|secret| !secret.is_empty()),
     };
     while let Some(flag) = it.next() {
         // The one switch: every other flag takes a value.
@@ -426,7 +429,9 @@ impl FillRoom {
 }
 
 fn main() {
-    let args = match parse_args() {
+    let token_secret =
+        std::env::var_os("ROOMCAST_TOKEN_SECRET").map(|secret| secret.into_encoded_bytes());
+    let args = match parse_args(std::env::args().skip(1), token_secret) {
         Ok(args) => args,
         Err(err) => {
             eprintln!("load: {err}");
@@ -545,14 +550,7 @@ impl Load {
         let secret = self.args.token_secret.as_deref()?;
         let user = format!("load-{}", self.tokens_minted);
         self.tokens_minted += 1;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_secs());
-        let claims = serde_json::json!({
-            "sub": user,
-            "exp": now + TOKEN_LIFETIME.as_secs(),
-            "room": format!("room{room}"),
-        });
+        let claims = join_claims(&user, room, std::time::SystemTime::now());
         Some((roomcast::v1::token::mint(secret, &claims), user))
     }
 
@@ -2071,16 +2069,49 @@ fn push_hex(out: &mut Vec<u8>, value: u64, digits: usize) {
     );
 }
 
-/// The value of lowercase hex digits (at most 16), `None` on anything else.
-fn parse_hex(digits: &[u8]) -> Option<u64> {
-    digits.iter().try_fold(0u64, |value, digit| {
-        let nibble = match digit {
-            b'0'..=b'9' => digit - b'0',
-            b'a'..=b'f' => digit - b'a' + 10,
-            _ => return None,
-        };
-        Some(value << 4 | u64::from(nibble))
-    })
+/// The value of 8 lowercase hex digits, `None` if any is not one. On the receive path for
+/// every delivery (six times), so all eight at once in one `u64` (SWAR) rather than a branch
+/// per digit, which a profile of the tool showed as its largest parsing cost.
+fn parse_hex8(digits: &[u8; 8]) -> Option<u32> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const LOW_NIBBLES: u64 = 0x0f * ONES;
+    const HIGH_NIBBLES: u64 = 0xf0 * ONES;
+    let chars = u64::from_be_bytes(*digits);
+    // Per byte: the low nibble, plus 9 for letters (bit 6 set: 'a' is 0x61 → 1 + 9 = 10).
+    let nibbles = (chars & LOW_NIBBLES) + 9 * ((chars >> 6) & ONES);
+    // Valid only if re-encoding each value gives back the very character ('0'..'9' are
+    // 0x30 + v, 'a'..'f' are 0x57 + v): this rejects upper case, 'g'..'z', punctuation,
+    // and, through the first test, letters whose value would pass 15. No byte carries into
+    // the next: every value is at most 24 before the test.
+    let is_letter = ((nibbles + 6 * ONES) >> 4) & ONES;
+    if nibbles & HIGH_NIBBLES != 0 || nibbles + 0x30 * ONES + 0x27 * is_letter != chars {
+        return None;
+    }
+    // Pack the eight nibbles, most significant first: pairs into bytes, bytes into halves.
+    let bytes = (nibbles | nibbles >> 4) & 0x00ff_00ff_00ff_00ff;
+    let halves = (bytes | bytes >> 8) & 0x0000_ffff_0000_ffff;
+    Some((halves | halves >> 16) as u32)
+}
+
+/// The value of 16 lowercase hex digits.
+fn parse_hex16(digits: &[u8; 16]) -> Option<u64> {
+    let (high, low) = digits.split_at(8);
+    let high = parse_hex8(high.try_into().ok()?)?;
+    let low = parse_hex8(low.try_into().ok()?)?;
+    Some(u64::from(high) << 32 | u64::from(low))
+}
+
+/// A decimal number at the start of `text`, and the bytes after it; `None` without digits
+/// or past `u64::MAX`.
+fn parse_decimal(text: &[u8]) -> Option<(u64, &[u8])> {
+    let digits = text.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    let value = text[..digits].iter().try_fold(0u64, |value, digit| {
+        value.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+    })?;
+    Some((value, &text[digits..]))
 }
 
 /// A server frame to a v1 client, classified on the hot path without a JSON parser.
@@ -2122,10 +2153,9 @@ fn v1_frame(frame: &[u8]) -> V1Frame<'_> {
     let Some(rest) = rest.strip_prefix(br#""seq":"#) else {
         return V1Frame::Other;
     };
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    let seq = match std::str::from_utf8(&rest[..digits]).map(str::parse::<u64>) {
-        Ok(Ok(seq)) if rest.get(digits) == Some(&b',') => seq,
-        _ => return V1Frame::Other,
+    let Some((seq, rest)) = parse_decimal(rest).filter(|(_, rest)| rest.first() == Some(&b','))
+    else {
+        return V1Frame::Other;
     };
     let (header, pattern) = v1_data(rest).unwrap_or((None, &[]));
     V1Frame::Message(V1Message {
@@ -2141,17 +2171,33 @@ fn v1_data(frame: &[u8]) -> Option<(Option<V1Header>, &[u8])> {
     const KEY: &[u8] = br#","data":""#;
     let body = frame.strip_suffix(b"\"}")?;
     let trailer = body.get(body.len().checked_sub(V1_TRAILER)?..)?;
-    let length = usize::try_from(parse_hex(&trailer[40..])?).ok()?;
+    let (sent_ns, trailer) = trailer.split_first_chunk::<16>()?;
+    let (publisher, trailer) = trailer.split_first_chunk::<8>()?;
+    let (seq, length) = trailer.split_first_chunk::<16>()?;
+    let length = usize::try_from(parse_hex8(length.try_into().ok()?)?).ok()?;
     let start = body.len().checked_sub(length)?;
     if length < V1_TRAILER || body.get(start.checked_sub(KEY.len())?..start)? != KEY {
         return None;
     }
     let header = V1Header {
-        sent_ns: parse_hex(&trailer[..16])?,
-        publisher: u32::try_from(parse_hex(&trailer[16..24])?).ok()?,
-        seq: parse_hex(&trailer[24..40])?,
+        sent_ns: parse_hex16(sent_ns)?,
+        publisher: parse_hex8(publisher)?,
+        seq: parse_hex16(seq)?,
     };
     Some((Some(header), &body[start..body.len() - V1_TRAILER]))
+}
+
+/// The claims of `user`'s join token for the tool's room `room`, minted at `now`: no `name`
+/// (the server shows the `sub`) and no `perm` (the default, `post`, which publishers need).
+fn join_claims(user: &str, room: usize, now: std::time::SystemTime) -> serde_json::Value {
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    serde_json::json!({
+        "sub": user,
+        "exp": now + TOKEN_LIFETIME.as_secs(),
+        "room": format!("room{room}"),
+    })
 }
 
 /// Whether a `101`'s head names `roomcast.v1` in its `Sec-WebSocket-Protocol`.
@@ -2520,6 +2566,55 @@ mod tests {
         }
     }
 
+    fn parse(line: &str, secret: Option<&str>) -> Result<Args, String> {
+        parse_args(
+            line.split_whitespace().map(String::from),
+            secret.map(|s| s.as_bytes().to_vec()),
+        )
+    }
+
+    /// `--v1` is the one flag without a value: the flag after it must not be taken for one.
+    #[test]
+    fn v1_is_a_switch_and_narrows_the_size() {
+        let args = parse("fanout --v1 --clients 5", None).unwrap();
+        assert!(args.v1);
+        assert_eq!(args.clients, 5);
+        let args = parse("fanout --clients 5 --v1", None).unwrap();
+        assert!(args.v1);
+        assert!(!parse("fanout", None).unwrap().v1);
+        // The v1 header is longer than the plain one: a size between the two is refused.
+        assert!(parse("fanout --size 20", None).is_ok());
+        let refused = parse("fanout --v1 --size 47", None).err().unwrap();
+        assert_eq!(
+            refused,
+            "--size must be between 48 and 60000 for fanout with --v1"
+        );
+        assert!(parse("fanout --v1 --size 48", None).is_ok());
+    }
+
+    #[test]
+    fn the_token_secret_comes_from_the_flag_or_the_environment() {
+        assert_eq!(parse("fanout", None).unwrap().token_secret, None);
+        assert_eq!(parse("fanout", Some("")).unwrap().token_secret, None);
+        let from_env = parse("fanout", Some("env-secret")).unwrap();
+        assert_eq!(from_env.token_secret.as_deref(), Some(&b"env-secret"[..]));
+        let from_flag = parse("fanout --token-secret flag-secret", Some("env-secret")).unwrap();
+        assert_eq!(from_flag.token_secret.as_deref(), Some(&b"flag-secret"[..]));
+        assert!(parse("fanout --token-secret", None).is_err());
+    }
+
+    /// PROTOCOL §2: `sub`, `exp` in seconds and `room` are required; a distinct `sub` per
+    /// client keeps the per-user limits per connection.
+    #[test]
+    fn join_claims_name_the_user_the_room_and_an_hour() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_764_230_000);
+        let claims = join_claims("load-7", 3, now);
+        assert_eq!(
+            claims,
+            serde_json::json!({"sub": "load-7", "exp": 1_764_233_600u64, "room": "room3"})
+        );
+    }
+
     #[test]
     fn only_a_101_that_names_v1_is_v1() {
         let head = |protocol: &str| {
@@ -2531,14 +2626,51 @@ mod tests {
         assert!(!names_v1(&head("Sec-WebSocket-Protocol: roomcast.v2\r\n")));
     }
 
+    /// The digit-at-a-time reading `parse_hex8` replaces, as the reference.
+    fn hex_reference(digits: &[u8]) -> Option<u64> {
+        digits.iter().try_fold(0u64, |value, digit| {
+            let nibble = match digit {
+                b'0'..=b'9' => digit - b'0',
+                b'a'..=b'f' => digit - b'a' + 10,
+                _ => return None,
+            };
+            Some(value << 4 | u64::from(nibble))
+        })
+    }
+
+    /// Every byte value in every position, among valid digits: the SWAR reading must take
+    /// exactly the lowercase hex digits and read them as the reference does.
     #[test]
-    fn hex_round_trips() {
-        for value in [0, 1, 0xdead_beef, u64::MAX] {
+    fn hex_reads_like_the_reference() {
+        for base in [*b"00000000", *b"0123abcd", *b"ffffffff", *b"9a9a9a9a"] {
+            for at in 0..8 {
+                for byte in 0..=255u8 {
+                    let mut digits = base;
+                    digits[at] = byte;
+                    assert_eq!(
+                        parse_hex8(&digits).map(u64::from),
+                        hex_reference(&digits),
+                        "{:?}",
+                        String::from_utf8_lossy(&digits)
+                    );
+                }
+            }
+        }
+        for value in [0, 1, 0xdead_beef, 0x0123_4567_89ab_cdef, u64::MAX] {
             let mut out = Vec::new();
             push_hex(&mut out, value, 16);
-            assert_eq!(parse_hex(&out), Some(value));
+            assert_eq!(parse_hex16(&out.try_into().unwrap()), Some(value));
         }
-        assert_eq!(parse_hex(b"0G"), None);
-        assert_eq!(parse_hex(b"0A"), None);
+    }
+
+    #[test]
+    fn decimals_read_up_to_the_first_other_byte() {
+        assert_eq!(parse_decimal(b"1043,"), Some((1043, &b","[..])));
+        assert_eq!(
+            parse_decimal(b"18446744073709551615"),
+            Some((u64::MAX, &b""[..]))
+        );
+        assert_eq!(parse_decimal(b"18446744073709551616,"), None);
+        assert_eq!(parse_decimal(b",1"), None);
     }
 }
