@@ -11,6 +11,7 @@
 //! cargo run --release --example load -- stalled --stalled 1000 --stalled-rooms 10 --clients 1000 --publishers 4 --window 16
 //! cargo run --release --example load -- hoard --clients 200 --size 65000 --rate 50 --burst 100
 //! cargo run --release --example load -- leave --clients 10000 --mode rst
+//! cargo run --release --example load -- fanout --clients 1000 --publishers 4 --window 16 --size 64 --v1
 //! ```
 //!
 //! `stalled` is `fanout` (same measured workload, same report) beside `--stalled` clients in
@@ -28,6 +29,16 @@
 //! and a payload whose every byte is derived from those, so receivers check latency, loss,
 //! per-publisher order and corruption. Every loop is bounded in count and time.
 //!
+//! `--v1` runs every scenario's clients on `roomcast.v1` (PROTOCOL.md): each offers the
+//! subprotocol, insists that the `101` names it, and checks its `welcome` (its room, its
+//! identity, its right to post) before it counts as connected. Messages go out as
+//! `{"type":"publish","data":"..."}`, where `data` is a string of `--size` characters: the
+//! pattern, then the header in hex. Receivers read `message` frames without a JSON parser (the
+//! server's layout is checked against `serde_json` in the tests), and check the room's `seq`
+//! rises with every message besides the per-publisher checks. `--token-secret SECRET` (or
+//! `ROOMCAST_TOKEN_SECRET`) gives every client, plain or v1, a join token for its room with
+//! a `sub` of its own (`load-<n>`), as a server with a secret requires of everyone.
+//!
 //! The last line of output is `RESULT key=value ...`, which `scripts/bench.sh` reads.
 
 use std::collections::{BTreeMap, HashMap};
@@ -41,6 +52,17 @@ use mio::{Events, Interest, Poll, Token};
 
 /// Bytes of a message header: send time (ns since start), publisher id, sequence number.
 const HEADER: usize = 8 + 4 + 8;
+/// `--v1`: characters of the header that ends a message's `data` string, in hex: send time
+/// (16), publisher (8), sequence number (16), and the string's own length (8), by which the
+/// receiver finds where the string begins without searching the frame for it.
+const V1_TRAILER: usize = 16 + 8 + 16 + 8;
+/// `--v1`: the characters of a `data` string's pattern, one per payload byte's low six bits:
+/// none needs escaping in JSON, so the string's length in the frame is its length.
+const V1_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+/// How every `message` frame of the server begins (`roomcast::v1::codec::push_message`).
+const V1_MESSAGE_PREFIX: &[u8] = br#"{"type":"message","#;
+/// How long a minted join token is valid: longer than any run.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// `SO_RCVBUF` asked for by a stalled client (the kernel doubles it for its bookkeeping): a
 /// small receive window, so the server's bytes back up into its outbox quickly.
 const STALLED_RECEIVE_BUFFER: usize = 4096;
@@ -111,6 +133,12 @@ struct Args {
     reconnect: bool,
     /// How the `leave` scenario's clients disconnect.
     leave_mode: LeaveMode,
+    /// Every client speaks `roomcast.v1` (`--v1`): it offers the subprotocol, reads its
+    /// `welcome`, publishes `{"type":"publish","data":...}` and reads `message` frames.
+    v1: bool,
+    /// The server's join-token secret (`--token-secret` or `ROOMCAST_TOKEN_SECRET`): every
+    /// client then joins with a token of its own, plain clients too (PROTOCOL §2).
+    token_secret: Option<Vec<u8>>,
 }
 
 /// How a client leaves: a close handshake, a FIN without a close frame, or an RST.
@@ -138,11 +166,16 @@ const MAX_CHECKED_SIZE: usize = 60_000;
 /// above any sensible `--max-message-bytes`, so the tool never caps what the server allows.
 const MAX_HOARD_SIZE: usize = 16 * 1024 * 1024;
 
-fn parse_args() -> Result<Args, String> {
-    let mut it = std::env::args().skip(1);
+/// The scenario and its flags from `args` (the command line after the program's name);
+/// `token_secret` is `ROOMCAST_TOKEN_SECRET`'s value, which `--token-secret` overrides.
+fn parse_args(
+    args: impl IntoIterator<Item = String>,
+    token_secret: Option<Vec<u8>>,
+) -> Result<Args, String> {
+    let mut it = args.into_iter();
     let scenario = it
         .next()
-        .ok_or("usage: load SCENARIO [--flag value]... (capacity, fanout, slow, churn, rooms, stalled, hoard, leave)")?;
+        .ok_or("usage: load SCENARIO [--flag value]... [--v1] (capacity, fanout, slow, churn, rooms, stalled, hoard, leave)")?;
     let mut args = Args {
         scenario,
         addr: "127.0.0.1:9001".parse().unwrap(),
@@ -162,8 +195,15 @@ fn parse_args() -> Result<Args, String> {
         burst: 0.0,
         reconnect: true,
         leave_mode: LeaveMode::Rst,
+        v1: false,
+        token_secret: token_secret.filter(|secret| !secret.is_empty()),
     };
     while let Some(flag) = it.next() {
+        // The one switch: every other flag takes a value.
+        if flag == "--v1" {
+            args.v1 = true;
+            continue;
+        }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
         let bad = |_| format!("bad value for {flag}: {value}");
         match flag.as_str() {
@@ -211,6 +251,7 @@ fn parse_args() -> Result<Args, String> {
                     _ => return Err(format!("--mode takes close, fin or rst, not {value}")),
                 }
             }
+            "--token-secret" => args.token_secret = Some(value.into_bytes()),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -219,10 +260,13 @@ fn parse_args() -> Result<Args, String> {
     } else {
         MAX_CHECKED_SIZE
     };
-    if args.size < HEADER || args.size > max_size {
+    // A v1 message's `data` is a string of `--size` characters ending in its header.
+    let min_size = if args.v1 { V1_TRAILER } else { HEADER };
+    if args.size < min_size || args.size > max_size {
         return Err(format!(
-            "--size must be between {HEADER} and {max_size} for {}",
-            args.scenario
+            "--size must be between {min_size} and {max_size} for {}{}",
+            args.scenario,
+            if args.v1 { " with --v1" } else { "" }
         ));
     }
     if args.scenario == "hoard" {
@@ -260,8 +304,18 @@ enum Role {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Handshaking,
+    /// `--v1`: upgraded, waiting for the `welcome` that opens every v1 session. The client is
+    /// not counted as a member before it: the server relays nothing to it until then.
+    Welcoming,
     Open,
     Closing,
+}
+
+impl Phase {
+    /// Not yet open: the handshake (or the welcome) is still to come, and may time out.
+    fn is_connecting(self) -> bool {
+        matches!(self, Phase::Handshaking | Phase::Welcoming)
+    }
 }
 
 struct Conn {
@@ -282,6 +336,12 @@ struct Conn {
     hoard_pending: usize,
     /// Hoard frames started by this hoarder, for its rate.
     hoard_sent: u64,
+    /// `--v1`: the room's `seq` of the last message this client got (its `welcome`'s at
+    /// first). A room numbers its messages in the one order every member sees, so each must
+    /// be above the last.
+    room_seq: u64,
+    /// The `sub` of its join token (`--token-secret`), which its `welcome` must name.
+    user: Option<String>,
 }
 
 #[derive(Default)]
@@ -332,6 +392,8 @@ struct Load {
     hoarders_evicted: u64,
     /// Hoard frames started, by every hoarder there has been (hoard scenario).
     hoard_messages: u64,
+    /// Join tokens minted so far (`--token-secret`): the next client's `sub` is `load-<this>`.
+    tokens_minted: u64,
 }
 
 /// A stalled room's filler: what it sent into the room, and what came back to it. The
@@ -342,6 +404,11 @@ struct FillRoom {
     filler: Token,
     sent: u64,
     echoed: u64,
+    /// Bytes of the server frames of those echoes, which every stalled member was sent too
+    /// (a v1 `message` frame is larger than the fill message it carries).
+    echoed_bytes: u64,
+    /// Bytes of the last echo's server frame: one more message's worth.
+    echo_frame_bytes: u64,
     last_echo: Instant,
     /// Messages in the next step.
     step: u64,
@@ -351,8 +418,20 @@ struct FillRoom {
     is_backlogged: bool,
 }
 
+impl FillRoom {
+    /// The filler got its own echo of a fill message, a `payload`-byte server frame.
+    fn echo(&mut self, payload: usize) {
+        self.echoed += 1;
+        self.echoed_bytes += server_frame_len(payload);
+        self.echo_frame_bytes = server_frame_len(payload);
+        self.last_echo = Instant::now();
+    }
+}
+
 fn main() {
-    let args = match parse_args() {
+    let token_secret =
+        std::env::var_os("ROOMCAST_TOKEN_SECRET").map(|secret| secret.into_encoded_bytes());
+    let args = match parse_args(std::env::args().skip(1), token_secret) {
         Ok(args) => args,
         Err(err) => {
             eprintln!("load: {err}");
@@ -395,6 +474,7 @@ impl Load {
             hoard_frame: Vec::new(),
             hoarders_evicted: 0,
             hoard_messages: 0,
+            tokens_minted: 0,
         })
     }
 
@@ -429,9 +509,19 @@ impl Load {
             self.free.push(index);
             return None;
         }
+        // Without a token and `--v1` both are empty: the plain request, byte for byte.
+        let (query, user) = match self.join_token(room) {
+            Some((token, user)) => (format!("?token={token}"), Some(user)),
+            None => (String::new(), None),
+        };
+        let protocol = if self.args.v1 {
+            "Sec-WebSocket-Protocol: roomcast.v1\r\n"
+        } else {
+            ""
+        };
         let request = format!(
-            "GET /ws/room{room} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            "GET /ws/room{room}{query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{protocol}\r\n",
             self.args.addr
         );
         self.conns[index] = Some(Conn {
@@ -447,8 +537,21 @@ impl Load {
             open_since: None,
             hoard_pending: 0,
             hoard_sent: 0,
+            room_seq: 0,
+            user,
         });
         Some(token)
+    }
+
+    /// A join token for the next client of `room` and its `sub` (`load-<n>`, a user of its
+    /// own, so the server's per-user rate limit and connection cap see one connection each),
+    /// valid for an hour; `None` without `--token-secret`.
+    fn join_token(&mut self, room: usize) -> Option<(String, String)> {
+        let secret = self.args.token_secret.as_deref()?;
+        let user = format!("load-{}", self.tokens_minted);
+        self.tokens_minted += 1;
+        let claims = join_claims(&user, room, std::time::SystemTime::now());
+        Some((roomcast::v1::token::mint(secret, &claims), user))
     }
 
     fn close(&mut self, token: Token, rst: bool) {
@@ -511,9 +614,7 @@ impl Load {
             .enumerate()
             .filter_map(|(i, c)| {
                 c.as_ref()
-                    .filter(|c| {
-                        c.phase == Phase::Handshaking && c.started.elapsed() > HANDSHAKE_TIMEOUT
-                    })
+                    .filter(|c| c.phase.is_connecting() && c.started.elapsed() > HANDSHAKE_TIMEOUT)
                     .map(|_| Token(i))
             })
             .collect();
@@ -547,7 +648,7 @@ impl Load {
                 Err(e) => {
                     let kind = error_kind(&e);
                     match (conn.phase, conn.role) {
-                        (Phase::Handshaking, _) => self.tally.fail(kind),
+                        (Phase::Handshaking | Phase::Welcoming, _) => self.tally.fail(kind),
                         // The server reset a hoarder it evicted.
                         (Phase::Open, Role::Hoarder) => self.hoarders_evicted += 1,
                         _ => {}
@@ -595,7 +696,7 @@ impl Load {
             }
             match conn.stream.read(buf) {
                 Ok(0) => {
-                    if conn.phase == Phase::Handshaking {
+                    if conn.phase.is_connecting() {
                         self.tally.fail("closed during handshake");
                     }
                     self.close(token, false);
@@ -607,7 +708,7 @@ impl Load {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    if conn.phase == Phase::Handshaking {
+                    if conn.phase.is_connecting() {
                         self.tally.fail(error_kind(&e));
                     }
                     self.close(token, false);
@@ -629,15 +730,18 @@ impl Load {
             let head = String::from_utf8_lossy(&conn.rbuf[..end]).into_owned();
             conn.rbuf.drain(..end + 4);
             match head.split_whitespace().nth(1) {
-                Some("101") => {
-                    conn.phase = Phase::Open;
-                    conn.open_since = Some(Instant::now());
-                    self.tally.upgraded += 1;
-                    if matches!(conn.role, Role::Receiver | Role::Publisher(_)) {
-                        self.members[conn.room] += 1;
+                // A v1 session opens with its welcome, among the frames below.
+                Some("101") if self.args.v1 => {
+                    if !names_v1(&head) {
+                        self.tally
+                            .fail("101 without Sec-WebSocket-Protocol: roomcast.v1");
+                        self.close(token, false);
+                        return;
                     }
-                    if let Role::Churner(mode) = conn.role {
-                        self.leave(token, mode);
+                    conn.phase = Phase::Welcoming;
+                }
+                Some("101") => {
+                    if !self.opened(token) {
                         return;
                     }
                 }
@@ -661,6 +765,7 @@ impl Load {
         };
         let rbuf = std::mem::take(&mut conn.rbuf);
         let (role, room) = (conn.role, conn.room);
+        let v1 = self.args.v1;
         let mut at = 0;
         let mut ended = false;
         while rbuf.len() - at >= 2 {
@@ -680,10 +785,17 @@ impl Load {
             let payload = &frame[header..header + len];
             at += header + len;
             match frame[0] & 0x0f {
+                opcode @ (0x1 | 0x2) if v1 => {
+                    self.receive_v1(token, opcode, payload);
+                    if self.conns[token.0].is_none() {
+                        // Closed over what it got (or a churner that left on its welcome).
+                        ended = true;
+                        break;
+                    }
+                }
                 0x1 | 0x2 if role == Role::Filler => {
                     if let Some(fill) = self.fill.get_mut(&room) {
-                        fill.echoed += 1;
-                        fill.last_echo = Instant::now();
+                        fill.echo(payload.len());
                     }
                 }
                 0x1 | 0x2 => self.receive(token, payload),
@@ -709,9 +821,85 @@ impl Load {
         }
     }
 
+    /// A connection has opened: upgraded (plain) or welcomed (`--v1`). False when it was a
+    /// churner, which leaves at once.
+    fn opened(&mut self, token: Token) -> bool {
+        let Some(conn) = self.conns[token.0].as_mut() else {
+            return false;
+        };
+        conn.phase = Phase::Open;
+        conn.open_since = Some(Instant::now());
+        self.tally.upgraded += 1;
+        if matches!(conn.role, Role::Receiver | Role::Publisher(_)) {
+            self.members[conn.room] += 1;
+        }
+        if let Role::Churner(mode) = conn.role {
+            self.leave(token, mode);
+            return false;
+        }
+        true
+    }
+
+    /// Handles one data frame from the server to a v1 client: its welcome first, then
+    /// `message` frames (checked like plain deliveries, plus the room's order by `seq`),
+    /// presence and reaction counts (not checked). Anything else is a failure by its kind,
+    /// and a welcome that is missing or wrong closes the client.
+    fn receive_v1(&mut self, token: Token, opcode: u8, payload: &[u8]) {
+        let Some(conn) = self.conns[token.0].as_mut() else {
+            return;
+        };
+        if opcode != 0x1 {
+            // PROTOCOL §1: one JSON object per text frame.
+            self.tally.fail("binary frame to a v1 client");
+            return;
+        }
+        if conn.phase == Phase::Welcoming {
+            match check_welcome(payload, conn.room, conn.user.as_deref()) {
+                Ok(seq) => {
+                    conn.room_seq = seq;
+                    self.opened(token);
+                }
+                Err(what) => {
+                    self.tally.fail(format!("bad welcome: {what}"));
+                    self.close(token, false);
+                }
+            }
+            return;
+        }
+        if conn.role == Role::Filler {
+            if payload.starts_with(V1_MESSAGE_PREFIX) {
+                if let Some(fill) = self.fill.get_mut(&conn.room) {
+                    fill.echo(payload.len());
+                }
+            }
+            return;
+        }
+        match v1_frame(payload) {
+            V1Frame::Message(message) => {
+                if message.seq <= conn.room_seq {
+                    self.tally.reordered += 1;
+                }
+                conn.room_seq = conn.room_seq.max(message.seq);
+                let Some(header) = message.header else {
+                    self.tally.corrupted += 1;
+                    return;
+                };
+                self.tally.received += 1;
+                let publisher = header.publisher as usize;
+                if !v1_pattern_ok(message.pattern, header.seq) || publisher >= self.publishers.len()
+                {
+                    self.tally.corrupted += 1;
+                    return;
+                }
+                self.deliver(token, header.sent_ns, publisher, header.seq);
+            }
+            V1Frame::Counts => {}
+            V1Frame::Other => self.tally.fail(unexpected_v1_frame(payload)),
+        }
+    }
+
     /// Checks one delivered message: order, loss, corruption, latency.
     fn receive(&mut self, token: Token, payload: &[u8]) {
-        let now = self.batch_ns;
         if payload.len() < HEADER {
             self.tally.corrupted += 1;
             return;
@@ -724,6 +912,14 @@ impl Load {
             self.tally.corrupted += 1;
             return;
         }
+        self.deliver(token, sent_ns, publisher, seq);
+    }
+
+    /// Records an intact delivery of message `seq` of `publisher`, sent at `sent_ns`: its
+    /// latency, and loss or reordering by the publisher's sequence.
+    #[inline]
+    fn deliver(&mut self, token: Token, sent_ns: u64, publisher: usize, seq: u64) {
+        let now = self.batch_ns;
         if let Some(h) = self.tally.latency_us.as_mut() {
             let _ = h.record((now.saturating_sub(sent_ns) / 1000).max(1));
         }
@@ -757,6 +953,16 @@ impl Load {
             p.in_flight += 1;
             (p.token, p.sent - 1)
         };
+        if self.args.v1 {
+            let header = V1Header {
+                sent_ns: self.now_ns(),
+                publisher: publisher as u32,
+                seq,
+            };
+            let frame = v1_publish(size, Some(header));
+            self.send_frame(token, 0x1, &frame);
+            return;
+        }
         let mut payload = Vec::with_capacity(size);
         payload.extend_from_slice(&self.now_ns().to_be_bytes());
         payload.extend_from_slice(&(publisher as u32).to_be_bytes());
@@ -814,7 +1020,7 @@ impl Load {
         self.conns
             .iter()
             .flatten()
-            .filter(|c| c.phase == Phase::Handshaking)
+            .filter(|c| c.phase.is_connecting())
             .count()
     }
 
@@ -1160,6 +1366,8 @@ impl Load {
                     filler,
                     sent: 0,
                     echoed: 0,
+                    echoed_bytes: 0,
+                    echo_frame_bytes: server_frame_len(FILL_MESSAGE_BYTES),
                     last_echo: now,
                     step: FILL_STEP,
                     is_checked: false,
@@ -1169,7 +1377,11 @@ impl Load {
         }
         // In steps: a few messages into each room not yet backlogged, then, once they have
         // all come back to the filler and settled, a look at the kernel's queues.
-        let fill_message = vec![0u8; FILL_MESSAGE_BYTES];
+        let (fill_opcode, fill_message) = if args.v1 {
+            (0x1, v1_publish(FILL_MESSAGE_BYTES, None))
+        } else {
+            (0x2, vec![0u8; FILL_MESSAGE_BYTES])
+        };
         let started = Instant::now();
         let mut last_scan = started;
         while self.fill.values().any(|f| !f.is_backlogged) && started.elapsed() < FILL_TIMEOUT {
@@ -1181,7 +1393,7 @@ impl Load {
                 if can_step {
                     if let Some(conn) = self.conns[fill.filler.0].as_mut() {
                         for _ in 0..fill.step {
-                            client_frame(&mut conn.wbuf, 0x2, &fill_message);
+                            client_frame(&mut conn.wbuf, fill_opcode, &fill_message);
                         }
                     }
                     fill.sent += fill.step;
@@ -1224,7 +1436,7 @@ impl Load {
                 if let Some(fill) = self.fill.get_mut(&room) {
                     fill.is_checked = true;
                     // A whole message beyond what the kernel holds: backlogged with margin.
-                    fill.is_backlogged = least >= server_frame_len(FILL_MESSAGE_BYTES) as i64;
+                    fill.is_backlogged = least >= fill.echo_frame_bytes as i64;
                 }
             }
         }
@@ -1290,9 +1502,7 @@ impl Load {
         let Some((received, sending)) = stalled_queues(conn, queues) else {
             return 0;
         };
-        (fill.echoed * server_frame_len(FILL_MESSAGE_BYTES)) as i64
-            - received as i64
-            - sending as i64
+        fill.echoed_bytes as i64 - received as i64 - sending as i64
     }
 
     /// Deliveries owed: each publisher's messages times the members of its room.
@@ -1375,7 +1585,7 @@ impl Load {
         while newcomer.is_some_and(|t| {
             self.conns[t.0]
                 .as_ref()
-                .is_some_and(|c| c.phase == Phase::Handshaking)
+                .is_some_and(|c| c.phase.is_connecting())
         }) && Instant::now() < deadline
         {
             self.turn(&mut events, Duration::from_millis(5));
@@ -1429,8 +1639,12 @@ impl Load {
         let gauge = |name: &str| gauges.as_deref().and_then(|text| metric(text, name));
         let budget = gauge("roomcast_memory_per_client_budget_bytes");
         let queues_budget = gauge("roomcast_memory_queues_budget_bytes").unwrap_or(0.0);
-        let payload: Vec<u8> = (0..args.size).map(|i| pattern_byte(0, i)).collect();
-        client_frame(&mut self.hoard_frame, 0x2, &payload);
+        if args.v1 {
+            client_frame(&mut self.hoard_frame, 0x1, &v1_publish(args.size, None));
+        } else {
+            let payload: Vec<u8> = (0..args.size).map(|i| pattern_byte(0, i)).collect();
+            client_frame(&mut self.hoard_frame, 0x2, &payload);
+        }
         let frame_len = self.hoard_frame.len();
         let started = Instant::now();
         let mut opened = 0usize;
@@ -1681,7 +1895,7 @@ impl Load {
         };
         let deadline = Instant::now() + NEWCOMER_TIMEOUT;
         let phase = |load: &Load| load.conns[token.0].as_ref().map(|c| c.phase);
-        while phase(self) == Some(Phase::Handshaking) && Instant::now() < deadline {
+        while phase(self).is_some_and(Phase::is_connecting) && Instant::now() < deadline {
             self.turn(events, Duration::from_millis(5));
         }
         if phase(self) != Some(Phase::Open) {
@@ -1801,6 +2015,241 @@ fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     }
     out.extend_from_slice(&[0, 0, 0, 0]);
     out.extend_from_slice(payload);
+}
+
+/// What the tool embeds in a v1 message for its checks (the plain payload's header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct V1Header {
+    sent_ns: u64,
+    publisher: u32,
+    seq: u64,
+}
+
+/// A v1 `publish` frame's JSON whose `data` is a string of `size` characters: the pattern
+/// of message `header.seq`, then the header in hex (`V1_TRAILER`). Without a header (fill and
+/// hoard messages, never checked) the whole string is pattern.
+fn v1_publish(size: usize, header: Option<V1Header>) -> Vec<u8> {
+    const START: &[u8] = br#"{"type":"publish","data":""#;
+    let mut frame = Vec::with_capacity(START.len() + size + 2);
+    frame.extend_from_slice(START);
+    match header {
+        Some(header) => {
+            let pattern = size - V1_TRAILER;
+            frame.extend((0..pattern).map(|i| v1_pattern_char(header.seq, i)));
+            push_hex(&mut frame, header.sent_ns, 16);
+            push_hex(&mut frame, header.publisher.into(), 8);
+            push_hex(&mut frame, header.seq, 16);
+            push_hex(&mut frame, size as u64, 8);
+        }
+        None => frame.extend((0..size).map(|i| v1_pattern_char(0, i))),
+    }
+    frame.extend_from_slice(b"\"}");
+    frame
+}
+
+/// Character `i` of message `seq`'s `data` pattern: `pattern_byte`, in `V1_ALPHABET`.
+fn v1_pattern_char(seq: u64, i: usize) -> u8 {
+    V1_ALPHABET[usize::from(pattern_byte(seq, i) & 63)]
+}
+
+fn v1_pattern_ok(chars: &[u8], seq: u64) -> bool {
+    chars
+        .iter()
+        .enumerate()
+        .all(|(i, c)| *c == v1_pattern_char(seq, i))
+}
+
+/// Appends the low `digits` hex digits of `value`, most significant first.
+fn push_hex(out: &mut Vec<u8>, value: u64, digits: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend(
+        (0..digits)
+            .rev()
+            .map(|d| HEX[(value >> (d * 4) & 15) as usize]),
+    );
+}
+
+/// The value of 8 lowercase hex digits, `None` if any is not one. On the receive path for
+/// every delivery (six times), so all eight at once in one `u64` (SWAR) rather than a branch
+/// per digit, which a profile of the tool showed as its largest parsing cost.
+fn parse_hex8(digits: &[u8; 8]) -> Option<u32> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const LOW_NIBBLES: u64 = 0x0f * ONES;
+    const HIGH_NIBBLES: u64 = 0xf0 * ONES;
+    let chars = u64::from_be_bytes(*digits);
+    // Per byte: the low nibble, plus 9 for letters (bit 6 set: 'a' is 0x61 → 1 + 9 = 10).
+    let nibbles = (chars & LOW_NIBBLES) + 9 * ((chars >> 6) & ONES);
+    // Valid only if re-encoding each value gives back the very character ('0'..'9' are
+    // 0x30 + v, 'a'..'f' are 0x57 + v): this rejects upper case, 'g'..'z', punctuation,
+    // and, through the first test, letters whose value would pass 15. No byte carries into
+    // the next: every value is at most 24 before the test.
+    let is_letter = ((nibbles + 6 * ONES) >> 4) & ONES;
+    if nibbles & HIGH_NIBBLES != 0 || nibbles + 0x30 * ONES + 0x27 * is_letter != chars {
+        return None;
+    }
+    // Pack the eight nibbles, most significant first: pairs into bytes, bytes into halves.
+    let bytes = (nibbles | nibbles >> 4) & 0x00ff_00ff_00ff_00ff;
+    let halves = (bytes | bytes >> 8) & 0x0000_ffff_0000_ffff;
+    Some((halves | halves >> 16) as u32)
+}
+
+/// The value of 16 lowercase hex digits.
+fn parse_hex16(digits: &[u8; 16]) -> Option<u64> {
+    let (high, low) = digits.split_at(8);
+    let high = parse_hex8(high.try_into().ok()?)?;
+    let low = parse_hex8(low.try_into().ok()?)?;
+    Some(u64::from(high) << 32 | u64::from(low))
+}
+
+/// A decimal number at the start of `text`, and the bytes after it; `None` without digits
+/// or past `u64::MAX`.
+fn parse_decimal(text: &[u8]) -> Option<(u64, &[u8])> {
+    let digits = text.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    let value = text[..digits].iter().try_fold(0u64, |value, digit| {
+        value.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+    })?;
+    Some((value, &text[digits..]))
+}
+
+/// A server frame to a v1 client, classified on the hot path without a JSON parser.
+#[derive(Debug, PartialEq, Eq)]
+enum V1Frame<'a> {
+    Message(V1Message<'a>),
+    /// `presence` or `reactions`: counts the tool does not check.
+    Counts,
+    /// Anything else: a welcome out of turn, an error, a frame in an unknown layout.
+    Other,
+}
+
+/// A `message` frame as the tool reads it.
+#[derive(Debug, PartialEq, Eq)]
+struct V1Message<'a> {
+    /// The room's sequence number.
+    seq: u64,
+    /// The header the tool put at the end of `data`, and the pattern before it; `None` when
+    /// `data` is not a string in the tool's layout (someone else's message, or corruption).
+    header: Option<V1Header>,
+    pattern: &'a [u8],
+}
+
+/// Reads a server frame cheaply, relying on the layout of the server's encoder
+/// (`roomcast::v1::codec::push_message`, checked against `serde_json` in the tests below):
+/// `{"type":"message","seq":N,...,"data":"..."}` with `data` last. The `seq` is the number
+/// right after the prefix, and `data` is found from the frame's end through the length its
+/// trailer states, so no byte of the sender's identity or of the pattern is searched.
+fn v1_frame(frame: &[u8]) -> V1Frame<'_> {
+    let Some(rest) = frame.strip_prefix(V1_MESSAGE_PREFIX) else {
+        return if frame.starts_with(br#"{"type":"presence","#)
+            || frame.starts_with(br#"{"type":"reactions","#)
+        {
+            V1Frame::Counts
+        } else {
+            V1Frame::Other
+        };
+    };
+    let Some(rest) = rest.strip_prefix(br#""seq":"#) else {
+        return V1Frame::Other;
+    };
+    let Some((seq, rest)) = parse_decimal(rest).filter(|(_, rest)| rest.first() == Some(&b','))
+    else {
+        return V1Frame::Other;
+    };
+    let (header, pattern) = v1_data(rest).unwrap_or((None, &[]));
+    V1Frame::Message(V1Message {
+        seq,
+        header,
+        pattern,
+    })
+}
+
+/// The tool's `data` string at the end of `frame`: its header and pattern. `None` (or no
+/// header) when the frame does not end in `,"data":"<the stated length of characters>"}`.
+fn v1_data(frame: &[u8]) -> Option<(Option<V1Header>, &[u8])> {
+    const KEY: &[u8] = br#","data":""#;
+    let body = frame.strip_suffix(b"\"}")?;
+    let trailer = body.get(body.len().checked_sub(V1_TRAILER)?..)?;
+    let (sent_ns, trailer) = trailer.split_first_chunk::<16>()?;
+    let (publisher, trailer) = trailer.split_first_chunk::<8>()?;
+    let (seq, length) = trailer.split_first_chunk::<16>()?;
+    let length = usize::try_from(parse_hex8(length.try_into().ok()?)?).ok()?;
+    let start = body.len().checked_sub(length)?;
+    if length < V1_TRAILER || body.get(start.checked_sub(KEY.len())?..start)? != KEY {
+        return None;
+    }
+    let header = V1Header {
+        sent_ns: parse_hex16(sent_ns)?,
+        publisher: parse_hex8(publisher)?,
+        seq: parse_hex16(seq)?,
+    };
+    Some((Some(header), &body[start..body.len() - V1_TRAILER]))
+}
+
+/// The claims of `user`'s join token for the tool's room `room`, minted at `now`: no `name`
+/// (the server shows the `sub`) and no `perm` (the default, `post`, which publishers need).
+fn join_claims(user: &str, room: usize, now: std::time::SystemTime) -> serde_json::Value {
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    serde_json::json!({
+        "sub": user,
+        "exp": now + TOKEN_LIFETIME.as_secs(),
+        "room": format!("room{room}"),
+    })
+}
+
+/// Whether a `101`'s head names `roomcast.v1` in its `Sec-WebSocket-Protocol`.
+fn names_v1(head: &str) -> bool {
+    head.lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .any(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("sec-websocket-protocol")
+                && value.trim() == roomcast::v1::codec::SUBPROTOCOL
+        })
+}
+
+/// Checks a v1 client's first frame: a `welcome` to its room, for its token's user when it
+/// sent one (anonymous otherwise), allowed to post. Its `seq` (the room's, at the client's
+/// place in the order) is what every later message must exceed.
+fn check_welcome(frame: &[u8], room: usize, user: Option<&str>) -> Result<u64, String> {
+    let welcome: serde_json::Value =
+        serde_json::from_slice(frame).map_err(|_| "the first frame is not JSON".to_string())?;
+    if welcome["type"] != "welcome" {
+        return Err(format!("the first frame is {}", welcome["type"]));
+    }
+    if welcome["room"] != format!("room{room}").as_str() {
+        return Err("it names another room".into());
+    }
+    let you = &welcome["you"];
+    match user {
+        Some(user) if you["id"] != user || you["verified"] != true => {
+            return Err("not the token's user (does the server have the secret?)".into())
+        }
+        None if !you["id"].is_string() || you["verified"] != false => {
+            return Err("no anonymous identity".into())
+        }
+        _ => {}
+    }
+    if you["perm"] != "post" {
+        return Err(format!("perm {}, not \"post\"", you["perm"]));
+    }
+    welcome["seq"].as_u64().ok_or_else(|| "no seq".to_string())
+}
+
+/// A failure kind for a v1 frame the tool did not expect.
+fn unexpected_v1_frame(frame: &[u8]) -> String {
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(frame) else {
+        return "a v1 frame that is not JSON".into();
+    };
+    match json["type"].as_str() {
+        Some("error") => format!("error frame: {}", json["code"]),
+        Some("message") => "a message frame in an unknown layout".into(),
+        Some(other) => format!("unexpected {other} frame"),
+        None => "a v1 frame without a type".into(),
+    }
 }
 
 /// Bytes a server frame with a `payload`-byte payload takes on the wire (unmasked).
@@ -1941,4 +2390,287 @@ fn cpu_time(pid: u32) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_nanos(ticks * 1_000_000_000 / hz)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roomcast::broadcaster::MessageKind;
+    use roomcast::v1::codec;
+
+    /// The data of a publish the tool sends, as the server's codec reads it.
+    fn published_data(frame: &[u8]) -> String {
+        let text = std::str::from_utf8(frame).expect("a publish is UTF-8");
+        match codec::parse(text) {
+            Ok(codec::Incoming::Publish(data)) => data.get().to_string(),
+            other => panic!("the server would not take {text}: {other:?}"),
+        }
+    }
+
+    /// The `message` frame the server's own encoder makes of that data.
+    fn server_message(seq: u64, from: &str, data: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        codec::push_message(
+            &mut out,
+            seq,
+            1_764_230_000_123,
+            Some(from),
+            MessageKind::Json,
+            data.as_bytes(),
+        );
+        out
+    }
+
+    /// The cheap reading of a message frame must agree with a JSON parser on every field it
+    /// takes: without this, a change in the server's encoding (or a slip in the offsets)
+    /// would show as corruption or loss in every benchmark row, or worse, pass unnoticed.
+    #[test]
+    fn the_hot_path_reads_what_serde_json_reads() {
+        let senders = [
+            r#"{"id":"anon-1","name":"anon-1","verified":false}"#,
+            // Names that hold what the reader looks for: it must not be fooled by them.
+            r#"{"id":"load-7","name":"\",\"data\":\"x\"}","verified":true}"#,
+            r#"{"id":"u","name":"{\"type\":\"message\",\"seq\":1,","verified":true}"#,
+        ];
+        for size in [V1_TRAILER, 64, 1000, MAX_CHECKED_SIZE] {
+            for (seq, from) in [
+                (1, senders[0]),
+                (1_000_042, senders[1]),
+                (u64::MAX, senders[2]),
+            ] {
+                let header = V1Header {
+                    sent_ns: 123_456_789_012,
+                    publisher: 3,
+                    seq: 77,
+                };
+                let publish = v1_publish(size, Some(header));
+                let data = published_data(&publish);
+                let frame = server_message(seq, from, &data);
+                let json: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+                let V1Frame::Message(message) = v1_frame(&frame) else {
+                    panic!("not read as a message: {}", String::from_utf8_lossy(&frame));
+                };
+                assert_eq!(Some(message.seq), json["seq"].as_u64());
+                assert_eq!(message.header, Some(header));
+                let text = json["data"].as_str().expect("data is a string");
+                assert_eq!(text.len(), size);
+                assert_eq!(message.pattern, &text.as_bytes()[..size - V1_TRAILER]);
+                assert!(v1_pattern_ok(message.pattern, header.seq));
+                assert!(!v1_pattern_ok(message.pattern, header.seq + 1) || size == V1_TRAILER);
+            }
+        }
+    }
+
+    /// A message the tool did not publish, or one cut short or shifted, is read as a message
+    /// without a header (counted as corrupted), never as someone else's intact delivery.
+    #[test]
+    fn data_in_another_layout_has_no_header() {
+        let header = V1Header {
+            sent_ns: 5,
+            publisher: 0,
+            seq: 9,
+        };
+        let from = r#"{"id":"anon-1","name":"anon-1","verified":false}"#;
+        let good = published_data(&v1_publish(100, Some(header)));
+        // One pattern character dropped: the stated length no longer reaches the key.
+        let short = format!("\"{}", &good[2..]);
+        let not_ours = [
+            r#"{"text":"hi"}"#.to_string(),
+            "42".to_string(),
+            r#""short""#.to_string(),
+            short,
+            // The same string inside an object: not the frame's last field.
+            format!(r#"{{"data":{good}}}"#),
+        ];
+        for data in not_ours {
+            let frame = server_message(8, from, &data);
+            assert_eq!(
+                v1_frame(&frame),
+                V1Frame::Message(V1Message {
+                    seq: 8,
+                    header: None,
+                    pattern: &[],
+                }),
+                "{data}"
+            );
+        }
+        let mut text_body = Vec::new();
+        codec::push_message(&mut text_body, 8, 1, None, MessageKind::Text, b"hello");
+        assert!(matches!(
+            v1_frame(&text_body),
+            V1Frame::Message(V1Message { header: None, .. })
+        ));
+        assert_eq!(
+            v1_frame(br#"{"type":"presence","clients":2,"users":2}"#),
+            V1Frame::Counts
+        );
+        assert_eq!(
+            v1_frame(br#"{"type":"reactions","totals":{"x":1}}"#),
+            V1Frame::Counts
+        );
+        for other in [
+            &br#"{"type":"welcome","room":"room0"}"#[..],
+            br#"{"type":"error","code":"bad_request","message":"no"}"#,
+            br#"{"type":"message","ts":1,"seq":2}"#,
+            br#"{"type":"message","seq":x,"#,
+            b"not json",
+        ] {
+            assert_eq!(v1_frame(other), V1Frame::Other);
+        }
+        assert_eq!(
+            unexpected_v1_frame(br#"{"type":"error","code":"bad_request","message":"no"}"#),
+            r#"error frame: "bad_request""#
+        );
+    }
+
+    /// Fill and hoard messages carry no header, and the server still takes them.
+    #[test]
+    fn unchecked_publishes_are_valid_too() {
+        assert_eq!(published_data(&v1_publish(5, None)).len(), 5 + 2);
+        assert_eq!(
+            published_data(&v1_publish(FILL_MESSAGE_BYTES, None)).len(),
+            FILL_MESSAGE_BYTES + 2
+        );
+    }
+
+    #[test]
+    fn the_welcome_is_checked() {
+        let welcome = |you: &str, room: &str| {
+            format!(
+                r#"{{"type":"welcome","room":"{room}","you":{you},"epoch":"e","seq":41,"recovered":false,"history":[],"presence":{{"clients":1,"users":1}},"reactions":{{}}}}"#
+            )
+        };
+        let anon = r#"{"id":"anon-3","name":"anon-3","verified":false,"perm":"post"}"#;
+        let load = r#"{"id":"load-3","name":"load-3","verified":true,"perm":"post"}"#;
+        assert_eq!(
+            check_welcome(welcome(anon, "room2").as_bytes(), 2, None),
+            Ok(41)
+        );
+        assert_eq!(
+            check_welcome(welcome(load, "room2").as_bytes(), 2, Some("load-3")),
+            Ok(41)
+        );
+        for (frame, room, user) in [
+            (welcome(anon, "room2"), 3, None),
+            (welcome(anon, "room2"), 2, Some("load-3")),
+            (welcome(load, "room2"), 2, Some("load-4")),
+            (welcome(load, "room2"), 2, None),
+            (welcome(&anon.replace("post", "read"), "room2"), 2, None),
+            (r#"{"type":"message","seq":1}"#.to_string(), 2, None),
+            ("[]".to_string(), 2, None),
+        ] {
+            assert!(
+                check_welcome(frame.as_bytes(), room, user).is_err(),
+                "{frame}"
+            );
+        }
+    }
+
+    fn parse(line: &str, secret: Option<&str>) -> Result<Args, String> {
+        parse_args(
+            line.split_whitespace().map(String::from),
+            secret.map(|s| s.as_bytes().to_vec()),
+        )
+    }
+
+    /// `--v1` is the one flag without a value: the flag after it must not be taken for one.
+    #[test]
+    fn v1_is_a_switch_and_narrows_the_size() {
+        let args = parse("fanout --v1 --clients 5", None).unwrap();
+        assert!(args.v1);
+        assert_eq!(args.clients, 5);
+        let args = parse("fanout --clients 5 --v1", None).unwrap();
+        assert!(args.v1);
+        assert!(!parse("fanout", None).unwrap().v1);
+        // The v1 header is longer than the plain one: a size between the two is refused.
+        assert!(parse("fanout --size 20", None).is_ok());
+        let refused = parse("fanout --v1 --size 47", None).err().unwrap();
+        assert_eq!(
+            refused,
+            "--size must be between 48 and 60000 for fanout with --v1"
+        );
+        assert!(parse("fanout --v1 --size 48", None).is_ok());
+    }
+
+    #[test]
+    fn the_token_secret_comes_from_the_flag_or_the_environment() {
+        assert_eq!(parse("fanout", None).unwrap().token_secret, None);
+        assert_eq!(parse("fanout", Some("")).unwrap().token_secret, None);
+        let from_env = parse("fanout", Some("env-secret")).unwrap();
+        assert_eq!(from_env.token_secret.as_deref(), Some(&b"env-secret"[..]));
+        let from_flag = parse("fanout --token-secret flag-secret", Some("env-secret")).unwrap();
+        assert_eq!(from_flag.token_secret.as_deref(), Some(&b"flag-secret"[..]));
+        assert!(parse("fanout --token-secret", None).is_err());
+    }
+
+    /// PROTOCOL §2: `sub`, `exp` in seconds and `room` are required; a distinct `sub` per
+    /// client keeps the per-user limits per connection.
+    #[test]
+    fn join_claims_name_the_user_the_room_and_an_hour() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_764_230_000);
+        let claims = join_claims("load-7", 3, now);
+        assert_eq!(
+            claims,
+            serde_json::json!({"sub": "load-7", "exp": 1_764_233_600u64, "room": "room3"})
+        );
+    }
+
+    #[test]
+    fn only_a_101_that_names_v1_is_v1() {
+        let head = |protocol: &str| {
+            format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n{protocol}Sec-WebSocket-Accept: x")
+        };
+        assert!(names_v1(&head("Sec-WebSocket-Protocol: roomcast.v1\r\n")));
+        assert!(names_v1(&head("sec-websocket-protocol:roomcast.v1 \r\n")));
+        assert!(!names_v1(&head("")));
+        assert!(!names_v1(&head("Sec-WebSocket-Protocol: roomcast.v2\r\n")));
+    }
+
+    /// The digit-at-a-time reading `parse_hex8` replaces, as the reference.
+    fn hex_reference(digits: &[u8]) -> Option<u64> {
+        digits.iter().try_fold(0u64, |value, digit| {
+            let nibble = match digit {
+                b'0'..=b'9' => digit - b'0',
+                b'a'..=b'f' => digit - b'a' + 10,
+                _ => return None,
+            };
+            Some(value << 4 | u64::from(nibble))
+        })
+    }
+
+    /// Every byte value in every position, among valid digits: the SWAR reading must take
+    /// exactly the lowercase hex digits and read them as the reference does.
+    #[test]
+    fn hex_reads_like_the_reference() {
+        for base in [*b"00000000", *b"0123abcd", *b"ffffffff", *b"9a9a9a9a"] {
+            for at in 0..8 {
+                for byte in 0..=255u8 {
+                    let mut digits = base;
+                    digits[at] = byte;
+                    assert_eq!(
+                        parse_hex8(&digits).map(u64::from),
+                        hex_reference(&digits),
+                        "{:?}",
+                        String::from_utf8_lossy(&digits)
+                    );
+                }
+            }
+        }
+        for value in [0, 1, 0xdead_beef, 0x0123_4567_89ab_cdef, u64::MAX] {
+            let mut out = Vec::new();
+            push_hex(&mut out, value, 16);
+            assert_eq!(parse_hex16(&out.try_into().unwrap()), Some(value));
+        }
+    }
+
+    #[test]
+    fn decimals_read_up_to_the_first_other_byte() {
+        assert_eq!(parse_decimal(b"1043,"), Some((1043, &b","[..])));
+        assert_eq!(
+            parse_decimal(b"18446744073709551615"),
+            Some((u64::MAX, &b""[..]))
+        );
+        assert_eq!(parse_decimal(b"18446744073709551616,"), None);
+        assert_eq!(parse_decimal(b",1"), None);
+    }
 }

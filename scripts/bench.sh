@@ -67,6 +67,8 @@ if [ -n "$smoke" ]; then
     run capacity "--rate 0" capacity --clients 300 --rooms 3 --hold 0.5
     run fanout-window "--rate 0" fanout --clients 200 --publishers 4 --window 16 --size 64 --duration 2
     run fanout-rate "--rate 0" fanout --clients 300 --publishers 1 --rate 10 --size 64 --duration 2
+    # The same workload with every client on roomcast.v1 (welcome, publish, message frames).
+    run fanout-v1 "--rate 0" fanout --clients 200 --publishers 4 --window 16 --size 64 --duration 2 --v1
     run slow "--rate 0 --slow-timeout 1s --outbox-bytes 128KiB" slow --clients 100 --publishers 2 --stalled 5 --size 1024 --rate 500 --duration 4
     run churn "--rate 0" churn --clients 20 --churners 10 --rate 50 --duration 2
     run rooms "--rate 0" rooms --rooms 20 --clients 200 --rate 20 --duration 2
@@ -78,6 +80,9 @@ else
     run capacity "--rate 0" capacity --clients 15000 --rooms 10 --hold 3
     run fanout-window "--rate 0" fanout --clients 1000 --publishers 4 --window 16 --size 64 --duration 10
     run fanout-rate "--rate 0" fanout --clients 10000 --publishers 1 --rate 10 --size 64 --duration 10
+    # The two fanout rows with every client on roomcast.v1: what the JSON envelope costs.
+    run fanout-window-v1 "--rate 0" fanout --clients 1000 --publishers 4 --window 16 --size 64 --duration 10 --v1
+    run fanout-rate-v1 "--rate 0" fanout --clients 10000 --publishers 1 --rate 10 --size 64 --duration 10 --v1
     run slow "--rate 0" slow --clients 500 --publishers 2 --stalled 20 --size 1024 --rate 250 --duration 20
     run churn "--rate 0" churn --clients 100 --churners 50 --rate 100 --duration 10
     run rooms "--rate 0" rooms --rooms 500 --clients 5000 --rate 20 --duration 10
