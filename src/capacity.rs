@@ -27,7 +27,7 @@ use log::{info, warn};
 use crate::backplane::PUBLISH_QUEUE_BYTES;
 use crate::config::Config;
 use crate::http::MAX_HEAD_BYTES;
-use crate::relay::broadcaster::{EVENT_QUEUE_CAPACITY, MAX_BATCH, MAX_CHUNK};
+use crate::relay::broadcaster::{EVENT_QUEUE_CAPACITY, MAX_CHUNK, MAX_GATHERED_BYTES};
 use crate::relay::budget::EVENT_QUEUE_BYTES;
 use crate::relay::connection::READ_BUFFER_BYTES;
 use crate::workers::CONNECTION_STACK_BYTES;
@@ -65,7 +65,8 @@ const QUEUE_ALLOCATOR_EIGHTHS: u64 = 4;
 /// Per client, every part can be full at once:
 /// - the outbox: up to its bound in queued frames;
 /// - one partly sent frame at the outbox's head, whose sent part still occupies memory (a
-///   gathered chunk of up to 64 KiB, or one message when that is larger);
+///   gathered chunk of up to 64 KiB, or one message's frame when that is larger, the v1
+///   frame of a message being the largest);
 /// - two messages on its connection thread: one being read (a fragmented message being
 ///   assembled plus its last frame, or one whole frame), or one handed on and waiting for
 ///   room in the full event channel;
@@ -74,7 +75,8 @@ const QUEUE_ALLOCATOR_EIGHTHS: u64 = 4;
 /// - an eighth more for the allocator.
 ///
 /// Once for the server: the event channel full of maximum-size messages (each still holding
-/// the read buffer it was read into), the broadcaster's batch of gathered chunks, and with
+/// the read buffer it was read into), the broadcaster's batch of gathered chunks (each room's
+/// in both encodings, plain and v1), and with
 /// `--redis` the publish queue; half as much again for the allocator.
 ///
 /// Kernel socket buffers are not counted. They are not the process's memory (RSS), the kernel
@@ -98,8 +100,8 @@ pub struct MemoryBudget {
     pub queued_messages: u64,
     /// Payload bytes the event channel holds at most (its byte budget; see `budget`).
     pub queued_bytes: u64,
-    /// Rooms' chunks the broadcaster gathers at most before it fans them out.
-    pub batched_chunks: u64,
+    /// Bytes the broadcaster gathers into rooms' chunks at most before it fans them out.
+    pub gathered_bytes: u64,
     /// Bytes the Redis publish queue holds at most (0 without `--redis`).
     pub publish_queue: u64,
 }
@@ -110,13 +112,15 @@ pub fn memory_budget(config: &Config) -> MemoryBudget {
     MemoryBudget {
         outbox: config.effective_outbox_bytes() as u64,
         message,
-        partly_sent: message.max(MAX_CHUNK as u64),
+        partly_sent: (config.max_frame_bytes() as u64).max(MAX_CHUNK as u64),
         read_buffer: READ_BUFFER_BYTES as u64,
         request_head: MAX_HEAD_BYTES as u64,
         stack: CONNECTION_STACK_BYTES as u64,
         queued_messages: EVENT_QUEUE_CAPACITY as u64,
         queued_bytes: EVENT_QUEUE_BYTES.max(config.max_message_bytes) as u64,
-        batched_chunks: MAX_BATCH as u64,
+        // Its bound, overshot by one frame at most (see `MAX_GATHERED_BYTES`).
+        gathered_bytes: (MAX_GATHERED_BYTES as u64)
+            .saturating_add((config.max_frame_bytes() as u64).saturating_mul(2)),
         publish_queue: match config.redis {
             Some(_) => PUBLISH_QUEUE_BYTES.max(config.max_message_bytes.saturating_mul(2)) as u64,
             None => 0,
@@ -149,7 +153,7 @@ impl MemoryBudget {
             .saturating_add(self.queued_messages.saturating_mul(self.read_buffer));
         let parts = by_count
             .min(by_bytes)
-            .saturating_add(self.batched_chunks.saturating_mul(self.partly_sent))
+            .saturating_add(self.gathered_bytes)
             .saturating_add(self.publish_queue);
         with_eighths(parts, QUEUE_ALLOCATOR_EIGHTHS)
     }
@@ -181,7 +185,7 @@ impl fmt::Display for MemoryBudget {
             f,
             "up to {} per client (outbox {} + {} partly sent frame + 2 × {} messages on its \
              thread + {} read buffer + {} request head + {} stack, + {} for the allocator) \
-             and {} once for the queues ({} events of at most {} in all + {} gathered chunks",
+             and {} once for the queues ({} events of at most {} in all + {} of gathered chunks",
             human_bytes(self.per_client()),
             human_bytes(self.outbox),
             human_bytes(self.partly_sent),
@@ -193,7 +197,7 @@ impl fmt::Display for MemoryBudget {
             human_bytes(self.shared()),
             self.queued_messages,
             human_bytes(self.queued_bytes),
-            self.batched_chunks,
+            human_bytes(self.gathered_bytes),
         )?;
         if self.publish_queue > 0 {
             write!(
@@ -548,15 +552,18 @@ mod tests {
         let budget = memory_budget(&config);
         let per_client = budget.per_client();
         assert!(per_client > MIB + 3 * 64 * 1024, "{per_client}");
-        assert!(per_client < 3 * MIB / 2, "{per_client}");
+        // With room for one partly sent v1 frame of a maximum message (up to 6 times its size,
+        // for text of control characters).
+        assert!(per_client < 2 * MIB, "{per_client}");
         // The outbox bound of two messages applies, and bigger messages cost more.
         let big = memory_budget(&Config {
             max_message_bytes: 1 << 20,
             ..Config::default()
         });
-        assert_eq!(big.outbox, 2 * ((1 << 20) + 10 + 64) + 4096);
+        let v1_frame = crate::v1::codec::max_message_json_bytes(1 << 20) as u64 + 10;
+        assert_eq!(big.outbox, 2 * (v1_frame + 64) + 4096);
         assert!(big.per_client() > 4 * MIB);
-        assert!(big.shared() > budget.shared() * 10);
+        assert!(big.shared() > budget.shared());
         // Redis adds its publish queue to the shared part.
         let redis = Config {
             redis: Some("redis://127.0.0.1:6379/0".to_string()),
@@ -565,7 +572,7 @@ mod tests {
         assert_eq!(memory_budget(&redis).publish_queue, 16 * MIB);
         let text = budget.to_string();
         assert!(
-            text.starts_with("up to 1.4 MiB per client (outbox 1 MiB + 64.0 KiB partly sent frame + 2 × 64.0 KiB messages"),
+            text.starts_with("up to 1.8 MiB per client (outbox 1 MiB + 385.3 KiB partly sent frame + 2 × 64.0 KiB messages"),
             "{text}"
         );
         assert!(
@@ -620,9 +627,13 @@ mod tests {
         let budget = memory_budget(&Config::default());
         let capacity = derive(&machine, &budget);
         let room = 176 * MIB;
-        // The queues' worst case (132 MiB) is over half of that room: half is set aside.
-        assert!(budget.shared() > room / 2);
-        assert_eq!(capacity.by_memory, (room - room / 2) / budget.per_client());
+        // The queues' worst case (37 MiB: the channel's 16 MiB and 8 MiB of gathered chunks,
+        // with the allocator's half) is under half of that room: all of it is set aside.
+        assert!(budget.shared() < room / 2);
+        assert_eq!(
+            capacity.by_memory,
+            (room - budget.shared()) / budget.per_client()
+        );
         assert_eq!(capacity.max_clients(), capacity.by_memory);
         assert_eq!(
             capacity.binding_limit(),

@@ -318,13 +318,22 @@ impl Config {
     /// control frames (pings, pongs, the close) queued between them.
     pub fn effective_outbox_bytes(&self) -> usize {
         let frame = self
-            .max_message_bytes
-            .saturating_add(MAX_FRAME_HEADER_BYTES + crate::relay::outbox::ENTRY_OVERHEAD_BYTES);
+            .max_frame_bytes()
+            .saturating_add(crate::relay::outbox::ENTRY_OVERHEAD_BYTES);
         self.outbox_bytes.max(
             OUTBOX_MESSAGE_MULTIPLE
                 .saturating_mul(frame)
                 .saturating_add(MIN_OUTBOX_BYTES),
         )
+    }
+
+    /// The largest frame one message can become, with its header: a plain frame of
+    /// `--max-message-bytes`, or the v1 `message` frame of it, which is larger (a text of
+    /// control characters escapes to 6 bytes a byte; see `codec::max_message_json_bytes`).
+    pub fn max_frame_bytes(&self) -> usize {
+        crate::v1::codec::max_message_json_bytes(self.max_message_bytes)
+            .max(self.max_message_bytes)
+            .saturating_add(MAX_FRAME_HEADER_BYTES)
     }
 
     /// Checks every value against its range, and the relations between flags that no single
@@ -1468,17 +1477,34 @@ mod tests {
 
     #[test]
     fn outbox_never_below_two_messages() {
+        // Two of the largest frames a message can become: its v1 `message` frame.
+        let v1_frame = |max: usize| crate::v1::codec::max_message_json_bytes(max) + 10;
         let config = run(&["--max-message-bytes", "1M", "--outbox-bytes", "100K"]).unwrap();
         assert_eq!(
             config.effective_outbox_bytes(),
-            2 * (1024 * 1024 + 10 + 64) + MIN_OUTBOX_BYTES
+            2 * (v1_frame(1024 * 1024) + 64) + MIN_OUTBOX_BYTES
         );
         // Tiny limits still leave room for the handshake and control frames.
         let config = run(&["--max-message-bytes", "40", "--outbox-bytes", "100"]).unwrap();
         assert_eq!(
             config.effective_outbox_bytes(),
-            2 * (40 + 10 + 64) + MIN_OUTBOX_BYTES
+            2 * (v1_frame(40) + 64) + MIN_OUTBOX_BYTES
         );
+        // The default outbox already holds two v1 frames of a default maximum message.
+        assert_eq!(
+            Config::default().effective_outbox_bytes(),
+            DEFAULT_OUTBOX_BYTES
+        );
+        for max in [64 * 1024, 512 * 1024, 4 << 20] {
+            let config = Config {
+                max_message_bytes: max,
+                ..Config::default()
+            };
+            assert!(
+                config.effective_outbox_bytes() >= 2 * v1_frame(max),
+                "{max}"
+            );
+        }
     }
 
     #[test]

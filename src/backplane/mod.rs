@@ -500,12 +500,12 @@ pub(crate) fn relay(backplane: Option<&Backplane>, events: &Events, message: Mes
     }
 }
 
-/// Where a server-initiated close (an `Event::Close`) goes so that it lands behind every
-/// message its client sent before it: the same way those went. With a backplane that is the
+/// Where an event about one client (a server-initiated close, an `error` reply) goes so that
+/// it lands behind every message that client sent before it: the same way those went. With a backplane that is the
 /// publish queue; when the queue has no room (or the publisher has ended) the close takes the
 /// broadcaster's channel instead and may overtake the client's last queued messages. Waits
 /// for room in the channel until `deadline`; returns whether the close is on its way.
-pub(crate) fn relay_close(
+pub(crate) fn relay_in_order(
     backplane: Option<&Backplane>,
     events: &Events,
     close: Event,
@@ -751,6 +751,7 @@ mod tests {
                 Event::Close { .. } => "close".into(),
                 Event::Backlogged(_) => "backlogged".into(),
                 Event::Welcome(_) => "welcome".into(),
+                Event::Reply { .. } => "reply".into(),
             })
             .collect()
     }
@@ -890,7 +891,7 @@ mod tests {
         assert_eq!(backplane.dropped_queue_full.load(Ordering::Relaxed), 0);
         let (events, delivered) = Events::channel(1 << 16, usize::MAX);
         let close = close_event();
-        assert!(relay_close(
+        assert!(relay_in_order(
             Some(&backplane),
             &events,
             close,
@@ -918,7 +919,7 @@ mod tests {
         let relay_text = |text: &str| relay(Some(&backplane), &events, self::text("r", text));
         assert_eq!(relay_text("a"), Relayed::Queued);
         assert_eq!(relay_text("b"), Relayed::Queued);
-        assert!(relay_close(
+        assert!(relay_in_order(
             Some(&backplane),
             &events,
             close_event(),

@@ -329,7 +329,7 @@ fn room_details_json(shared: &Shared, room: &str) -> String {
     if let Some(state) = shared.room_states.get(room) {
         body.push_str(&format!(
             ",\"epoch\":{},\"seq\":{}",
-            json_string(&state.epoch),
+            crate::v1::codec::json_string(&state.epoch),
             state.seq()
         ));
     }
@@ -372,27 +372,10 @@ fn rooms_json(shared: &Shared) -> String {
 }
 
 fn room_json(room: &str, clients: usize) -> String {
-    format!("{{\"room\":{},\"clients\":{clients}}}", json_string(room))
-}
-
-/// A JSON string literal. Room names are already restricted to safe characters; escaping
-/// anyway keeps this correct if that rule ever loosens.
-pub fn json_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    format!(
+        "{{\"room\":{},\"clients\":{clients}}}",
+        crate::v1::codec::json_string(room)
+    )
 }
 
 /// Compares two byte strings in time that depends only on their lengths, so response timing
@@ -467,7 +450,10 @@ mod tests {
 
     #[test]
     fn json_strings_are_escaped() {
-        assert_eq!(json_string("a\"b\\c\n\u{1}é"), "\"a\\\"b\\\\c\\n\\u0001é\"");
+        assert_eq!(
+            crate::v1::codec::json_string("a\"b\\c\n\u{1}é"),
+            "\"a\\\"b\\\\c\\n\\u0001é\""
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::info;
+use serde_json::value::RawValue;
 
 use crate::http::Response;
 use crate::relay::client::Client;
@@ -19,6 +20,8 @@ pub const MAX_BAN_SECS: u64 = 7 * 24 * 3600;
 pub const MAX_REASON_BYTES: usize = 123;
 /// The reason when the moderator gives none.
 const DEFAULT_REASON: &str = "removed by a moderator";
+/// The close reason of a banned user's connection that joined as the ban landed.
+pub const BANNED_REASON: &str = "banned from this room";
 
 /// A parsed moderation request.
 #[derive(Debug, PartialEq)]
@@ -28,26 +31,32 @@ struct Request {
     ban: Option<Duration>,
 }
 
+/// Parses a request body. Read as one flat object of raw values, each field decoded on its
+/// own: a `serde_json::Value` parses recursively, and on a connection thread's 64 KiB stack a
+/// body nested a hundred levels deep would overflow it and abort the process.
 fn parse(body: &[u8]) -> Result<Request, &'static str> {
-    let value: serde_json::Value =
+    type Fields<'a> = std::collections::HashMap<String, &'a RawValue>;
+    let fields: Fields<'_> =
         serde_json::from_slice(body).map_err(|_| "the body must be a JSON object")?;
-    let object = value.as_object().ok_or("the body must be a JSON object")?;
-    let user = match object.get("user") {
-        Some(serde_json::Value::String(user)) if (1..=128).contains(&user.len()) => user.clone(),
+    let field = |name: &str| {
+        fields
+            .get(name)
+            .map(|raw| raw.get())
+            .filter(|raw| *raw != "null")
+    };
+    let user = match field("user").map(serde_json::from_str::<String>) {
+        Some(Ok(user)) if (1..=128).contains(&user.len()) => user,
         _ => return Err("\"user\" must be a string of 1-128 bytes"),
     };
-    let reason = match object.get("reason") {
-        None | Some(serde_json::Value::Null) => DEFAULT_REASON.to_string(),
-        Some(serde_json::Value::String(reason)) => cut_at_char_boundary(reason, MAX_REASON_BYTES),
-        Some(_) => return Err("\"reason\" must be a string"),
+    let reason = match field("reason").map(serde_json::from_str::<String>) {
+        None => DEFAULT_REASON.to_string(),
+        Some(Ok(reason)) => cut_at_char_boundary(&reason, MAX_REASON_BYTES),
+        Some(Err(_)) => return Err("\"reason\" must be a string"),
     };
-    let ban = match object.get("ban_secs") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(secs) => match secs.as_u64() {
-            Some(0) => None,
-            Some(secs) if secs <= MAX_BAN_SECS => Some(Duration::from_secs(secs)),
-            _ => return Err("\"ban_secs\" must be an integer from 0 to 604800"),
-        },
+    let ban = match field("ban_secs").map(serde_json::from_str::<u64>) {
+        None | Some(Ok(0)) => None,
+        Some(Ok(secs)) if secs <= MAX_BAN_SECS => Some(Duration::from_secs(secs)),
+        _ => return Err("\"ban_secs\" must be an integer from 0 to 604800"),
     };
     Ok(Request { user, reason, ban })
 }
@@ -67,7 +76,15 @@ pub(crate) fn disconnect(shared: &Shared, room: &str, body: &[u8]) -> Response {
         Ok(request) => request,
         Err(problem) => return Response::status(400).with_body(format!("{problem}\n")),
     };
-    // The ban first: a reconnect racing the close below is refused too.
+    if request.ban.is_some() && shared.config.token_secrets.is_empty() {
+        // Open mode has no tokens to refuse and no user beyond one connection: a ban would be
+        // a promise nothing keeps.
+        return Response::status(400).with_body(
+            "bans need join tokens: start roomcast with a token secret (ROOMCAST_TOKEN_SECRET)\n",
+        );
+    }
+    // The ban first: a reconnect racing the close below is refused, or removed as it joins
+    // (see `connection::run`).
     if let Some(ban) = request.ban {
         if shared
             .users
@@ -83,7 +100,8 @@ pub(crate) fn disconnect(shared: &Shared, room: &str, body: &[u8]) -> Response {
     // Collected under the hub's lock, closed after it: closing sends and shuts sockets down.
     let mut targets: Vec<Arc<Client>> = Vec::new();
     shared.hub.for_each_member(room, |client| {
-        if *client.identity.id == *request.user {
+        // A client already closing (it left, or was closed) is not disconnected again.
+        if *client.identity.id == *request.user && !client.is_closing() {
             targets.push(client.clone());
         }
     });
@@ -98,7 +116,7 @@ pub(crate) fn disconnect(shared: &Shared, room: &str, body: &[u8]) -> Response {
         }
     }
     info!(
-        "moderation: room {room}: user {} disconnected from {disconnected} connections{}",
+        "moderation: room {room}: user {:?} disconnected from {disconnected} connections{}",
         request.user,
         request.ban.map_or(String::new(), |ban| format!(
             ", banned for {}s",

@@ -15,7 +15,8 @@
 //! Its tick also drives the heartbeat (pinging quiet clients) and, at shutdown, the
 //! `1001 going away` closes and the grace period.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +47,11 @@ pub(crate) const MAX_BATCH: usize = 1024;
 /// Upper bound of a room's chunk of gathered frames (see `Broadcaster::gather`): large enough
 /// that a busy batch of small messages becomes one chunk, small enough to stay cache-friendly.
 pub(crate) const MAX_CHUNK: usize = 64 * 1024;
+/// Bytes gathered into rooms' chunks (both encodings, all rooms) before every chunk is fanned
+/// out, even mid-batch. Without it a batch of 1,024 maximum-size messages to 1,024 rooms
+/// would hold them all, twice, at once; with it the gathering costs a known bound, which the
+/// capacity preflight counts once.
+pub(crate) const MAX_GATHERED_BYTES: usize = 8 * 1024 * 1024;
 /// How often backlogged clients are retried. Short, because a healthy client that briefly
 /// filled its socket buffer should not wait long; long enough that a thousand stalled clients
 /// cost a thousand failing `sendmsg` calls 100 times a second, not once per batch.
@@ -53,8 +59,16 @@ const BACKLOG_RETRY: Duration = Duration::from_millis(10);
 /// Bounds of the heartbeat sweep interval, which is a quarter of `--ping-interval`.
 const MIN_SWEEP: Duration = Duration::from_millis(10);
 const MAX_SWEEP: Duration = Duration::from_secs(1);
-/// How often room states are checked against `--room-ttl`.
+/// How often the broadcaster looks at due room checks, and how soon a room found with members
+/// is looked at again (so its state expires at most this long after `--room-ttl`).
 const ROOM_STATE_CHECK: Duration = Duration::from_secs(1);
+/// Rooms with state held at most. Past it, the states of rooms without members go first,
+/// those idle longest before the others, whatever their `--room-ttl`: a client cycling through
+/// room names can make states only as fast as it joins or publishes, but for ten minutes.
+/// About 300 B each: at most some 30 MiB.
+pub const MAX_ROOM_STATES: usize = 100_000;
+/// Room checks done per tick at most, so a burst of due checks never stalls relaying.
+const ROOM_CHECKS_PER_TICK: usize = 10_000;
 /// How often shutdown re-checks whether every client has gone during the grace period.
 const GRACE_STEP: Duration = Duration::from_millis(10);
 
@@ -116,6 +130,10 @@ pub enum Event {
     },
     /// A v1 client has joined its room and is owed its `welcome` (see `Broadcaster::welcome`).
     Welcome(Arc<Client>),
+    /// A frame for one client only (a v1 `error`), sent this way rather than queued by the
+    /// connection thread so it keeps its place: behind the welcome and behind the messages
+    /// the client sent before the frame it answers.
+    Reply { client: Arc<Client>, frame: Bytes },
     /// The server closes `client` (protocol error, limit, idle). Sent through the channel
     /// rather than queued directly so the close lands behind every message the client sent
     /// before it: per-sender order holds even for the client's own echo. `done` reports
@@ -227,6 +245,10 @@ pub struct Broadcaster {
     rooms: HashMap<Arc<str>, Room>,
     /// The same states, for readers on other threads.
     room_states: Arc<RoomStates>,
+    /// When to look at each room with state next, soonest first; one entry per room. A
+    /// room with members is looked at every `ROOM_STATE_CHECK`, one without at the end of its
+    /// `--room-ttl`, so expiry costs what expires, never a walk of every room.
+    room_checks: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     /// Clients given a frame in the current batch and not yet flushed.
     dirty: Vec<Arc<Client>>,
     /// Clients whose outbox was full when a frame was queued under the hub's lock; settled
@@ -237,6 +259,8 @@ pub struct Broadcaster {
     /// Frames gathered per room during the current batch, fanned out at its end (or earlier,
     /// see `gather`). Emptied after every batch.
     chunks: HashMap<Arc<str>, Chunk>,
+    /// Bytes held in `chunks` now, bounded by `MAX_GATHERED_BYTES`.
+    gathered: usize,
     /// Largest chunk: at most half the outbox bound, so one chunk can never overflow an
     /// outbox that the client has drained, and at most `MAX_CHUNK`.
     chunk_limit: usize,
@@ -276,10 +300,12 @@ impl Broadcaster {
             config,
             rooms: HashMap::new(),
             room_states,
+            room_checks: BinaryHeap::new(),
             dirty: Vec::new(),
             overflowed: Vec::new(),
             overflowed_v1: Vec::new(),
             chunks: HashMap::new(),
+            gathered: 0,
             chunk_limit,
             early_flush: chunk_limit / 2,
             backlog: Vec::new(),
@@ -366,15 +392,22 @@ impl Broadcaster {
                 let _ = done.send(());
             }
             Event::Backlogged(client) => self.backlog.push(client),
+            Event::Reply { client, frame } => {
+                self.fan_out(&client.room);
+                if let Push::Queued { .. } = client.queue_or_evict(frame) {
+                    self.dirty.push(client);
+                }
+            }
         }
     }
 
     /// The room's state, created (with a fresh epoch) if it has none.
     fn room(&mut self, name: &Arc<str>, now: Instant) -> &mut Room {
-        let room_states = &self.room_states;
+        let (room_states, room_checks) = (&self.room_states, &mut self.room_checks);
         let room = self.rooms.entry(name.clone()).or_insert_with(|| {
             let state = Arc::new(RoomState::new());
             room_states.insert(name.clone(), state.clone());
+            room_checks.push(Reverse((now + ROOM_STATE_CHECK, name.clone())));
             Room {
                 state,
                 has_v1_members: false,
@@ -425,6 +458,7 @@ impl Broadcaster {
             Frame::message(json, OpCode::Data(Data::Text), true)
         });
         let frame = Frame::message(payload, opcode, true);
+        let frame_len = frame.len();
         let v1_len = v1.as_ref().map_or(0, Frame::len);
         let is_full = self.chunks.get(&name).is_some_and(|chunk| {
             chunk.messages > 0
@@ -446,6 +480,10 @@ impl Broadcaster {
         }
         chunk.messages += 1;
         self.stats.messages_relayed.fetch_add(1, Ordering::Relaxed);
+        self.gathered += frame_len + v1_len;
+        if self.gathered >= MAX_GATHERED_BYTES {
+            self.fan_out_all();
+        }
         seq
     }
 
@@ -456,6 +494,7 @@ impl Broadcaster {
         };
         let bytes = into_shared(std::mem::take(&mut chunk.bytes));
         let v1 = into_shared(std::mem::take(&mut chunk.v1));
+        self.gathered = self.gathered.saturating_sub(bytes.len() + v1.len());
         let messages = std::mem::take(&mut chunk.messages);
         let mut delivered = 0;
         let mut has_v1_members = false;
@@ -521,25 +560,37 @@ impl Broadcaster {
         }
     }
 
-    /// Drops the state of rooms without members for `--room-ttl`: a later join starts a new
-    /// epoch. Rooms with members are marked active, under one read lock for all of them.
+    /// Drops the state of rooms without members for `--room-ttl` (a later join starts a new
+    /// epoch), and past `MAX_ROOM_STATES` the states of memberless rooms due soonest. Each
+    /// check looks at one room under a short read lock of the hub.
     fn expire_rooms(&mut self, now: Instant) {
         let ttl = self.config.room_ttl;
-        let mut expired = Vec::new();
-        let rooms = &mut self.rooms;
-        self.hub.with_rooms(|members| {
-            for (name, room) in rooms.iter_mut() {
-                if members.contains_key(name) {
-                    room.last_active = now;
-                } else if now.saturating_duration_since(room.last_active) > ttl {
-                    expired.push(name.clone());
-                }
+        for _ in 0..ROOM_CHECKS_PER_TICK {
+            let over_cap = self.rooms.len() > MAX_ROOM_STATES;
+            let Some(Reverse((due, _))) = self.room_checks.peek() else {
+                return;
+            };
+            if *due > now && !over_cap {
+                return;
             }
-        });
-        for name in expired {
-            self.rooms.remove(&name);
-            self.room_states.remove(&name);
-            debug!("room {name}: state expired");
+            let Some(Reverse((_, name))) = self.room_checks.pop() else {
+                return;
+            };
+            let Some(room) = self.rooms.get_mut(&name) else {
+                continue;
+            };
+            let next = if self.hub.room_size(&name) > 0 {
+                room.last_active = now;
+                now + ROOM_STATE_CHECK
+            } else if over_cap || now.saturating_duration_since(room.last_active) >= ttl {
+                self.rooms.remove(&name);
+                self.room_states.remove(&name);
+                debug!("room {name}: state expired");
+                continue;
+            } else {
+                room.last_active + ttl
+            };
+            self.room_checks.push(Reverse((next, name)));
         }
     }
 
@@ -575,6 +626,7 @@ impl Broadcaster {
             self.fan_out(&room);
         }
         self.chunks.clear();
+        self.gathered = 0;
     }
 
     /// One non-blocking send per touched client: every frame of the batch in one `sendmsg`.

@@ -31,6 +31,13 @@ pub enum Protocol {
     V1,
 }
 
+/// What an upgrade settled about a client: its protocol and who it is.
+#[derive(Debug)]
+pub struct Session {
+    pub protocol: Protocol,
+    pub identity: Arc<Identity>,
+}
+
 /// A connected, upgraded client.
 pub struct Client {
     pub id: u64,
@@ -82,7 +89,7 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// A client of `protocol`; a v1 client starts unwelcomed.
+    /// A client of `session.protocol`; a v1 client starts unwelcomed.
     pub fn new(
         id: u64,
         room: Arc<str>,
@@ -90,9 +97,9 @@ impl Client {
         socket: Arc<TcpStream>,
         outbox_limit: usize,
         stats: Arc<Stats>,
-        protocol: Protocol,
-        identity: Arc<Identity>,
+        session: Session,
     ) -> Client {
+        let Session { protocol, identity } = session;
         Client {
             id,
             room,
@@ -360,8 +367,10 @@ impl Client {
             Arc::new(socket),
             outbox_limit,
             stats,
-            Protocol::Plain,
-            identity,
+            Session {
+                protocol: Protocol::Plain,
+                identity,
+            },
         );
         (client, peer_side)
     }

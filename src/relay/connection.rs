@@ -34,7 +34,7 @@ use crate::http::endpoints;
 use crate::http::origin::{self, Origin};
 use crate::http::{self, HeadError, Request, Response};
 use crate::relay::broadcaster::{Event, Events, Message as RoomMessage, MessageKind};
-use crate::relay::client::{Client, Protocol};
+use crate::relay::client::{Client, Protocol, Session};
 use crate::relay::hub::{is_valid_room_name, Hub};
 use crate::relay::outbox::Flush;
 use crate::relay::ratelimit::TokenBucket;
@@ -86,7 +86,7 @@ fn handshake<'a>(
     id: u64,
 ) -> Option<(Admitted<'a>, Vec<u8>)> {
     let deadline = Instant::now() + shared.config.handshake_timeout;
-    let (request, leftover) = match http::read_request(&socket, deadline) {
+    let (request, leftover) = match http::read_request(socket, deadline) {
         Ok(read) => read,
         Err(error) => {
             debug!("connection {id} ({peer}): no request: {error:?}");
@@ -139,10 +139,19 @@ fn run(
     // Anything the broadcaster queues from now on lands behind the 101.
     client.queue_response(Bytes::from(upgrade.response));
     let membership = Membership::join(&shared.hub, &client);
+    // A ban may have landed between `admit`'s check and the join, after the moderator had
+    // walked the room: look again. The moderator bans (users lock) before it walks the room
+    // (hub lock), and this joined (hub lock) before looking (users lock), so either the walk
+    // saw this client or this sees the ban. The `101` may be out already, so it is a `4003`.
+    if let Some(user) = client.identity.user() {
+        if shared.users.is_banned(&client.room, user, Instant::now()) {
+            client.remove_by_moderator(crate::http::moderation::BANNED_REASON);
+        }
+    }
     shared.stats.clients_served.fetch_add(1, Ordering::Relaxed);
     flush(&shared.events, &client);
     debug!(
-        "client {id} ({peer}) joined room {} as {} ({:?})",
+        "client {id} ({peer}) joined room {} as {:?} ({:?})",
         client.room, client.identity.id, client.protocol
     );
 
@@ -162,9 +171,11 @@ fn run(
         close_in_order(shared, &client, code, reason);
     }
     drop(membership);
+    // The user's connection place goes with the membership, not after the linger below: a
+    // user at `--max-connections-per-user` may reconnect as soon as it has left the room.
+    drop(seat);
     debug!("client {id} ({peer}) left room {}: {ending:?}", client.room);
     finish(&client, ending);
-    drop(seat);
 }
 
 /// The shared `Client` of an admitted upgrade. Out of line: a `Client` is built on the stack
@@ -186,8 +197,10 @@ fn new_client(
         socket,
         shared.config.effective_outbox_bytes(),
         shared.stats.clone(),
-        upgrade.protocol,
-        Arc::new(identity),
+        Session {
+            protocol: upgrade.protocol,
+            identity: Arc::new(identity),
+        },
     ))
 }
 
@@ -471,11 +484,15 @@ fn session(
             Err(error) => return ending_for(client, error),
         };
         // Data messages and pings take a token: pings too, so a ping flood (each of which
-        // costs a pong) is a rate violation like any other flood.
-        let is_counted = matches!(
-            message,
-            Message::Text(_) | Message::Binary(_) | Message::Ping(_)
-        );
+        // costs a pong) is a rate violation like any other flood. A v1 text frame is charged
+        // once parsed (`v1_request`), since a reaction costs none (PROTOCOL §3).
+        let is_counted = match (client.protocol, &message) {
+            (Protocol::V1, Message::Text(_)) => false,
+            (_, message) => matches!(
+                message,
+                Message::Text(_) | Message::Binary(_) | Message::Ping(_)
+            ),
+        };
         if is_counted && !limit.try_take(Instant::now()) {
             return Ending::Close(
                 CloseCode::Policy,
@@ -484,10 +501,19 @@ fn session(
             );
         }
         let (kind, payload) = match (client.protocol, message) {
-            (Protocol::V1, Message::Text(text)) => match v1_request(shared, client, &text) {
-                Some(message) => message,
-                None => continue,
-            },
+            (Protocol::V1, Message::Text(text)) => {
+                match v1_request(shared, client, &text, &mut limit) {
+                    V1Outcome::Relay(kind, payload) => (kind, payload),
+                    V1Outcome::Done => continue,
+                    V1Outcome::OverRate => {
+                        return Ending::Close(
+                            CloseCode::Policy,
+                            "rate limit exceeded",
+                            Some(Eviction::Rate),
+                        )
+                    }
+                }
+            }
             (Protocol::V1, Message::Binary(_)) => {
                 return Ending::Close(
                     CloseCode::Unsupported,
@@ -563,27 +589,49 @@ impl Limit<'_> {
     }
 }
 
-/// Answers one text frame of a v1 client: the room message it asks for, or `None` after
-/// queuing an `error` frame for a request that is malformed or not allowed.
+/// What one text frame of a v1 client comes to.
+enum V1Outcome {
+    /// A message for the room.
+    Relay(MessageKind, Bytes),
+    /// Answered (an `error` frame) or accepted with nothing to relay (a reaction).
+    Done,
+    /// Over the message rate: the client is closed with `1008`.
+    OverRate,
+}
+
+/// Answers one text frame of a v1 client: the room message it asks for, or an `error` frame
+/// for a request that is malformed or not allowed. Every frame but a reaction costs a message
+/// token, the malformed and the forbidden included (PROTOCOL §3).
 ///
 /// Out of line, so the JSON parser's stack frames exist only while a frame is parsed, not for
 /// the whole session (see `serve`).
 #[inline(never)]
-fn v1_request(shared: &Shared, client: &Arc<Client>, text: &str) -> Option<(MessageKind, Bytes)> {
+fn v1_request(
+    shared: &Shared,
+    client: &Arc<Client>,
+    text: &str,
+    limit: &mut Limit<'_>,
+) -> V1Outcome {
     let perm = client.identity.perm;
-    let refusal = match codec::parse(text) {
+    let request = codec::parse(text);
+    if let Ok(Incoming::React(_)) = request {
+        // Counting reactions comes with the room's live state (PROTOCOL §3, §5); until then
+        // a reaction is checked for its right and goes nowhere, and never costs a message.
+        if perm.can_react() {
+            return V1Outcome::Done;
+        }
+    } else if !limit.try_take(Instant::now()) {
+        return V1Outcome::OverRate;
+    }
+    let (code, message) = match request {
         Ok(Incoming::Publish(data)) if perm.can_post() => match codec::minify(data) {
-            Some(data) => return Some((MessageKind::Json, Bytes::from(data))),
+            Some(data) => return V1Outcome::Relay(MessageKind::Json, Bytes::from(data)),
             None => (ErrorCode::BadRequest, "data nested deeper than 64 levels"),
         },
         Ok(Incoming::Publish(_)) => (ErrorCode::Forbidden, "your token does not allow posting"),
-        // Counting reactions comes with the room's live state (PROTOCOL §3, §5); until then a
-        // permitted reaction is accepted and goes nowhere.
-        Ok(Incoming::React(_)) if perm.can_react() => return None,
         Ok(Incoming::React(_)) => (ErrorCode::Forbidden, "your token does not allow reacting"),
         Err(reason) => (ErrorCode::BadRequest, reason),
     };
-    let (code, message) = refusal;
     let frame = crate::relay::client::encode(tungstenite::protocol::frame::Frame::message(
         codec::error(code, message),
         tungstenite::protocol::frame::coding::OpCode::Data(
@@ -591,10 +639,22 @@ fn v1_request(shared: &Shared, client: &Arc<Client>, text: &str) -> Option<(Mess
         ),
         true,
     ));
-    client.queue_or_evict(frame);
-    flush(&shared.events, client);
-    shared.stats.v1_errors_sent.fetch_add(1, Ordering::Relaxed);
-    None
+    // Through the broadcaster (and with `--redis` behind the client's publishes in the
+    // publish queue), so the error never overtakes the welcome or an earlier message.
+    let reply = Event::Reply {
+        client: client.clone(),
+        frame,
+    };
+    let deadline = Instant::now() + LINGER;
+    if crate::backplane::relay_in_order(
+        shared.backplane.as_deref(),
+        &shared.events,
+        reply,
+        deadline,
+    ) {
+        shared.stats.v1_errors_sent.fetch_add(1, Ordering::Relaxed);
+    }
+    V1Outcome::Done
 }
 
 /// How a session ends when the server has removed the client: a moderator's removal still
@@ -653,7 +713,7 @@ fn ending_for(client: &Client, error: WsError) -> Ending {
 
 /// Queues our close frame behind every message this client sent before it, by sending the
 /// close the way those messages went: through the broadcaster, and with `--redis` through the
-/// publish queue and Redis (see `backplane::relay_close`). Without this, a client that sends a
+/// publish queue and Redis (see `backplane::relay_in_order`). Without this, a client that sends a
 /// message and then a bad frame would get the close but never its own message back (Autobahn
 /// 3.2, 4.x and 5.15 check exactly that). Falls back to queuing directly when the broadcaster
 /// is gone (shutdown) or the close is not queued within `LINGER`.
@@ -667,9 +727,12 @@ fn close_in_order(shared: &Shared, client: &Arc<Client>, code: CloseCode, reason
         done,
     };
     let deadline = Instant::now() + LINGER;
-    let is_queued =
-        crate::backplane::relay_close(shared.backplane.as_deref(), &shared.events, event, deadline)
-            && queued.recv_deadline(deadline).is_ok();
+    let is_queued = crate::backplane::relay_in_order(
+        shared.backplane.as_deref(),
+        &shared.events,
+        event,
+        deadline,
+    ) && queued.recv_deadline(deadline).is_ok();
     if !is_queued {
         client.queue_close(code, reason);
     }
@@ -690,10 +753,12 @@ fn finish(client: &Client, ending: Ending) {
             let _ = client.socket().shutdown(Both::Both);
             return;
         }
-        // Our close frame is already queued, by `close_in_order` or by the close reply (or,
-        // for a removal, by the moderator's request, which also ended our reading).
-        Ending::ClosedByClient | Ending::Removed => true,
-        Ending::Close(..) => false,
+        // Our close frame is already queued, by `close_in_order` or by the close reply.
+        Ending::ClosedByClient => true,
+        // A close we started (for a removal, queued by the moderator's request): the client
+        // may still be sending, so we drain until its FIN (reads still work after the
+        // moderator's `shutdown(Read)`).
+        Ending::Close(..) | Ending::Removed => false,
     };
     let deadline = Instant::now() + LINGER;
     while client.flush() == Flush::Backlogged && Instant::now() < deadline {

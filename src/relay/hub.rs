@@ -188,14 +188,6 @@ impl Hub {
         )
     }
 
-    /// Whether `room` has v1 members, who need the v1 encoding of its messages.
-    pub fn has_v1_members(&self, room: &str) -> bool {
-        self.rooms
-            .read()
-            .get(room)
-            .is_some_and(|room| !room.v1.is_empty())
-    }
-
     /// Rooms with at least one member.
     pub fn room_count(&self) -> usize {
         self.rooms.read().len()

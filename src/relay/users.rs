@@ -62,7 +62,6 @@ pub struct BansFull;
 #[derive(Debug)]
 pub struct Seat<'a> {
     users: &'a Users,
-    name: Arc<str>,
     pub user: Arc<User>,
 }
 
@@ -109,11 +108,7 @@ impl Users {
             return Err(TooManyConnections);
         }
         user.connections.fetch_add(1, Ordering::Relaxed);
-        Ok(Seat {
-            users: self,
-            name: name.clone(),
-            user,
-        })
+        Ok(Seat { users: self, user })
     }
 
     /// Bans `user` from `room` for `duration` (a later, longer ban extends it).
@@ -160,13 +155,6 @@ impl Users {
     /// Users remembered now.
     pub fn user_count(&self) -> usize {
         self.maps.lock().users.len()
-    }
-}
-
-impl Seat<'_> {
-    /// The user this place belongs to.
-    pub fn name(&self) -> &Arc<str> {
-        &self.name
     }
 }
 

@@ -104,6 +104,26 @@ pub fn minify(raw: &RawValue) -> Option<String> {
     Some(compact)
 }
 
+/// A JSON string literal, escaped by hand: cheaper than `serde_json` on the stack of a
+/// connection thread at its upgrade (see `Identity::new`), and used by the HTTP side too.
+pub fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// Appends a JSON string literal.
 fn push_string(out: &mut Vec<u8>, text: &str) {
     serde_json::to_writer(out, text).expect("writing into a Vec cannot fail");

@@ -52,9 +52,9 @@ impl Identity {
         // `connection::serve`).
         let mut from_json = String::with_capacity(id.len() + name.len() + 40);
         from_json.push_str(r#"{"id":"#);
-        from_json.push_str(&crate::http::endpoints::json_string(&id));
+        from_json.push_str(&crate::v1::codec::json_string(&id));
         from_json.push_str(r#","name":"#);
-        from_json.push_str(&crate::http::endpoints::json_string(&name));
+        from_json.push_str(&crate::v1::codec::json_string(&name));
         from_json.push_str(if verified {
             r#","verified":true}"#
         } else {

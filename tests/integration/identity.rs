@@ -392,3 +392,103 @@ fn metrics_count_v1_clients_refused_upgrades_by_reason_and_error_frames() {
         );
     }
 }
+
+/// A moderation body nested deeply is refused, not parsed recursively on a 64 KiB stack
+/// (which would abort the whole process); checked on the real binary.
+#[test]
+fn a_deeply_nested_moderation_body_does_not_abort_the_server() {
+    let mut server = Process::start_configured(&["--listen", "127.0.0.1:0"], |command| {
+        command.env("ROOMCAST_API_TOKEN", API_TOKEN);
+    });
+    let depth = 600; // 3 KB, under the 4 KiB body limit; 110 levels aborted the old parser
+    let body = format!(
+        r#"{{"user":"u","x":{}1{}}}"#,
+        r#"{"a":"#.repeat(depth),
+        "}".repeat(depth)
+    );
+    let bearer = format!("Bearer {API_TOKEN}");
+    let response = http(
+        server.addr,
+        "POST",
+        "/api/rooms/r/disconnect",
+        &[("Authorization", bearer.as_str())],
+        body.as_bytes(),
+    );
+    assert_eq!(response.status, 200, "the unknown field is skipped");
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server died"
+    );
+    assert_eq!(http(server.addr, "GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn a_ban_in_open_mode_is_refused_as_unenforceable() {
+    let server = start(Config {
+        api_token: Some(API_TOKEN.into()),
+        ..test_config()
+    });
+    let bearer = format!("Bearer {API_TOKEN}");
+    let response = http(
+        server.addr,
+        "POST",
+        "/api/rooms/r/disconnect",
+        &[("Authorization", bearer.as_str())],
+        br#"{"user":"anon-1","ban_secs":60}"#,
+    );
+    assert_eq!(response.status, 400);
+    assert!(response.text().contains("bans need join tokens"));
+}
+
+/// No connection of a banned user survives its ban, however its reconnects race the
+/// moderator: one joining as the ban lands is removed as it joins.
+#[test]
+fn no_connection_of_a_banned_user_survives_its_ban() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let server = start(secured());
+    let bearer = format!("Bearer {API_TOKEN}");
+    for trial in 0..15 {
+        let user = format!("troll{trial}");
+        let token = token(&user, "r", json!({}));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reconnectors: Vec<_> = (0..4)
+            .map(|_| {
+                let (addr, token, stop) = (server.addr, token.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let url = format!("ws://{addr}/ws/r?token={token}");
+                    let mut held = Vec::new();
+                    while !stop.load(Ordering::Relaxed) && held.len() < 24 {
+                        let stream = std::net::TcpStream::connect(addr).unwrap();
+                        stream
+                            .set_read_timeout(Some(Duration::from_secs(2)))
+                            .unwrap();
+                        match upgrade(stream, &url) {
+                            Ok(ws) => held.push(ws),
+                            Err(_) => break,
+                        }
+                    }
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(10));
+        let body = format!(r#"{{"user":"{user}","ban_secs":600}}"#);
+        let response = http(
+            server.addr,
+            "POST",
+            "/api/rooms/r/disconnect",
+            &[("Authorization", bearer.as_str())],
+            body.as_bytes(),
+        );
+        assert_eq!(response.status, 200);
+        let gone = wait_until(Duration::from_secs(3), || server.hub.room_size("r") == 0);
+        stop.store(true, Ordering::Relaxed);
+        for thread in reconnectors {
+            thread.join().unwrap();
+        }
+        assert!(gone, "trial {trial}: a banned user is still connected");
+    }
+}

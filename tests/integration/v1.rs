@@ -271,3 +271,131 @@ fn response_head(addr: std::net::SocketAddr, request: &str) -> String {
     }
     String::from_utf8(head).unwrap()
 }
+
+/// The welcome is the first frame of a session even for a client that sends a bad frame
+/// together with its upgrade: the error reply goes through the broadcaster, behind it.
+#[test]
+fn the_welcome_comes_before_the_error_for_a_frame_sent_with_the_upgrade() {
+    use std::io::{Read, Write};
+    let server = start(test_config());
+    for attempt in 0..30 {
+        let mut request = upgrade_request("/ws/r");
+        request.insert_str(request.len() - 2, "Sec-WebSocket-Protocol: roomcast.v1\r\n");
+        let mut bytes = request.into_bytes();
+        bytes.extend(client_frame(true, 0, 0x1, br#"{"type":"nope"}"#, true));
+        let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        stream.write_all(&bytes).unwrap();
+        let mut received = Vec::new();
+        let texts = loop {
+            let mut buf = [0u8; 4096];
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "closed early");
+            received.extend_from_slice(&buf[..n]);
+            let Some(head) = received.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let frames: Vec<_> = parse_frames(&received[head + 4..])
+                .into_iter()
+                .filter(|f| f.opcode == 0x1)
+                .collect();
+            if frames.len() >= 2 {
+                break frames;
+            }
+        };
+        let first: serde_json::Value = serde_json::from_slice(&texts[0].payload).unwrap();
+        let second: serde_json::Value = serde_json::from_slice(&texts[1].payload).unwrap();
+        assert_eq!(
+            (first["type"].as_str(), second["type"].as_str()),
+            (Some("welcome"), Some("error")),
+            "attempt {attempt}"
+        );
+    }
+}
+
+/// An error answers a frame in its place: after the client's earlier publish has come back.
+#[test]
+fn an_error_does_not_overtake_the_clients_earlier_publish() {
+    let server = start(test_config());
+    let mut client = server.connect_v1("r", "");
+    for n in 0..20 {
+        client.publish(json!(n));
+        client.send_raw("not json");
+        assert_eq!(client.next_message()["data"], n);
+        assert_eq!(client.next_frame()["type"], "error");
+    }
+}
+
+/// PROTOCOL §3: a reaction costs no message-rate token and is never a close.
+#[test]
+fn reactions_cost_no_message_rate_token() {
+    let server = start(Config {
+        rate: 1,
+        burst: 5,
+        ..test_config()
+    });
+    let mut fan = server.connect_v1("r", "");
+    for _ in 0..200 {
+        fan.react("❤️");
+    }
+    fan.publish(json!("still here"));
+    assert_eq!(fan.next_message()["data"], "still here");
+    // Bad frames still cost one each: the burst of 5 is spent by the publish and four more.
+    for _ in 0..4 {
+        fan.send_raw("{");
+        assert_eq!(fan.next_of("error")["code"], "bad_request");
+    }
+    fan.send_raw("{");
+    assert_eq!(expect_close(&mut fan.ws), CloseCode::Policy);
+}
+
+/// A legal message always reaches v1 members, even text whose v1 frame is six times its
+/// size (control characters escape to `\u00XX`): the outbox is sized for that frame.
+#[test]
+fn a_v1_member_gets_a_maximum_size_text_of_control_characters() {
+    let server = start(Config {
+        max_message_bytes: 512 * 1024,
+        ..test_config()
+    });
+    let mut v1 = server.connect_v1("r", "");
+    let mut plain = server.connect("r");
+    let text = "\u{1}".repeat(500_000);
+    plain.send(Message::text(text.clone())).unwrap();
+    plain.send(Message::text("after")).unwrap();
+    let first = v1.next_message();
+    assert_eq!(first["seq"], 1);
+    assert_eq!(first["text"].as_str().map(str::len), Some(text.len()));
+    assert_eq!(v1.next_message()["text"], "after");
+}
+
+/// A room's state outlives its last member by `--room-ttl`, then a join starts a new epoch;
+/// while it has members it is kept however long that is.
+#[test]
+fn a_rooms_state_expires_room_ttl_after_its_last_member_left() {
+    let server = start(Config {
+        room_ttl: Duration::from_secs(1),
+        ..test_config()
+    });
+    let mut stayer = server.connect_v1("kept", "");
+    stayer.publish(json!("x"));
+    stayer.next_message();
+    let leaver = server.connect_v1("left", "");
+    let epoch = leaver.welcome["epoch"].clone();
+    drop(leaver);
+    // Within the TTL the room keeps its epoch.
+    assert!(wait_until(Duration::from_secs(2), || server
+        .hub
+        .room_size("left")
+        == 0));
+    let again = server.connect_v1("left", "");
+    assert_eq!(again.welcome["epoch"], epoch);
+    drop(again);
+    std::thread::sleep(Duration::from_millis(3500));
+    let later = server.connect_v1("left", "");
+    assert_ne!(later.welcome["epoch"], epoch, "a new life of the room");
+    assert_eq!(later.welcome["seq"], 0);
+    // The room that kept a member kept its state past many TTLs.
+    let joiner = server.connect_v1("kept", "");
+    assert_eq!(joiner.welcome["epoch"], stayer.welcome["epoch"]);
+    assert_eq!(joiner.welcome["seq"], 1);
+}
