@@ -853,4 +853,50 @@ mod tests {
         assert_eq!(broadcaster.backlog.len(), 1, "the client is still retried");
         assert!(client.is_backlog_tracked.load(Ordering::SeqCst));
     }
+
+    fn text(room: &str) -> Message {
+        Message {
+            room: room.into(),
+            kind: MessageKind::Text,
+            payload: Bytes::from_static(b"x"),
+            from: None,
+        }
+    }
+
+    /// A client cycling through room names makes a state per name, but never more than
+    /// `MAX_ROOM_STATES` stay, and those without members go once their TTL is over.
+    #[test]
+    fn room_states_are_capped_and_expire_after_their_ttl() {
+        let config = Config {
+            room_ttl: Duration::from_secs(60),
+            ..Config::default()
+        };
+        let room_states: Arc<RoomStates> = Arc::default();
+        let mut broadcaster = Broadcaster::new(
+            Arc::new(Hub::new()),
+            Arc::new(Stats::default()),
+            Arc::new(config),
+            room_states.clone(),
+            Arc::new(AtomicBool::new(false)),
+        );
+        for n in 0..MAX_ROOM_STATES + 500 {
+            broadcaster.gather(text(&format!("r{n}")));
+        }
+        broadcaster.fan_out_all();
+        let now = Instant::now();
+        broadcaster.expire_rooms(now);
+        assert_eq!(broadcaster.rooms.len(), MAX_ROOM_STATES);
+        assert_eq!(room_states.len(), MAX_ROOM_STATES);
+        assert!(room_states.get("r0").is_none(), "the oldest went first");
+        assert!(room_states.get(&format!("r{}", MAX_ROOM_STATES + 499)).is_some());
+        // Before the TTL nothing more goes; after it, every memberless room does (in ticks
+        // of at most ROOM_CHECKS_PER_TICK).
+        broadcaster.expire_rooms(now + Duration::from_secs(30));
+        assert_eq!(broadcaster.rooms.len(), MAX_ROOM_STATES);
+        for _ in 0..MAX_ROOM_STATES / ROOM_CHECKS_PER_TICK + 1 {
+            broadcaster.expire_rooms(now + Duration::from_secs(61));
+        }
+        assert_eq!(broadcaster.rooms.len(), 0);
+        assert!(room_states.is_empty());
+    }
 }
