@@ -1310,7 +1310,8 @@ FLAGS (value as `--flag VALUE` or `--flag=VALUE`; [default; range]):
                                repeatable or comma-separated; 403 for
                                any other
     --api-token TOKEN          bearer token for POST /api/rooms/ROOM/  [off (404); {token} bytes
-                               messages, GET /metrics and /api/rooms;   of printable ASCII]
+                               messages and .../disconnect, GET         of printable ASCII]
+                               /metrics and /api/rooms;
                                visible in ps, so prefer the variable
                                or --api-token-file
     --api-token-file PATH      read the token from this file, less one [off]

@@ -101,9 +101,9 @@ impl Server {
         );
         match config.api_token {
             Some(_) => {
-                info!("publish API on: POST /api/rooms/<room>/messages with the bearer token")
+                info!("backend API on: POST /api/rooms/<room>/messages and /disconnect with the bearer token")
             }
-            None => info!("publish API off: set --api-token-file, ROOMCAST_API_TOKEN or --api-token to enable it"),
+            None => info!("backend API off (publish, disconnect): set --api-token-file, ROOMCAST_API_TOKEN or --api-token to enable it"),
         }
         match config.token_secrets.len() {
             0 => info!("open mode: anyone may join any room (set ROOMCAST_TOKEN_SECRET to require join tokens)"),

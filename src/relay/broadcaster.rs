@@ -888,7 +888,9 @@ mod tests {
         assert_eq!(broadcaster.rooms.len(), MAX_ROOM_STATES);
         assert_eq!(room_states.len(), MAX_ROOM_STATES);
         assert!(room_states.get("r0").is_none(), "the oldest went first");
-        assert!(room_states.get(&format!("r{}", MAX_ROOM_STATES + 499)).is_some());
+        assert!(room_states
+            .get(&format!("r{}", MAX_ROOM_STATES + 499))
+            .is_some());
         // Before the TTL nothing more goes; after it, every memberless room does (in ticks
         // of at most ROOM_CHECKS_PER_TICK).
         broadcaster.expire_rooms(now + Duration::from_secs(30));

@@ -39,7 +39,13 @@ impl Identity {
     pub fn anonymous(connection: u64, asked_name: Option<&str>) -> Identity {
         let id = anonymous_id(connection);
         let name = match asked_name.map(str::trim).filter(|name| !name.is_empty()) {
-            Some(name) => name.chars().take(MAX_ANONYMOUS_NAME_CHARS).collect(),
+            // Control characters are dropped: a name is for showing, and a newline in one is
+            // only good for faking lines in someone's log or chat view.
+            Some(name) => name
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_ANONYMOUS_NAME_CHARS)
+                .collect(),
             None => id.clone(),
         };
         Identity::new(id, name, false, Perm::Post)
@@ -150,6 +156,7 @@ mod tests {
         assert_eq!(&*Identity::anonymous(7, None).name, "anon-7");
         assert_eq!(&*Identity::anonymous(7, Some("  ")).name, "anon-7");
         assert_eq!(&*Identity::anonymous(7, Some(" Ann ")).name, "Ann");
+        assert_eq!(&*Identity::anonymous(7, Some("A\nn\u{0}n")).name, "Ann");
         let long = "é".repeat(40);
         assert_eq!(
             Identity::anonymous(7, Some(&long)).name.chars().count(),

@@ -48,9 +48,9 @@ fn start_up_logs_capacity_limits_and_whether_publishing_is_on() {
     let mut off = Process::start(&[]);
     assert!(off.wait_for_line("capacity: ").contains("bound by"));
     off.wait_for_line("limits: max clients");
-    off.wait_for_line("publish API off");
+    off.wait_for_line("backend API off");
     let mut on = Process::start(&["--api-token", "t0ken-of-16-bytes"]);
-    on.wait_for_line("publish API on");
+    on.wait_for_line("backend API on");
 }
 
 #[test]

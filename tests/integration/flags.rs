@@ -188,7 +188,7 @@ fn the_token_file_turns_publishing_on_with_its_token() {
         (vec![], vec![("ROOMCAST_API_TOKEN_FILE", file.path())]),
     ] {
         let mut process = running(&args, &vars);
-        process.wait_for_line("publish API on");
+        process.wait_for_line("backend API on");
         let publish = |token: &str| {
             let bearer = format!("Bearer {token}");
             http(
@@ -259,7 +259,7 @@ fn bad_tokens_exit_2_without_showing_the_token() {
 #[test]
 fn a_token_on_the_command_line_is_warned_about() {
     let mut process = running(&["--api-token", TOKEN], &[]);
-    process.wait_for_line("publish API on");
+    process.wait_for_line("backend API on");
     let warning = process.wait_for_line("--api-token is on the command line");
     assert!(warning.contains("ROOMCAST_API_TOKEN"), "{warning}");
     assert!(!warning.contains(TOKEN), "{warning}");
