@@ -2395,7 +2395,7 @@ fn cpu_time(pid: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use roomcast::broadcaster::MessageKind;
+    use roomcast::relay::broadcaster::MessageKind;
     use roomcast::v1::codec;
 
     /// The data of a publish the tool sends, as the server's codec reads it.
