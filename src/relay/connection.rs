@@ -161,7 +161,11 @@ fn run(
         Ending::Close(CloseCode::Away, "server shutting down", None)
     } else {
         let user = seat.as_ref().map(|seat| &*seat.user);
-        session(shared, &client, leftover, user)
+        // Built here, not in `session`: tungstenite allocates its read buffer as it is made,
+        // and an allocation can run deep inside malloc; one frame less under it measured one
+        // stack page less per v1 connection.
+        let ws = new_websocket(shared, &client, leftover);
+        session(shared, &client, ws, user)
     };
     // Still a member here, so messages the client sent before the close are echoed to it.
     if let Ending::Close(code, reason, eviction) = ending {
@@ -448,7 +452,7 @@ enum Ending {
 fn session(
     shared: &Shared,
     client: &Arc<Client>,
-    leftover: Vec<u8>,
+    mut ws: Box<WebSocket<ClientStream>>,
     user: Option<&User>,
 ) -> Ending {
     let config = &shared.config;
@@ -458,18 +462,6 @@ fn session(
         debug!("client {}: cannot set read timeout: {err}", client.id);
         return Ending::Gone;
     }
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
-        .max_message_size(Some(config.max_message_bytes))
-        // Tungstenite reserves a frame's announced length before reading its payload, so the
-        // frame limit must not exceed the message limit or a lying header costs that much.
-        .max_frame_size(Some(config.max_message_bytes));
-    let stream = ClientStream {
-        client: client.clone(),
-        events: shared.events.clone(),
-    };
-    let mut ws = new_websocket(stream, leftover, ws_config);
     let mut limit = match user {
         Some(user) => Limit::User(user),
         None => Limit::Connection(TokenBucket::new(config.rate, config.burst, Instant::now())),
@@ -670,10 +662,22 @@ fn ending_after_removal(client: &Client) -> Ending {
 /// `session`, whose frame lives under every `read` for the whole session (see `serve`).
 #[inline(never)]
 fn new_websocket(
-    stream: ClientStream,
+    shared: &Shared,
+    client: &Arc<Client>,
     leftover: Vec<u8>,
-    config: WebSocketConfig,
 ) -> Box<WebSocket<ClientStream>> {
+    let max_message_bytes = shared.config.max_message_bytes;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_message_size(Some(max_message_bytes))
+        // Tungstenite reserves a frame's announced length before reading its payload, so the
+        // frame limit must not exceed the message limit or a lying header costs that much.
+        .max_frame_size(Some(max_message_bytes));
+    let stream = ClientStream {
+        client: client.clone(),
+        events: shared.events.clone(),
+    };
     Box::new(WebSocket::from_partially_read(
         stream,
         leftover,
