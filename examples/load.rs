@@ -139,6 +139,51 @@ struct Args {
     /// The server's join-token secret (`--token-secret` or `ROOMCAST_TOKEN_SECRET`): every
     /// client then joins with a token of its own, plain clients too (PROTOCOL §2).
     token_secret: Option<Vec<u8>>,
+    /// What the tool's room `n` is called on the server: `<room_prefix><n>`. `room` for every
+    /// scenario but `stream`, whose one room must be fresh (its reaction totals count from
+    /// the room's first join), so it gets a name of its own per run.
+    room_prefix: String,
+    /// The `stream` scenario's workload (`--chatters`, `--tappers`, ...).
+    stream: StreamArgs,
+}
+
+/// The `stream` scenario: one room of `--viewers` (`clients`), among them `chatters` who
+/// publish `chat_rate` messages a second between them and `tappers` who send `tap_rate`
+/// reactions a second between them, each spread evenly over time.
+#[derive(Clone, Debug, PartialEq)]
+struct StreamArgs {
+    chatters: usize,
+    /// Chat messages per second, all chatters together.
+    chat_rate: f64,
+    tappers: usize,
+    /// Reaction taps per second, all tappers together.
+    tap_rate: f64,
+    /// The reaction keys, tapped in turn (`--keys`, comma-separated).
+    keys: Vec<String>,
+    /// `--relayed`: the workload as the plain alternative, every tap a plain text message
+    /// relayed to every viewer (as the demo page does), instead of v1 reactions.
+    relayed: bool,
+    /// The server's per-user reaction rate (its `--reaction-rate`): a tapper above it would
+    /// have taps dropped, and the totals could not be exact.
+    reaction_rate: f64,
+    /// The server's `--reaction-interval`: how often at most it pushes a room's totals, so
+    /// the last ones arrive within twice that after the last tap.
+    reaction_interval: Duration,
+}
+
+impl Default for StreamArgs {
+    fn default() -> StreamArgs {
+        StreamArgs {
+            chatters: 100,
+            chat_rate: 50.0,
+            tappers: 200,
+            tap_rate: 2000.0,
+            keys: ["❤️", "👏", "😂"].map(String::from).to_vec(),
+            relayed: false,
+            reaction_rate: SERVER_REACTION_RATE,
+            reaction_interval: SERVER_REACTION_INTERVAL,
+        }
+    }
 }
 
 /// How a client leaves: a close handshake, a FIN without a close frame, or an RST.
@@ -166,6 +211,16 @@ const MAX_CHECKED_SIZE: usize = 60_000;
 /// above any sensible `--max-message-bytes`, so the tool never caps what the server allows.
 const MAX_HOARD_SIZE: usize = 16 * 1024 * 1024;
 
+/// The server's default `--reaction-rate` (PROTOCOL §3): taps a second per user.
+const SERVER_REACTION_RATE: f64 = 20.0;
+/// The server's default `--reaction-interval` (PROTOCOL §4).
+const SERVER_REACTION_INTERVAL: Duration = Duration::from_millis(250);
+/// What the `stream` scenario allows beyond twice the reaction interval for the last totals
+/// to reach every viewer: the broadcaster's tick and one fan-out to a large room.
+const SETTLE_MARGIN: Duration = Duration::from_millis(500);
+/// Most distinct reaction keys a room counts (PROTOCOL §3).
+const MAX_ROOM_KEYS: usize = 64;
+
 /// The scenario and its flags from `args` (the command line after the program's name);
 /// `token_secret` is `ROOMCAST_TOKEN_SECRET`'s value, which `--token-secret` overrides.
 fn parse_args(
@@ -175,7 +230,7 @@ fn parse_args(
     let mut it = args.into_iter();
     let scenario = it
         .next()
-        .ok_or("usage: load SCENARIO [--flag value]... [--v1] (capacity, fanout, slow, churn, rooms, stalled, hoard, leave)")?;
+        .ok_or("usage: load SCENARIO [--flag value]... [--v1] (capacity, fanout, slow, churn, rooms, stalled, hoard, leave, stream)")?;
     let mut args = Args {
         scenario,
         addr: "127.0.0.1:9001".parse().unwrap(),
@@ -197,11 +252,22 @@ fn parse_args(
         leave_mode: LeaveMode::Rst,
         v1: false,
         token_secret: token_secret.filter(|secret| !secret.is_empty()),
+        room_prefix: "room".into(),
+        stream: StreamArgs::default(),
     };
+    let is_stream = args.scenario == "stream";
+    if is_stream {
+        args.clients = 10_000;
+        args.duration = Duration::from_secs(20);
+    }
     while let Some(flag) = it.next() {
-        // The one switch: every other flag takes a value.
+        // The two switches: every other flag takes a value.
         if flag == "--v1" {
             args.v1 = true;
+            continue;
+        }
+        if flag == "--relayed" {
+            args.stream.relayed = true;
             continue;
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -252,8 +318,29 @@ fn parse_args(
                 }
             }
             "--token-secret" => args.token_secret = Some(value.into_bytes()),
+            "--viewers" => args.clients = value.parse().map_err(bad)?,
+            "--chatters" => args.stream.chatters = value.parse().map_err(bad)?,
+            "--chat-rate" => args.stream.chat_rate = parse_rate(&flag, &value)?,
+            "--tappers" => args.stream.tappers = value.parse().map_err(bad)?,
+            "--tap-rate" => args.stream.tap_rate = parse_rate(&flag, &value)?,
+            "--keys" => args.stream.keys = value.split(',').map(String::from).collect(),
+            "--reaction-rate" => args.stream.reaction_rate = parse_rate(&flag, &value)?,
+            // In the server's own syntax (`250ms`, `1s`), as its flag of the same name takes it.
+            "--reaction-interval" => {
+                let range = Duration::from_millis(1)..=Duration::from_secs(3600);
+                args.stream.reaction_interval =
+                    roomcast::config::parse_duration(&flag, &value, &range)
+                        .map_err(|e| e.to_string())?
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
+    }
+    if is_stream {
+        check_stream(&mut args)?;
+    } else if args.stream != StreamArgs::default() {
+        return Err(
+            "--relayed, --chatters, --tappers, --keys and their rates are for stream".into(),
+        );
     }
     let max_size = if args.scenario == "hoard" {
         MAX_HOARD_SIZE
@@ -285,6 +372,69 @@ fn parse_args(
     Ok(args)
 }
 
+/// A rate flag's value: a finite number of events a second, 0 or more.
+fn parse_rate(flag: &str, value: &str) -> Result<f64, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|rate| rate.is_finite() && *rate >= 0.0)
+        .ok_or(format!("bad value for {flag}: {value}"))
+}
+
+/// The `stream` scenario's flags, checked against each other and against the server's
+/// reaction bucket; v1 unless `--relayed`.
+fn check_stream(args: &mut Args) -> Result<(), String> {
+    let stream = &args.stream;
+    if args.v1 && stream.relayed {
+        return Err("stream runs on roomcast.v1 unless --relayed: not both".into());
+    }
+    args.v1 = !stream.relayed;
+    if stream.chatters + stream.tappers > args.clients {
+        return Err(format!(
+            "--chatters {} and --tappers {} are among the --viewers {}: too many",
+            stream.chatters, stream.tappers, args.clients
+        ));
+    }
+    if stream.chat_rate > 0.0 && stream.chatters == 0 {
+        return Err("--chat-rate needs --chatters".into());
+    }
+    if stream.tap_rate > 0.0 && stream.tappers == 0 {
+        return Err("--tap-rate needs --tappers".into());
+    }
+    let keys = &stream.keys;
+    if keys.is_empty() || keys.len() > MAX_ROOM_KEYS {
+        return Err(format!("--keys takes 1 to {MAX_ROOM_KEYS} keys"));
+    }
+    if let Some(key) = keys
+        .iter()
+        .find(|k| !(1..=roomcast::v1::codec::MAX_REACTION_KEY_BYTES).contains(&k.len()))
+    {
+        return Err(format!("--keys: {key:?} is not 1-32 bytes"));
+    }
+    if (1..keys.len()).any(|i| keys[..i].contains(&keys[i])) {
+        return Err("--keys: a key is listed twice".into());
+    }
+    // Every viewer is a user of its own (open mode, or a token with its own `sub`), so each
+    // tapper has the whole per-user bucket to itself; taps beyond it would be dropped.
+    let per_tapper = stream.tap_rate / stream.tappers.max(1) as f64;
+    if !stream.relayed && per_tapper > stream.reaction_rate {
+        return Err(format!(
+            "{per_tapper:.1} taps/s per tapper is over the server's per-user reaction rate \
+             ({}/s): add --tappers, or raise the server's --reaction-rate and pass the same \
+             --reaction-rate here",
+            stream.reaction_rate
+        ));
+    }
+    Ok(())
+}
+
+impl Args {
+    /// The server's name of the tool's room `room`.
+    fn room_name(&self, room: usize) -> String {
+        format!("{}{room}", self.room_prefix)
+    }
+}
+
 /// What a connection is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
@@ -299,6 +449,16 @@ enum Role {
     Hoarder,
     /// Connects, leaves by its `LeaveMode`, reconnects (churn scenario).
     Churner(LeaveMode),
+    /// Receives too, and taps reactions; `id` indexes the tapper table (stream scenario).
+    Tapper(usize),
+}
+
+impl Role {
+    /// A member of its room that receives everything relayed there: what deliveries are
+    /// owed to.
+    fn is_member(self) -> bool {
+        matches!(self, Role::Receiver | Role::Publisher(_) | Role::Tapper(_))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -342,6 +502,22 @@ struct Conn {
     room_seq: u64,
     /// The `sub` of its join token (`--token-secret`), which its `welcome` must name.
     user: Option<String>,
+    /// What a viewer of the stream scenario has seen of reactions and presence.
+    viewer: Viewer,
+}
+
+/// A stream viewer's reaction and presence state. Empty (and untouched) in other scenarios.
+#[derive(Debug, Default)]
+struct Viewer {
+    /// Per key of `--keys`: with v1, the last totals the server pushed (or its welcome
+    /// held); with `--relayed`, the taps relayed to this viewer.
+    totals: Vec<u64>,
+    /// `reactions` frames received.
+    reaction_frames: u32,
+    /// `presence` frames received, and the last counts (`clients`, `users`) they or the
+    /// welcome gave.
+    presence_frames: u32,
+    presence: Option<(u64, u64)>,
 }
 
 #[derive(Default)]
@@ -394,6 +570,19 @@ struct Load {
     hoard_messages: u64,
     /// Join tokens minted so far (`--token-secret`): the next client's `sub` is `load-<this>`.
     tokens_minted: u64,
+    /// The stream scenario runs: viewers keep reaction totals and presence.
+    is_stream: bool,
+    /// Stream scenario: the tappers, by tapper id.
+    tappers: Vec<Token>,
+    /// Stream scenario: the text of a tap per key of `--keys`, a v1 `react` frame, or with
+    /// `--relayed` the demo page's plain `reaction` message (which viewers receive verbatim).
+    tap_payloads: Vec<Vec<u8>>,
+    /// Stream scenario: taps sent, per key.
+    taps_sent: Vec<u64>,
+    /// `--relayed`: taps relayed to viewers, all viewers together.
+    tap_deliveries: u64,
+    /// The totals of the `reactions` frame being read, reused across frames.
+    totals_scratch: Vec<u64>,
 }
 
 /// A stalled room's filler: what it sent into the room, and what came back to it. The
@@ -438,6 +627,10 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let mut args = args;
+    if args.scenario == "stream" {
+        args.room_prefix = fresh_room_prefix();
+    }
     let mut load = Load::new(args.clone()).expect("epoll");
     let ok = match args.scenario.as_str() {
         "capacity" => load.capacity(),
@@ -445,6 +638,7 @@ fn main() {
         "churn" => load.churn(),
         "hoard" => load.hoard(),
         "leave" => load.leave_all(),
+        "stream" => load.stream(),
         other => {
             eprintln!("load: unknown scenario {other}");
             std::process::exit(2);
@@ -455,6 +649,12 @@ fn main() {
 
 impl Load {
     fn new(args: Args) -> io::Result<Load> {
+        let is_stream = args.scenario == "stream";
+        let keys = if is_stream { args.stream.keys.len() } else { 0 };
+        let tap_payloads = args.stream.keys[..keys]
+            .iter()
+            .map(|key| tap_payload(key, args.stream.relayed))
+            .collect();
         Ok(Load {
             members: vec![0; args.rooms],
             args,
@@ -475,6 +675,12 @@ impl Load {
             hoarders_evicted: 0,
             hoard_messages: 0,
             tokens_minted: 0,
+            is_stream,
+            tappers: Vec::new(),
+            tap_payloads,
+            taps_sent: vec![0; keys],
+            tap_deliveries: 0,
+            totals_scratch: Vec::new(),
         })
     }
 
@@ -520,9 +726,9 @@ impl Load {
             ""
         };
         let request = format!(
-            "GET /ws/room{room}{query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            "GET /ws/{}{room}{query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{protocol}\r\n",
-            self.args.addr
+            self.args.room_prefix, self.args.addr
         );
         self.conns[index] = Some(Conn {
             stream,
@@ -539,6 +745,10 @@ impl Load {
             hoard_sent: 0,
             room_seq: 0,
             user,
+            viewer: Viewer {
+                totals: vec![0; self.taps_sent.len()],
+                ..Viewer::default()
+            },
         });
         Some(token)
     }
@@ -550,7 +760,11 @@ impl Load {
         let secret = self.args.token_secret.as_deref()?;
         let user = format!("load-{}", self.tokens_minted);
         self.tokens_minted += 1;
-        let claims = join_claims(&user, room, std::time::SystemTime::now());
+        let claims = join_claims(
+            &user,
+            &self.args.room_name(room),
+            std::time::SystemTime::now(),
+        );
         Some((roomcast::v1::token::mint(secret, &claims), user))
     }
 
@@ -560,8 +774,7 @@ impl Load {
             if rst {
                 let _ = socket2::SockRef::from(&conn.stream).set_linger(Some(Duration::ZERO));
             }
-            if conn.phase == Phase::Open && matches!(conn.role, Role::Receiver | Role::Publisher(_))
-            {
+            if conn.phase == Phase::Open && conn.role.is_member() {
                 self.members[conn.room] -= 1;
             }
             self.free.push(token.0);
@@ -766,6 +979,7 @@ impl Load {
         let rbuf = std::mem::take(&mut conn.rbuf);
         let (role, room) = (conn.role, conn.room);
         let v1 = self.args.v1;
+        let relayed = self.args.stream.relayed;
         let mut at = 0;
         let mut ended = false;
         while rbuf.len() - at >= 2 {
@@ -798,6 +1012,8 @@ impl Load {
                         fill.echo(payload.len());
                     }
                 }
+                // `stream --relayed`: the taps, the only text messages the tool relays.
+                0x1 if relayed => self.receive_tap(token, payload),
                 0x1 | 0x2 => self.receive(token, payload),
                 0x9 => self.send_frame(token, 0xa, payload),
                 0x8 => {
@@ -830,7 +1046,7 @@ impl Load {
         conn.phase = Phase::Open;
         conn.open_since = Some(Instant::now());
         self.tally.upgraded += 1;
-        if matches!(conn.role, Role::Receiver | Role::Publisher(_)) {
+        if conn.role.is_member() {
             self.members[conn.room] += 1;
         }
         if let Role::Churner(mode) = conn.role {
@@ -842,8 +1058,9 @@ impl Load {
 
     /// Handles one data frame from the server to a v1 client: its welcome first, then
     /// `message` frames (checked like plain deliveries, plus the room's order by `seq`),
-    /// presence and reaction counts (not checked). Anything else is a failure by its kind,
-    /// and a welcome that is missing or wrong closes the client.
+    /// presence and reaction counts (kept by stream viewers, skipped by other scenarios).
+    /// Anything else is a failure by its kind, and a welcome that is missing or wrong closes
+    /// the client.
     fn receive_v1(&mut self, token: Token, opcode: u8, payload: &[u8]) {
         let Some(conn) = self.conns[token.0].as_mut() else {
             return;
@@ -854,9 +1071,23 @@ impl Load {
             return;
         }
         if conn.phase == Phase::Welcoming {
-            match check_welcome(payload, conn.room, conn.user.as_deref()) {
-                Ok(seq) => {
-                    conn.room_seq = seq;
+            match check_welcome(
+                payload,
+                &self.args.room_name(conn.room),
+                conn.user.as_deref(),
+            ) {
+                Ok(welcome) => {
+                    conn.room_seq = welcome.seq;
+                    if self.is_stream {
+                        conn.viewer.presence = welcome.presence;
+                        let keys = &self.args.stream.keys;
+                        for (key, count) in &welcome.reactions {
+                            match keys.iter().position(|k| k == key) {
+                                Some(i) => conn.viewer.totals[i] = *count,
+                                None => self.tally.fail("a reaction key the tool never tapped"),
+                            }
+                        }
+                    }
                     self.opened(token);
                 }
                 Err(what) => {
@@ -893,8 +1124,69 @@ impl Load {
                 }
                 self.deliver(token, header.sent_ns, publisher, header.seq);
             }
-            V1Frame::Counts => {}
+            V1Frame::Presence { clients, users } => {
+                conn.viewer.presence_frames += 1;
+                conn.viewer.presence = Some((clients, users));
+            }
+            V1Frame::Reactions(totals) if self.is_stream => self.take_totals(token, totals),
+            V1Frame::Reactions(_) => {}
             V1Frame::Other => self.tally.fail(unexpected_v1_frame(payload)),
+        }
+    }
+
+    /// A stream viewer got a `reactions` frame: its totals replace the last ones. Totals run
+    /// since the room's epoch began, so none may fall, and every key must be one the tool
+    /// taps.
+    fn take_totals(&mut self, token: Token, object: &[u8]) {
+        let Load {
+            args,
+            conns,
+            tally,
+            totals_scratch: fresh,
+            ..
+        } = self;
+        let Some(conn) = conns[token.0].as_mut() else {
+            return;
+        };
+        fresh.clear();
+        fresh.resize(args.stream.keys.len(), 0);
+        let mut unknown = false;
+        let read = read_totals(object, |key, count| {
+            match args.stream.keys.iter().position(|k| k.as_bytes() == key) {
+                Some(i) => fresh[i] = count,
+                None => unknown = true,
+            }
+        });
+        if read.is_none() {
+            tally.fail("a reactions frame in an unknown layout");
+            return;
+        }
+        if unknown {
+            tally.fail("a reaction key the tool never tapped");
+        }
+        if fresh
+            .iter()
+            .zip(&conn.viewer.totals)
+            .any(|(new, old)| new < old)
+        {
+            tally.fail("reaction totals went down");
+        }
+        conn.viewer.totals.copy_from_slice(fresh);
+        conn.viewer.reaction_frames += 1;
+    }
+
+    /// `--relayed`: a stream viewer got a plain text message, which must be one of the
+    /// tool's taps, relayed verbatim.
+    fn receive_tap(&mut self, token: Token, payload: &[u8]) {
+        let Some(conn) = self.conns[token.0].as_mut() else {
+            return;
+        };
+        match self.tap_payloads.iter().position(|tap| tap == payload) {
+            Some(key) => {
+                conn.viewer.totals[key] += 1;
+                self.tap_deliveries += 1;
+            }
+            None => self.tally.corrupted += 1,
         }
     }
 
@@ -1145,7 +1437,7 @@ impl Load {
                 debug_assert_eq!(self.publishers.len() - 1, *p);
             }
         }
-        let measured = |c: &Conn| matches!(c.role, Role::Receiver | Role::Publisher(_));
+        let measured = |c: &Conn| c.role.is_member();
         if self.publishers.len() != publishers || self.open_count(measured) != args.clients {
             println!(
                 "load: only {} of {} clients connected: {:?}",
@@ -1803,7 +2095,7 @@ impl Load {
         let args = self.args.clone();
         self.ramp(args.clients, |_| (0, Role::Receiver), &mut events);
         let joined = self.open_count(|c| c.role == Role::Receiver);
-        let counted = room_clients(args.addr, 0);
+        let counted = room_clients(args.addr, &args.room_name(0));
         if joined != args.clients || counted.as_ref().ok() != Some(&(joined as u64)) {
             println!(
                 "load: {joined} of {} clients joined, the server counts {counted:?}: {:?}",
@@ -1834,7 +2126,7 @@ impl Load {
             self.turn(&mut events, LEAVE_POLL);
             polls += 1;
             let asked = Instant::now();
-            let answer = room_clients(args.addr, 0);
+            let answer = room_clients(args.addr, &args.room_name(0));
             poll_took = asked.elapsed();
             match answer {
                 Ok(0) => break Some(started.elapsed()),
@@ -1884,6 +2176,312 @@ impl Load {
         emptied.is_some() && newcomer
     }
 
+    /// `stream`: one room of `--viewers`, the first `--chatters` of them publishing
+    /// `--chat-rate` messages a second between them and the next `--tappers` tapping
+    /// `--tap-rate` reactions a second between them (each spread evenly over time, the keys
+    /// in turn). Every viewer checks the chat like a fanout receiver (loss, per-publisher and
+    /// room order, corruption, latency) and keeps the reaction totals: with v1 the last ones
+    /// the server pushed, which must equal the taps sent per key within twice the reaction
+    /// interval (plus a margin) after the last tap; with `--relayed` the taps relayed to it,
+    /// each of which it must get. Reports the server's CPU over the workload.
+    fn stream(&mut self) -> bool {
+        let mut events = Events::with_capacity(4096);
+        let args = self.args.clone();
+        let stream = &args.stream;
+        let (chatters, tappers) = (stream.chatters, stream.tappers);
+        self.ramp(
+            args.clients,
+            |i| {
+                if i < chatters {
+                    (0, Role::Publisher(i))
+                } else if i < chatters + tappers {
+                    (0, Role::Tapper(i - chatters))
+                } else {
+                    (0, Role::Receiver)
+                }
+            },
+            &mut events,
+        );
+        let ramp_failures: u64 = self.tally.failures.values().sum();
+        let mut chat = vec![None; chatters];
+        let mut taps = vec![None; tappers];
+        for (i, conn) in self.conns.iter().enumerate() {
+            match conn
+                .as_ref()
+                .filter(|c| c.phase == Phase::Open)
+                .map(|c| c.role)
+            {
+                Some(Role::Publisher(p)) => chat[p] = Some(Token(i)),
+                Some(Role::Tapper(t)) => taps[t] = Some(Token(i)),
+                _ => {}
+            }
+        }
+        let connected = self.open_count(|c| c.role.is_member());
+        let chat: Option<Vec<Token>> = chat.into_iter().collect();
+        let taps: Option<Vec<Token>> = taps.into_iter().collect();
+        let (Some(chat), Some(taps)) = (chat, taps) else {
+            println!(
+                "load: not every chatter and tapper connected: {:?}",
+                self.tally.failures
+            );
+            println!("RESULT scenario=stream failed_to_connect=1");
+            return false;
+        };
+        if connected != args.clients {
+            println!(
+                "load: only {connected} of {} viewers connected: {:?}",
+                args.clients, self.tally.failures
+            );
+            println!("RESULT scenario=stream failed_to_connect=1");
+            return false;
+        }
+        self.publishers = chat
+            .into_iter()
+            .map(|token| Publisher {
+                token,
+                room: 0,
+                sent: 0,
+                in_flight: 0,
+            })
+            .collect();
+        self.tappers = taps;
+        let mode = if stream.relayed { "relayed" } else { "v1" };
+        println!(
+            "stream ({mode}): {} viewers in {}, {chatters} chatting {}/s, {tappers} tapping {}/s on {}",
+            args.clients,
+            args.room_name(0),
+            stream.chat_rate,
+            stream.tap_rate,
+            stream.keys.join(" ")
+        );
+
+        let cpu_before = args.pid.map(cpu_time);
+        let own_cpu_before = cpu_time(std::process::id());
+        let mut peak_rss = args.pid.map_or(0, |pid| server_usage(pid).0);
+        let started = Instant::now();
+        let mut last_sample = started;
+        let (mut chat_sent, mut taps_started) = (0u64, 0u64);
+        let keys = stream.keys.len() as u64;
+        while started.elapsed() < args.duration {
+            let elapsed = started.elapsed().as_secs_f64();
+            while (chat_sent as f64) < elapsed * stream.chat_rate {
+                self.publish((chat_sent % chatters as u64) as usize);
+                chat_sent += 1;
+            }
+            // Tap n goes to tapper n mod T: each tapper taps every T/rate seconds, and the
+            // tappers take their turns evenly in between.
+            while (taps_started as f64) < elapsed * stream.tap_rate {
+                let tapper = (taps_started % tappers as u64) as usize;
+                self.tap(tapper, (taps_started % keys) as usize);
+                taps_started += 1;
+            }
+            self.turn(&mut events, Duration::from_micros(200));
+            if let Some(pid) = args
+                .pid
+                .filter(|_| last_sample.elapsed() > Duration::from_millis(100))
+            {
+                peak_rss = peak_rss.max(server_usage(pid).0);
+                last_sample = Instant::now();
+            }
+        }
+        let run = started.elapsed();
+        let cpu = args
+            .pid
+            .zip(cpu_before)
+            .map(|(pid, before)| cpu_time(pid).saturating_sub(before));
+        let own_cpu = cpu_time(std::process::id()).saturating_sub(own_cpu_before);
+
+        // The last chat messages and totals are still on their way: the chat has `DRAIN` to
+        // arrive; v1 totals must be exact within twice the reaction interval and a margin
+        // (the server pushes a room's totals at most once an interval), relayed taps are
+        // messages like the chat.
+        let settle_from = Instant::now();
+        let drain_until = settle_from + DRAIN;
+        let totals_within = if stream.relayed {
+            DRAIN
+        } else {
+            2 * stream.reaction_interval + SETTLE_MARGIN
+        };
+        let mut totals_settled = None;
+        loop {
+            if totals_settled.is_none() && self.totals_match() {
+                totals_settled = Some(settle_from.elapsed());
+            }
+            let chat_done = self.tally.received >= self.expected();
+            let now = Instant::now();
+            let totals_done = totals_settled.is_some() || now >= settle_from + totals_within;
+            if (chat_done || now >= drain_until) && totals_done {
+                break;
+            }
+            self.turn(&mut events, Duration::from_millis(5));
+        }
+        if let Some(pid) = args.pid {
+            peak_rss = peak_rss.max(server_usage(pid).0);
+        }
+        let totals_exact = totals_settled.is_some_and(|t| t <= totals_within);
+
+        let viewers: Vec<&Viewer> = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| c.role.is_member() && c.phase == Phase::Open)
+            .map(|c| &c.viewer)
+            .collect();
+        let live = viewers.len();
+        let closed = args.clients - live;
+        let taps_sent: u64 = self.taps_sent.iter().sum();
+        let expected = self.expected();
+        let lost = expected.saturating_sub(self.tally.received);
+        let taps_lost = (taps_sent * live as u64).saturating_sub(self.tap_deliveries);
+        let n = live.max(1) as f64;
+        let frames_mean = viewers
+            .iter()
+            .map(|v| v.reaction_frames as f64)
+            .sum::<f64>()
+            / n;
+        let frames_max = viewers.iter().map(|v| v.reaction_frames).max().unwrap_or(0);
+        let presence_mean = viewers
+            .iter()
+            .map(|v| v.presence_frames as f64)
+            .sum::<f64>()
+            / n;
+        // Every viewer's last counts should be the whole room: each is a user of its own.
+        let whole_room = Some((args.clients as u64, args.clients as u64));
+        let presence_exact = viewers.iter().all(|v| v.presence == whole_room);
+        let failures: u64 = self.tally.failures.values().sum::<u64>() - ramp_failures;
+        let h = self.tally.latency_us.take().expect("taken once, here");
+        let seconds = run.as_secs_f64();
+        let per_second = (self.tally.received + self.tap_deliveries) as f64 / seconds;
+        let mib = |b: u64| b as f64 / 1048576.0;
+
+        println!(
+            "chat: {chat_sent} messages sent, {} delivered of {expected}, lost {lost}, out of order {}, corrupted {}; \
+             latency µs p50 {} p99 {} max {}",
+            self.tally.received,
+            self.tally.reordered,
+            self.tally.corrupted,
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.max()
+        );
+        let per_key: Vec<String> = stream
+            .keys
+            .iter()
+            .zip(&self.taps_sent)
+            .map(|(key, n)| format!("{key} {n}"))
+            .collect();
+        if stream.relayed {
+            println!(
+                "taps: {taps_sent} sent ({}), {} relayed to viewers, {taps_lost} missing",
+                per_key.join(", "),
+                self.tap_deliveries
+            );
+        } else {
+            println!(
+                "taps: {taps_sent} sent ({}); every viewer's last totals {} ({}); \
+                 reactions frames per viewer: mean {frames_mean:.1}, max {frames_max}",
+                per_key.join(", "),
+                if totals_exact {
+                    "equal them"
+                } else {
+                    "do NOT all equal them"
+                },
+                match totals_settled {
+                    Some(t) => format!(
+                        "{:.0} ms after the run, within {totals_within:?}",
+                        t.as_secs_f64() * 1e3
+                    ),
+                    None => format!("not within {totals_within:?}"),
+                },
+            );
+            println!(
+                "presence frames per viewer: mean {presence_mean:.1}; every viewer's last counts {}",
+                if presence_exact { "are the whole room" } else { "are NOT all the whole room" }
+            );
+        }
+        println!(
+            "{} deliveries in {run:.1?} ({per_second:.0}/s); {closed} viewers closed; failures {:?}; \
+             the tool's own CPU {:.2} s/s",
+            self.tally.received + self.tap_deliveries,
+            self.tally.failures,
+            own_cpu.as_secs_f64() / seconds
+        );
+        let mut extra = String::new();
+        if let Some(cpu) = cpu {
+            let cpu = cpu.as_secs_f64();
+            println!(
+                "server CPU: {cpu:.2} s over the run, {:.3} s per second; peak RSS {:.1} MiB",
+                cpu / seconds,
+                mib(peak_rss)
+            );
+            extra += &format!(
+                " server_cpu_s={cpu:.2} server_cpu_per_s={:.3} peak_rss_mib={:.1}",
+                cpu / seconds,
+                mib(peak_rss)
+            );
+        }
+        let taps = if stream.relayed {
+            format!(
+                "taps_sent={taps_sent} tap_deliveries={} taps_lost={taps_lost}",
+                self.tap_deliveries
+            )
+        } else {
+            format!(
+                "taps_sent={taps_sent} totals_exact={} totals_settle_ms={} reaction_frames_mean={frames_mean:.1} \
+                 reaction_frames_max={frames_max} presence_frames_mean={presence_mean:.1} presence_exact={}",
+                if totals_exact { "yes" } else { "no" },
+                totals_settled.map_or("never".into(), |t| format!("{:.0}", t.as_secs_f64() * 1e3)),
+                if presence_exact { "yes" } else { "no" }
+            )
+        };
+        println!(
+            "RESULT scenario=stream mode={mode} viewers={} chatters={chatters} tappers={tappers} chat_sent={chat_sent} \
+             chat_delivered={} chat_lost={lost} chat_reordered={} chat_corrupted={} chat_p50_us={} chat_p99_us={} \
+             chat_max_us={} {taps} deliveries_per_second={per_second:.0} viewers_closed={closed} failures={failures} \
+             tool_cpu_per_s={:.3}{extra}",
+            args.clients,
+            self.tally.received,
+            self.tally.reordered,
+            self.tally.corrupted,
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.max(),
+            own_cpu.as_secs_f64() / seconds
+        );
+        let clean = lost == 0
+            && self.tally.reordered == 0
+            && self.tally.corrupted == 0
+            && closed == 0
+            && failures == 0;
+        clean
+            && if stream.relayed {
+                taps_lost == 0
+            } else {
+                totals_exact
+            }
+    }
+
+    /// Whether every stream viewer's totals are the taps sent per key: with v1 the last
+    /// totals pushed to it, with `--relayed` the taps relayed to it.
+    fn totals_match(&self) -> bool {
+        self.conns
+            .iter()
+            .flatten()
+            .filter(|c| c.role.is_member() && c.phase == Phase::Open)
+            .all(|c| c.viewer.totals == self.taps_sent)
+    }
+
+    /// Tapper `tapper` taps key `key` of `--keys` once.
+    fn tap(&mut self, tapper: usize, key: usize) {
+        let token = self.tappers[tapper];
+        let Some(conn) = self.conns[token.0].as_mut() else {
+            return;
+        };
+        client_frame(&mut conn.wbuf, 0x1, &self.tap_payloads[key]);
+        self.taps_sent[key] += 1;
+        self.flush(token);
+    }
+
     /// Whether the server still serves: a new client in a new room gets in, and its message
     /// comes back to it intact.
     fn newcomer_relays(&mut self, events: &mut Events) -> bool {
@@ -1919,6 +2517,20 @@ impl Load {
         self.close(token, false);
         relayed
     }
+}
+
+/// A room name no earlier run used: the stream scenario's room must be fresh, since its
+/// reaction totals count every tap since the room's state began, and a room keeps its state
+/// for `--room-ttl` after its last member left.
+fn fresh_room_prefix() -> String {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "stream-{:x}-{}-",
+        since_epoch.as_micros(),
+        std::process::id()
+    )
 }
 
 /// A stalled client's kernel queues: bytes in its own receive queue, and bytes in the send
@@ -2118,8 +2730,14 @@ fn parse_decimal(text: &[u8]) -> Option<(u64, &[u8])> {
 #[derive(Debug, PartialEq, Eq)]
 enum V1Frame<'a> {
     Message(V1Message<'a>),
-    /// `presence` or `reactions`: counts the tool does not check.
-    Counts,
+    /// `{"type":"presence","clients":N,"users":M}`.
+    Presence {
+        clients: u64,
+        users: u64,
+    },
+    /// `{"type":"reactions","totals":{...}}`: the totals object, braces included, for
+    /// `read_totals`.
+    Reactions(&'a [u8]),
     /// Anything else: a welcome out of turn, an error, a frame in an unknown layout.
     Other,
 }
@@ -2142,13 +2760,7 @@ struct V1Message<'a> {
 /// trailer states, so no byte of the sender's identity or of the pattern is searched.
 fn v1_frame(frame: &[u8]) -> V1Frame<'_> {
     let Some(rest) = frame.strip_prefix(V1_MESSAGE_PREFIX) else {
-        return if frame.starts_with(br#"{"type":"presence","#)
-            || frame.starts_with(br#"{"type":"reactions","#)
-        {
-            V1Frame::Counts
-        } else {
-            V1Frame::Other
-        };
+        return v1_counts(frame).unwrap_or(V1Frame::Other);
     };
     let Some(rest) = rest.strip_prefix(br#""seq":"#) else {
         return V1Frame::Other;
@@ -2163,6 +2775,78 @@ fn v1_frame(frame: &[u8]) -> V1Frame<'_> {
         header,
         pattern,
     })
+}
+
+/// How the server's `reactions` frame begins, up to its totals object, and its `presence`
+/// frame, up to the client count (PROTOCOL §4).
+const V1_REACTIONS_PREFIX: &[u8] = br#"{"type":"reactions","totals":"#;
+const V1_PRESENCE_PREFIX: &[u8] = br#"{"type":"presence","clients":"#;
+
+/// A `presence` or `reactions` frame in the server's layout: a stream viewer gets several
+/// a second, each of 10,000 viewers, so they are read like `message` frames, by their known
+/// layout, without a JSON parser (checked against `serde_json` in the tests below).
+fn v1_counts(frame: &[u8]) -> Option<V1Frame<'_>> {
+    if let Some(rest) = frame.strip_prefix(V1_REACTIONS_PREFIX) {
+        let totals = rest.strip_suffix(b"}")?;
+        let is_object = totals.len() >= 2 && totals[0] == b'{' && totals.ends_with(b"}");
+        return is_object.then_some(V1Frame::Reactions(totals));
+    }
+    let rest = frame.strip_prefix(V1_PRESENCE_PREFIX)?;
+    let (clients, rest) = parse_decimal(rest)?;
+    let (users, rest) = parse_decimal(rest.strip_prefix(br#","users":"#)?)?;
+    (rest == b"}").then_some(V1Frame::Presence { clients, users })
+}
+
+/// Reads a totals object as the server writes it (`{"❤️":1234,"👏":56}`, no whitespace)
+/// without a JSON parser, calling `total` with each key, unescaped, and its count. `None`
+/// when it is not such an object (`total` may have seen the keys before the fault).
+fn read_totals(object: &[u8], mut total: impl FnMut(&[u8], u64)) -> Option<()> {
+    let mut rest = object.strip_prefix(b"{")?;
+    if rest == b"}" {
+        return Some(());
+    }
+    loop {
+        let quoted = rest;
+        let body = quoted.strip_prefix(b"\"")?;
+        // The key ends at its first quote that no backslash escapes.
+        let mut end = 0;
+        let mut escaped = false;
+        loop {
+            match *body.get(end)? {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => break,
+                _ => {}
+            }
+            end += 1;
+        }
+        let key = &body[..end];
+        let (count, after) = parse_decimal(body[end + 1..].strip_prefix(b":")?)?;
+        if key.contains(&b'\\') {
+            // Only a key with a quote, a backslash or a control character is escaped: rare
+            // enough for the JSON parser.
+            let key: String = serde_json::from_slice(&quoted[..end + 2]).ok()?;
+            total(key.as_bytes(), count);
+        } else {
+            total(key, count);
+        }
+        match after.split_first()? {
+            (b',', next) => rest = next,
+            (b'}', []) => return Some(()),
+            _ => return None,
+        }
+    }
+}
+
+/// The text a stream tapper sends for one tap on `key`: a v1 `react` frame, or with
+/// `relayed` the plain message the demo page relays for a reaction.
+fn tap_payload(key: &str, relayed: bool) -> Vec<u8> {
+    let key = serde_json::to_string(key).expect("a string always serialises");
+    if relayed {
+        format!(r#"{{"type":"reaction","emoji":{key}}}"#).into_bytes()
+    } else {
+        format!(r#"{{"type":"react","key":{key}}}"#).into_bytes()
+    }
 }
 
 /// The tool's `data` string at the end of `frame`: its header and pattern. `None` (or no
@@ -2187,16 +2871,16 @@ fn v1_data(frame: &[u8]) -> Option<(Option<V1Header>, &[u8])> {
     Some((Some(header), &body[start..body.len() - V1_TRAILER]))
 }
 
-/// The claims of `user`'s join token for the tool's room `room`, minted at `now`: no `name`
+/// The claims of `user`'s join token for the room named `room`, minted at `now`: no `name`
 /// (the server shows the `sub`) and no `perm` (the default, `post`, which publishers need).
-fn join_claims(user: &str, room: usize, now: std::time::SystemTime) -> serde_json::Value {
+fn join_claims(user: &str, room: &str, now: std::time::SystemTime) -> serde_json::Value {
     let now = now
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_secs());
     serde_json::json!({
         "sub": user,
         "exp": now + TOKEN_LIFETIME.as_secs(),
-        "room": format!("room{room}"),
+        "room": room,
     })
 }
 
@@ -2211,16 +2895,26 @@ fn names_v1(head: &str) -> bool {
         })
 }
 
-/// Checks a v1 client's first frame: a `welcome` to its room, for its token's user when it
-/// sent one (anonymous otherwise), allowed to post. Its `seq` (the room's, at the client's
-/// place in the order) is what every later message must exceed.
-fn check_welcome(frame: &[u8], room: usize, user: Option<&str>) -> Result<u64, String> {
+/// What a v1 client's `welcome` tells the tool.
+#[derive(Debug, PartialEq, Eq)]
+struct Welcome {
+    /// The room's `seq` at the client's place in the order: every later message's exceeds it.
+    seq: u64,
+    /// The room's counts at the join (`clients`, `users`), if the welcome holds them.
+    presence: Option<(u64, u64)>,
+    /// The room's reaction totals at the join, by key.
+    reactions: BTreeMap<String, u64>,
+}
+
+/// Checks a v1 client's first frame: a `welcome` to the room named `room`, for its token's
+/// user when it sent one (anonymous otherwise), allowed to post.
+fn check_welcome(frame: &[u8], room: &str, user: Option<&str>) -> Result<Welcome, String> {
     let welcome: serde_json::Value =
         serde_json::from_slice(frame).map_err(|_| "the first frame is not JSON".to_string())?;
     if welcome["type"] != "welcome" {
         return Err(format!("the first frame is {}", welcome["type"]));
     }
-    if welcome["room"] != format!("room{room}").as_str() {
+    if welcome["room"] != room {
         return Err("it names another room".into());
     }
     let you = &welcome["you"];
@@ -2236,7 +2930,21 @@ fn check_welcome(frame: &[u8], room: usize, user: Option<&str>) -> Result<u64, S
     if you["perm"] != "post" {
         return Err(format!("perm {}, not \"post\"", you["perm"]));
     }
-    welcome["seq"].as_u64().ok_or_else(|| "no seq".to_string())
+    let seq = welcome["seq"]
+        .as_u64()
+        .ok_or_else(|| "no seq".to_string())?;
+    let presence = &welcome["presence"];
+    let presence = presence["clients"].as_u64().zip(presence["users"].as_u64());
+    let reactions = match &welcome["reactions"] {
+        serde_json::Value::Null => BTreeMap::new(),
+        totals => serde_json::from_value(totals.clone())
+            .map_err(|_| format!("reactions {totals} are not totals"))?,
+    };
+    Ok(Welcome {
+        seq,
+        presence,
+        reactions,
+    })
 }
 
 /// A failure kind for a v1 frame the tool did not expect.
@@ -2246,7 +2954,9 @@ fn unexpected_v1_frame(frame: &[u8]) -> String {
     };
     match json["type"].as_str() {
         Some("error") => format!("error frame: {}", json["code"]),
-        Some("message") => "a message frame in an unknown layout".into(),
+        Some(kind @ ("message" | "presence" | "reactions")) => {
+            format!("a {kind} frame in an unknown layout")
+        }
         Some(other) => format!("unexpected {other} frame"),
         None => "a v1 frame without a type".into(),
     }
@@ -2339,9 +3049,9 @@ fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
     Ok((status, body.to_string()))
 }
 
-/// Members of the tool's room `room` as the server counts them (`GET /api/rooms/<room>`).
-fn room_clients(addr: SocketAddr, room: usize) -> io::Result<u64> {
-    let (status, body) = http_get(addr, &format!("/api/rooms/room{room}"))?;
+/// Members of the room named `room` as the server counts them (`GET /api/rooms/<room>`).
+fn room_clients(addr: SocketAddr, room: &str) -> io::Result<u64> {
+    let (status, body) = http_get(addr, &format!("/api/rooms/{room}"))?;
     let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
     if status != 200 {
         return Err(bad(format!("HTTP {status}")));
@@ -2502,11 +3212,14 @@ mod tests {
         ));
         assert_eq!(
             v1_frame(br#"{"type":"presence","clients":2,"users":2}"#),
-            V1Frame::Counts
+            V1Frame::Presence {
+                clients: 2,
+                users: 2
+            }
         );
         assert_eq!(
             v1_frame(br#"{"type":"reactions","totals":{"x":1}}"#),
-            V1Frame::Counts
+            V1Frame::Reactions(br#"{"x":1}"#)
         );
         for other in [
             &br#"{"type":"welcome","room":"room0"}"#[..],
@@ -2542,22 +3255,22 @@ mod tests {
         };
         let anon = r#"{"id":"anon-3","name":"anon-3","verified":false,"perm":"post"}"#;
         let load = r#"{"id":"load-3","name":"load-3","verified":true,"perm":"post"}"#;
-        assert_eq!(
-            check_welcome(welcome(anon, "room2").as_bytes(), 2, None),
-            Ok(41)
-        );
-        assert_eq!(
-            check_welcome(welcome(load, "room2").as_bytes(), 2, Some("load-3")),
-            Ok(41)
-        );
+        let seq =
+            |frame: String, user| check_welcome(frame.as_bytes(), "room2", user).map(|w| w.seq);
+        assert_eq!(seq(welcome(anon, "room2"), None), Ok(41));
+        assert_eq!(seq(welcome(load, "room2"), Some("load-3")), Ok(41));
         for (frame, room, user) in [
-            (welcome(anon, "room2"), 3, None),
-            (welcome(anon, "room2"), 2, Some("load-3")),
-            (welcome(load, "room2"), 2, Some("load-4")),
-            (welcome(load, "room2"), 2, None),
-            (welcome(&anon.replace("post", "read"), "room2"), 2, None),
-            (r#"{"type":"message","seq":1}"#.to_string(), 2, None),
-            ("[]".to_string(), 2, None),
+            (welcome(anon, "room2"), "room3", None),
+            (welcome(anon, "room2"), "room2", Some("load-3")),
+            (welcome(load, "room2"), "room2", Some("load-4")),
+            (welcome(load, "room2"), "room2", None),
+            (
+                welcome(&anon.replace("post", "read"), "room2"),
+                "room2",
+                None,
+            ),
+            (r#"{"type":"message","seq":1}"#.to_string(), "room2", None),
+            ("[]".to_string(), "room2", None),
         ] {
             assert!(
                 check_welcome(frame.as_bytes(), room, user).is_err(),
@@ -2608,7 +3321,7 @@ mod tests {
     #[test]
     fn join_claims_name_the_user_the_room_and_an_hour() {
         let now = std::time::UNIX_EPOCH + Duration::from_secs(1_764_230_000);
-        let claims = join_claims("load-7", 3, now);
+        let claims = join_claims("load-7", "room3", now);
         assert_eq!(
             claims,
             serde_json::json!({"sub": "load-7", "exp": 1_764_233_600u64, "room": "room3"})
@@ -2661,6 +3374,245 @@ mod tests {
             push_hex(&mut out, value, 16);
             assert_eq!(parse_hex16(&out.try_into().unwrap()), Some(value));
         }
+    }
+
+    /// The totals a `reactions` frame holds, as the cheap reader reads them.
+    fn fast_totals(frame: &[u8]) -> Option<BTreeMap<String, u64>> {
+        let V1Frame::Reactions(object) = v1_frame(frame) else {
+            return None;
+        };
+        let mut totals = BTreeMap::new();
+        read_totals(object, |key, count| {
+            let key = String::from_utf8(key.to_vec()).expect("keys are UTF-8");
+            assert!(totals.insert(key, count).is_none(), "a key read twice");
+        })?;
+        Some(totals)
+    }
+
+    /// A `reactions` frame around totals that `serde_json` wrote, in the layout of
+    /// PROTOCOL §4.
+    fn reactions_frame(totals: &BTreeMap<String, u64>) -> Vec<u8> {
+        let totals = serde_json::to_string(totals).unwrap();
+        format!(r#"{{"type":"reactions","totals":{totals}}}"#).into_bytes()
+    }
+
+    /// Every viewer reads several reactions and presence frames a second, so they are read
+    /// without a JSON parser; the reading must agree with one on every key (escaped ones
+    /// included) and count. Without this, a slip would show as inexact totals in every
+    /// stream run, or pass a wrong total unnoticed.
+    #[test]
+    fn counts_frames_read_what_serde_json_reads() {
+        let mut cases: Vec<BTreeMap<String, u64>> = vec![
+            BTreeMap::new(),
+            [("❤️", 1234), ("👏", 56), ("😂", 0)]
+                .map(|(k, n)| (k.to_string(), n))
+                .into(),
+            // Keys that hold what the reader looks for, and what JSON escapes.
+            [
+                r#"a"b"#,
+                r"back\slash",
+                "line\nfeed",
+                "\u{1}",
+                r#"":1,"x"#,
+                "}",
+                "é",
+            ]
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.to_string(), i as u64 * 1000 + 7))
+            .collect(),
+            [("x".to_string(), u64::MAX)].into(),
+        ];
+        cases.push(
+            (0..MAX_ROOM_KEYS)
+                .map(|i| (format!("k{i}"), i as u64))
+                .collect(),
+        );
+        for totals in cases {
+            let frame = reactions_frame(&totals);
+            let json: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+            let parsed: BTreeMap<String, u64> =
+                serde_json::from_value(json["totals"].clone()).unwrap();
+            assert_eq!(parsed, totals);
+            assert_eq!(
+                fast_totals(&frame).as_ref(),
+                Some(&totals),
+                "{}",
+                String::from_utf8_lossy(&frame)
+            );
+        }
+        for (clients, users) in [(0, 0), (1, 1), (10_000, 9_999), (u64::MAX, 3)] {
+            let frame = serde_json::json!({"clients": clients, "users": users}).to_string();
+            // serde_json orders keys by name: the server's order is the protocol's.
+            let frame = frame.replace(r#"{"clients""#, r#"{"type":"presence","clients""#);
+            let json: serde_json::Value = serde_json::from_str(&frame).unwrap();
+            assert_eq!(json["type"], "presence");
+            assert_eq!(
+                v1_frame(frame.as_bytes()),
+                V1Frame::Presence {
+                    clients: json["clients"].as_u64().unwrap(),
+                    users: json["users"].as_u64().unwrap()
+                },
+                "{frame}"
+            );
+        }
+    }
+
+    /// What the server never writes is refused, never read as some other totals: a viewer
+    /// then counts a failure rather than a wrong total.
+    #[test]
+    fn counts_in_another_layout_are_refused() {
+        for totals in [
+            r#"{ "x":1}"#,
+            r#"{"x": 1}"#,
+            r#"{"x":1.5}"#,
+            r#"{"x":-1}"#,
+            r#"{"x":"1"}"#,
+            r#"{"x":1,}"#,
+            r#"{"x":1}}"#,
+            r#"{"x":{"y":1}}"#,
+            r#"{"x:1}"#,
+            r#"{"x\":1}"#,
+            r#"{x:1}"#,
+            r#"{"x":18446744073709551616}"#,
+            r#"["x",1]"#,
+            "",
+        ] {
+            let frame = format!(r#"{{"type":"reactions","totals":{totals}}}"#);
+            assert_eq!(fast_totals(frame.as_bytes()), None, "{frame}");
+        }
+        for frame in [
+            r#"{"type":"presence","clients":1}"#,
+            r#"{"type":"presence","clients":1,"users":1,"x":2}"#,
+            r#"{"type":"presence","clients":-1,"users":1}"#,
+            r#"{"type":"presence","users":1,"clients":1}"#,
+            r#"{"type":"reactions","totals":{}"#,
+            r#"{"type":"reactions"}"#,
+        ] {
+            assert_eq!(v1_frame(frame.as_bytes()), V1Frame::Other, "{frame}");
+        }
+        assert_eq!(
+            unexpected_v1_frame(br#"{"type":"reactions","totals":{"x":1.5}}"#),
+            "a reactions frame in an unknown layout"
+        );
+    }
+
+    /// A viewer starts from the counts its welcome holds (PROTOCOL §4): a viewer that joins
+    /// a room with taps in it must not count them again.
+    #[test]
+    fn the_welcome_gives_the_rooms_counts() {
+        let welcome = |reactions: &str| {
+            format!(
+                r#"{{"type":"welcome","room":"r","you":{{"id":"anon-1","name":"anon-1","verified":false,"perm":"post"}},"epoch":"e","seq":3,"recovered":false,"history":[],"presence":{{"clients":12,"users":9}},"reactions":{reactions}}}"#
+            )
+        };
+        let got = check_welcome(welcome(r#"{"❤️":120,"👏":7}"#).as_bytes(), "r", None).unwrap();
+        assert_eq!(
+            got,
+            Welcome {
+                seq: 3,
+                presence: Some((12, 9)),
+                reactions: [("❤️".to_string(), 120), ("👏".to_string(), 7)].into(),
+            }
+        );
+        assert!(check_welcome(welcome("{}").as_bytes(), "r", None)
+            .unwrap()
+            .reactions
+            .is_empty());
+        for bad in [r#"{"x":-1}"#, "[1]", r#""many""#] {
+            assert!(
+                check_welcome(welcome(bad).as_bytes(), "r", None).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    /// A v1 tap is a `react` the server's codec takes; a relayed one is the demo page's
+    /// `reaction` message, whose key a page finds in `emoji`.
+    #[test]
+    fn taps_are_what_the_server_and_the_demo_page_read() {
+        for key in ["❤️", "👏", r#"a"b"#, "x"] {
+            let tap = String::from_utf8(tap_payload(key, false)).unwrap();
+            match codec::parse(&tap) {
+                Ok(codec::Incoming::React(read)) => assert_eq!(read, key),
+                other => panic!("the server would not take {tap}: {other:?}"),
+            }
+            let relayed: serde_json::Value =
+                serde_json::from_slice(&tap_payload(key, true)).unwrap();
+            assert_eq!(
+                relayed,
+                serde_json::json!({"type": "reaction", "emoji": key})
+            );
+        }
+    }
+
+    #[test]
+    fn stream_flags_are_checked_against_each_other_and_the_bucket() {
+        let args = parse("stream", None).unwrap();
+        assert!(args.v1, "stream is v1 unless --relayed");
+        assert_eq!(args.clients, 10_000);
+        assert_eq!(args.duration, Duration::from_secs(20));
+        assert_eq!(args.stream, StreamArgs::default());
+        assert_eq!(args.stream.keys, ["❤️", "👏", "😂"]);
+        let args = parse(
+            "stream --viewers 500 --chatters 10 --chat-rate 5 --tappers 20 --tap-rate 100 \
+             --keys a,b --relayed --reaction-interval 100ms --duration 2",
+            None,
+        )
+        .unwrap();
+        assert!(!args.v1 && args.stream.relayed);
+        assert_eq!(args.clients, 500);
+        assert_eq!((args.stream.chatters, args.stream.tappers), (10, 20));
+        assert_eq!((args.stream.chat_rate, args.stream.tap_rate), (5.0, 100.0));
+        assert_eq!(args.stream.keys, ["a", "b"]);
+        assert_eq!(args.stream.reaction_interval, Duration::from_millis(100));
+        // 2,000 taps/s over 50 tappers is 40 each, over the server's default 20.
+        let refused = parse("stream --tappers 50", None).err().unwrap();
+        assert!(
+            refused.starts_with(
+                "40.0 taps/s per tapper is over the server's per-user reaction rate (20/s)"
+            ),
+            "{refused}"
+        );
+        assert!(parse("stream --tappers 50 --reaction-rate 40", None).is_ok());
+        // Relayed taps are messages, under the message rate limit instead.
+        assert!(parse("stream --tappers 50 --relayed", None).is_ok());
+        for (line, error) in [
+            (
+                "stream --v1 --relayed",
+                "stream runs on roomcast.v1 unless --relayed: not both",
+            ),
+            (
+                "stream --viewers 250",
+                "--chatters 100 and --tappers 200 are among the --viewers 250: too many",
+            ),
+            ("stream --chatters 0", "--chat-rate needs --chatters"),
+            ("stream --tappers 0", "--tap-rate needs --tappers"),
+            ("stream --keys a,,b", "--keys: \"\" is not 1-32 bytes"),
+            ("stream --keys a,b,a", "--keys: a key is listed twice"),
+            ("stream --tap-rate -1", "bad value for --tap-rate: -1"),
+            ("stream --chat-rate inf", "bad value for --chat-rate: inf"),
+            (
+                "fanout --tappers 5",
+                "--relayed, --chatters, --tappers, --keys and their rates are for stream",
+            ),
+            (
+                "fanout --relayed",
+                "--relayed, --chatters, --tappers, --keys and their rates are for stream",
+            ),
+        ] {
+            assert_eq!(parse(line, None).err().as_deref(), Some(error), "{line}");
+        }
+        let long = "k".repeat(33);
+        assert!(parse(&format!("stream --keys {long}"), None).is_err());
+        let many: Vec<String> = (0..=MAX_ROOM_KEYS).map(|i| i.to_string()).collect();
+        assert!(parse(&format!("stream --keys {}", many.join(",")), None).is_err());
+        assert!(parse("stream --reaction-interval 0", None).is_err());
+        assert!(parse(
+            "stream --tap-rate 0 --tappers 0 --chat-rate 0 --chatters 0",
+            None
+        )
+        .is_ok());
     }
 
     #[test]
