@@ -2255,6 +2255,7 @@ impl Load {
             stream.keys.join(" ")
         );
 
+        let reactions_before = reaction_counters(args.addr);
         let cpu_before = args.pid.map(cpu_time);
         let own_cpu_before = cpu_time(std::process::id());
         let mut peak_rss = args.pid.map_or(0, |pid| server_usage(pid).0);
@@ -2319,6 +2320,10 @@ impl Load {
             peak_rss = peak_rss.max(server_usage(pid).0);
         }
         let totals_exact = totals_settled.is_some_and(|t| t <= totals_within);
+        // What the server says it counted and dropped of the taps (v1), when it says.
+        let server_taps = reaction_counters(args.addr).zip(reactions_before).map(
+            |((counted, dropped), (counted0, dropped0))| (counted - counted0, dropped - dropped0),
+        );
 
         let viewers: Vec<&Viewer> = self
             .conns
@@ -2398,6 +2403,12 @@ impl Load {
                 "presence frames per viewer: mean {presence_mean:.1}; every viewer's last counts {}",
                 if presence_exact { "are the whole room" } else { "are NOT all the whole room" }
             );
+            if let Some((counted, dropped)) = server_taps {
+                println!(
+                    "the server counted {counted} taps and dropped {dropped} (roomcast_reactions_dropped_total){}",
+                    if dropped > 0 { ": raise its --reaction-rate, or add --tappers" } else { "" }
+                );
+            }
         }
         println!(
             "{} deliveries in {run:.1?} ({per_second:.0}/s); {closed} viewers closed; failures {:?}; \
@@ -2432,7 +2443,9 @@ impl Load {
                 if totals_exact { "yes" } else { "no" },
                 totals_settled.map_or("never".into(), |t| format!("{:.0}", t.as_secs_f64() * 1e3)),
                 if presence_exact { "yes" } else { "no" }
-            )
+            ) + &server_taps.map_or(String::new(), |(counted, dropped)| {
+                format!(" server_taps_counted={counted} server_taps_dropped={dropped}")
+            })
         };
         println!(
             "RESULT scenario=stream mode={mode} viewers={} chatters={chatters} tappers={tappers} chat_sent={chat_sent} \
@@ -3072,6 +3085,19 @@ fn metric(text: &str, sample: &str) -> Option<f64> {
         .and_then(|(_, value)| value.parse().ok())
 }
 
+/// The server's reaction counters, taps counted and dropped (for any reason), `None` when
+/// its metrics cannot be read or have none.
+fn reaction_counters(addr: SocketAddr) -> Option<(u64, u64)> {
+    let (_, text) = http_get(addr, "/metrics").ok()?;
+    let counted = metric(&text, "roomcast_reactions_total")?;
+    let dropped: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("roomcast_reactions_dropped_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    Some((counted as u64, dropped as u64))
+}
+
 /// The server's eviction counters by reason, empty when its metrics cannot be read.
 fn evictions(addr: SocketAddr) -> BTreeMap<String, f64> {
     let text = http_get(addr, "/metrics")
@@ -3456,6 +3482,46 @@ mod tests {
                 "{frame}"
             );
         }
+    }
+
+    /// The same agreement on frames made by the server's own encoders: `codec::presence`,
+    /// and `codec::reactions` around totals written as the room state writes them
+    /// (`Reactions::totals_json`: `codec::json_string` keys, in key order).
+    #[test]
+    fn counts_frames_from_the_servers_encoder_are_read() {
+        use roomcast::v1::codec::Presence;
+        let frame = codec::presence(Presence {
+            clients: 10_000,
+            users: 9_998,
+        });
+        assert_eq!(
+            v1_frame(frame.as_bytes()),
+            V1Frame::Presence {
+                clients: 10_000,
+                users: 9_998
+            }
+        );
+        let totals: BTreeMap<String, u64> = [
+            ("❤️", 1234u64),
+            ("👏", 56),
+            (r#"q"uote"#, 1),
+            ("tab\there", 2),
+            ("\u{1f}", 3),
+        ]
+        .map(|(k, n)| (k.to_string(), n))
+        .into();
+        let object: Vec<String> = totals
+            .iter()
+            .map(|(key, n)| format!("{}:{n}", codec::json_string(key)))
+            .collect();
+        let frame = codec::reactions(&format!("{{{}}}", object.join(",")));
+        let json: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(json["type"], "reactions");
+        assert_eq!(fast_totals(frame.as_bytes()), Some(totals));
+        assert_eq!(
+            fast_totals(codec::reactions("{}").as_bytes()),
+            Some(BTreeMap::new())
+        );
     }
 
     /// What the server never writes is refused, never read as some other totals: a viewer
