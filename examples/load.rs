@@ -12,6 +12,8 @@
 //! cargo run --release --example load -- hoard --clients 200 --size 65000 --rate 50 --burst 100
 //! cargo run --release --example load -- leave --clients 10000 --mode rst
 //! cargo run --release --example load -- fanout --clients 1000 --publishers 4 --window 16 --size 64 --v1
+//! cargo run --release --example load -- stream --viewers 10000 --chatters 100 --chat-rate 50 --tappers 200 --tap-rate 2000 --duration 20
+//! cargo run --release --example load -- stream --viewers 10000 --chatters 100 --chat-rate 50 --tappers 200 --tap-rate 2000 --duration 20 --relayed
 //! ```
 //!
 //! `stalled` is `fanout` (same measured workload, same report) beside `--stalled` clients in
@@ -22,6 +24,18 @@
 //! their outboxes; it reports the server's peak memory per client. `leave` is `--clients`
 //! clients of one room disconnecting at once (`--mode close|fin|rst`); it reports how long
 //! the server takes to empty the room.
+//!
+//! `stream` is a live stream's room: `--viewers` in one fresh room (a name of its own per
+//! run, since reaction totals count from the room's first join), among them `--chatters`
+//! publishing `--chat-rate` messages a second between them and `--tappers` sending
+//! `--tap-rate` reactions a second between them, spread evenly over time, on the `--keys` in
+//! turn. It runs on `roomcast.v1`: every viewer checks the chat as `fanout` does and keeps
+//! the last `reactions` totals, which must equal the taps sent per key within twice
+//! `--reaction-interval` (the server's, default 250ms) plus a margin after the last tap. The
+//! tool refuses a tap rate per tapper above `--reaction-rate` (the server's per-user bucket,
+//! default 20/s), where the server would drop taps. `--relayed` runs the same workload the
+//! plain way, as the demo page does: every tap a text message relayed to every viewer, each
+//! of which every viewer must get.
 //!
 //! One thread and one `epoll` (through mio) drive every connection: the tool shares the
 //! machine's `pid_max` with a thread-per-connection server, so it cannot spend a thread per

@@ -76,6 +76,10 @@ if [ -n "$smoke" ]; then
     run hoard "" hoard --clients 20 --size 65536 --duration 2
     run leave "--rate 0" leave --clients 500 --mode rst
     run leave-close "--rate 0" leave --clients 500 --mode close
+    # A live stream's room at the server's defaults (rate limits and reaction buckets on): v1
+    # reactions counted and pushed as totals, then the same taps relayed as plain messages.
+    run stream "" stream --viewers 200 --chatters 10 --chat-rate 20 --tappers 20 --tap-rate 200 --duration 2
+    run stream-relayed "" stream --viewers 200 --chatters 10 --chat-rate 20 --tappers 20 --tap-rate 200 --duration 2 --relayed
 else
     run capacity "--rate 0" capacity --clients 15000 --rooms 10 --hold 3
     run fanout-window "--rate 0" fanout --clients 1000 --publishers 4 --window 16 --size 64 --duration 10
@@ -93,6 +97,19 @@ else
     # Server defaults: its own rate limit and outbox bound are what stand against the hoarders.
     run hoard "" hoard --clients 200 --size 65000 --duration 10
     run leave "--rate 0" leave --clients 10000 --mode rst
+    # A live stream's room of 10,000 viewers at the server's defaults: 50 chat messages/s and
+    # 2,000 reaction taps/s (10/s from each of 200 tappers, under the default bucket of 20/s)
+    # on roomcast.v1, then the same workload with the taps relayed as plain messages, then
+    # both again with the taps alone (what reactions cost without the chat's fan-out).
+    stream_load="stream --viewers 10000 --chatters 100 --chat-rate 50 --tappers 200 --tap-rate 2000 --duration 20"
+    # shellcheck disable=SC2086 # stream_load is a list of arguments
+    run stream "" $stream_load
+    # shellcheck disable=SC2086
+    run stream-relayed "" $stream_load --relayed
+    # shellcheck disable=SC2086
+    run stream-taps "" $stream_load --chat-rate 0
+    # shellcheck disable=SC2086
+    run stream-taps-relayed "" $stream_load --chat-rate 0 --relayed
 fi
 
 # shellcheck source=scripts/lib.sh
