@@ -597,6 +597,9 @@ struct Load {
     tap_deliveries: u64,
     /// The totals of the `reactions` frame being read, reused across frames.
     totals_scratch: Vec<u64>,
+    /// Bytes read from the server on every connection (the stream scenario's wire cost per
+    /// viewer: what a viewer's network and page take in).
+    bytes_read: u64,
 }
 
 /// A stalled room's filler: what it sent into the room, and what came back to it. The
@@ -695,6 +698,7 @@ impl Load {
             taps_sent: vec![0; keys],
             tap_deliveries: 0,
             totals_scratch: Vec::new(),
+            bytes_read: 0,
         })
     }
 
@@ -931,6 +935,7 @@ impl Load {
                 }
                 Ok(n) => {
                     conn.rbuf.extend_from_slice(&buf[..n]);
+                    self.bytes_read += n as u64;
                     self.process(token);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -2275,6 +2280,7 @@ impl Load {
         let mut peak_rss = args.pid.map_or(0, |pid| server_usage(pid).0);
         let started = Instant::now();
         let mut last_sample = started;
+        let bytes_before = self.bytes_read;
         let (mut chat_sent, mut taps_started) = (0u64, 0u64);
         let keys = stream.keys.len() as u64;
         while started.elapsed() < args.duration {
@@ -2305,6 +2311,10 @@ impl Load {
             .zip(cpu_before)
             .map(|(pid, before)| cpu_time(pid).saturating_sub(before));
         let own_cpu = cpu_time(std::process::id()).saturating_sub(own_cpu_before);
+        let viewer_kib_per_s = (self.bytes_read - bytes_before) as f64
+            / 1024.0
+            / args.clients as f64
+            / run.as_secs_f64();
 
         // The last chat messages and totals are still on their way: the chat has `DRAIN` to
         // arrive; v1 totals must be exact within twice the reaction interval and a margin
@@ -2425,8 +2435,8 @@ impl Load {
             }
         }
         println!(
-            "{} deliveries in {run:.1?} ({per_second:.0}/s); {closed} viewers closed; failures {:?}; \
-             the tool's own CPU {:.2} s/s",
+            "{} deliveries in {run:.1?} ({per_second:.0}/s), {viewer_kib_per_s:.1} KiB/s to each viewer; \
+             {closed} viewers closed; failures {:?}; the tool's own CPU {:.2} s/s",
             self.tally.received + self.tap_deliveries,
             self.tally.failures,
             own_cpu.as_secs_f64() / seconds
@@ -2464,7 +2474,7 @@ impl Load {
         println!(
             "RESULT scenario=stream mode={mode} viewers={} chatters={chatters} tappers={tappers} chat_sent={chat_sent} \
              chat_delivered={} chat_lost={lost} chat_reordered={} chat_corrupted={} chat_p50_us={} chat_p99_us={} \
-             chat_max_us={} {taps} deliveries_per_second={per_second:.0} viewers_closed={closed} failures={failures} \
+             chat_max_us={} {taps} deliveries_per_second={per_second:.0} viewer_kib_per_s={viewer_kib_per_s:.1} viewers_closed={closed} failures={failures} \
              tool_cpu_per_s={:.3}{extra}",
             args.clients,
             self.tally.received,
