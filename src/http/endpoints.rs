@@ -368,16 +368,20 @@ fn history(shared: &Shared, request: &Request, room: &str) -> Response {
         Some(Err(_)) => return Response::status(400).with_body("limit must be a number\n"),
     };
     let now = Instant::now();
-    let messages = state.with_history(now, config.history_ttl, |history| {
-        history.after(since, now, config.history_ttl)
+    let ttl = config.history_ttl;
+    // One snapshot: the messages and the epoch they belong to, read under one lock.
+    let (messages, epoch) = state.with_history_and_epoch(now, ttl, |history, epoch| {
+        let mut messages = history.after(since, now, ttl);
+        messages.truncate(limit);
+        (messages, epoch.to_string())
     });
     let mut body = Vec::new();
     body.extend_from_slice(b"{\"room\":");
     body.extend_from_slice(crate::v1::codec::json_string(room).as_bytes());
     body.extend_from_slice(b",\"epoch\":");
-    body.extend_from_slice(crate::v1::codec::json_string(&state.epoch()).as_bytes());
+    body.extend_from_slice(crate::v1::codec::json_string(&epoch).as_bytes());
     body.extend_from_slice(format!(",\"seq\":{},\"messages\":[", state.seq()).as_bytes());
-    for (i, message) in messages.iter().take(limit).enumerate() {
+    for (i, message) in messages.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }

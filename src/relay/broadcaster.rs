@@ -53,6 +53,13 @@ pub(crate) const MAX_CHUNK: usize = 64 * 1024;
 /// would hold them all, twice, at once; with it the gathering costs a known bound, which the
 /// capacity preflight counts once.
 pub(crate) const MAX_GATHERED_BYTES: usize = 8 * 1024 * 1024;
+/// What a welcome holds besides its history, at most, before the reaction totals.
+const WELCOME_ENVELOPE_BYTES: usize = 4096;
+/// How long one encoding of a room's join history serves the joins that follow it.
+const JOIN_HISTORY_REUSE: Duration = Duration::from_secs(1);
+/// Payloads at least this large are retained as they are, sharing their allocation (their
+/// own by then); smaller ones are copied (see `gather`).
+const SHARED_PAYLOAD_BYTES: usize = 4096;
 /// How often backlogged clients are retried. Short, because a healthy client that briefly
 /// filled its socket buffer should not wait long; long enough that a thousand stalled clients
 /// cost a thousand failing `sendmsg` calls 100 times a second, not once per batch.
@@ -119,6 +126,20 @@ struct Room {
     presence_at: Option<Instant>,
     /// When the last `reactions` frame went out.
     reactions_at: Option<Instant>,
+    /// The history JSON of the last plain join, for the next joins while nothing changed.
+    join_history: Option<JoinHistory>,
+}
+
+/// A room's join history as last encoded, and what it depends on.
+#[derive(Debug)]
+struct JoinHistory {
+    seq: u64,
+    epoch: Arc<str>,
+    budget: usize,
+    /// When it was encoded: reused for `JOIN_HISTORY_REUSE` at most, so a message aging out
+    /// under `--history-ttl` is not shown for long.
+    at: Instant,
+    json: Arc<str>,
 }
 
 /// What a reconnecting v1 client asks for: the messages after `since` in `epoch`.
@@ -451,6 +472,7 @@ impl Broadcaster {
                 presence_sent: None,
                 presence_at: None,
                 reactions_at: None,
+                join_history: None,
             }
         });
         room.last_active = now;
@@ -478,7 +500,12 @@ impl Broadcaster {
             );
         }
         let now = Instant::now();
-        let (history, history_ttl) = (self.config.history, self.config.history_ttl);
+        let history = if self.config.history_budget > 0 {
+            self.config.history
+        } else {
+            0
+        };
+        let history_ttl = self.config.history_ttl;
         let room = self.room(&name, now);
         let seq = room.state.next_seq();
         let has_v1_members = room.has_v1_members;
@@ -495,7 +522,14 @@ impl Broadcaster {
                 ts_ms,
                 from: from.clone(),
                 kind,
-                payload: payload.clone(),
+                // A small payload is a slice of the connection's read buffer, which it would
+                // keep whole (2 KiB) for as long as it is retained: copied, the budget counts
+                // what it really holds.
+                payload: if payload.len() < SHARED_PAYLOAD_BYTES {
+                    Bytes::copy_from_slice(&payload)
+                } else {
+                    payload.clone()
+                },
                 at: now,
             };
             room.state.retain(retained, history, history_ttl);
@@ -600,38 +634,63 @@ impl Broadcaster {
         let now = Instant::now();
         let name = client.room.clone();
         let ttl = self.config.history_ttl;
-        // At most half the outbox of history, so a welcome can never evict its client.
-        let history_budget = self.config.effective_outbox_bytes() / 2 - 4096;
+        // At most half the outbox of history, less the rest of the welcome: with the `101`
+        // and control frames, a welcome then always fits its client's empty outbox.
         self.live_rooms.insert(name.clone());
+        let outbox = self.config.effective_outbox_bytes();
         let room = self.room(&name, now);
         room.has_v1_members = true;
         let state = room.state.clone();
+        let reactions_json = state.reactions.lock().totals_json();
+        // At most half the outbox of history, less the rest of the welcome (its identity at
+        // most 2.6 KiB escaped, and the totals): with the `101` and control frames, a welcome
+        // then always fits its client's empty outbox.
+        let history_budget =
+            (outbox / 2).saturating_sub(WELCOME_ENVELOPE_BYTES + reactions_json.len());
         let (epoch, seq) = (state.epoch(), state.seq());
+        // A crowd joining a quiet room shares one encoding of its history.
+        let cached = room
+            .join_history
+            .as_ref()
+            .filter(|c| {
+                c.seq == seq
+                    && c.epoch == epoch
+                    && c.budget == history_budget
+                    && now.saturating_duration_since(c.at) < JOIN_HISTORY_REUSE
+            })
+            .map(|c| c.json.clone());
         let (history, recovered) = state.with_history(now, ttl, |retained| {
             let wanted = resume.as_ref().filter(|resume| {
                 *resume.epoch == *epoch && retained.covers(resume.since, seq, now, ttl)
             });
-            match wanted {
-                Some(resume) => {
-                    match history_json(&retained.after(resume.since, now, ttl), history_budget) {
-                        (json, true) => (json, true),
-                        // The missed messages do not all fit: a normal join after all.
-                        (_, false) => (
-                            history_json(&retained.after(0, now, ttl), history_budget).0,
-                            false,
-                        ),
-                    }
+            if let Some(resume) = wanted {
+                // If the missed messages do not all fit, it is a normal join after all.
+                if let (json, true) =
+                    history_json(&retained.after(resume.since, now, ttl), history_budget)
+                {
+                    return (Arc::<str>::from(json), true);
                 }
-                None => (
-                    history_json(&retained.after(0, now, ttl), history_budget).0,
-                    false,
-                ),
             }
+            let json = cached.unwrap_or_else(|| {
+                history_json(&retained.after(0, now, ttl), history_budget)
+                    .0
+                    .into()
+            });
+            (json, false)
         });
+        if !recovered {
+            room.join_history = Some(JoinHistory {
+                seq,
+                epoch: epoch.clone(),
+                budget: history_budget,
+                at: now,
+                json: history.clone(),
+            });
+        }
         if resume.is_some() {
             self.stats.count_resume(recovered);
         }
-        let reactions = state.reactions.lock().totals_json();
+        let reactions = reactions_json;
         let welcome = crate::v1::codec::welcome(
             &client.room,
             &client.identity,
@@ -659,7 +718,7 @@ impl Broadcaster {
             Ok(()) => self.stats.reactions_counted.fetch_add(1, Ordering::Relaxed),
             Err(_) => self
                 .stats
-                .reactions_dropped_keys
+                .reactions_dropped_full
                 .fetch_add(1, Ordering::Relaxed),
         };
     }
@@ -721,7 +780,7 @@ impl Broadcaster {
                 }
             }
         });
-        self.settle_overflowed(frame);
+        self.settle_overflowed_as(frame, Some(class));
     }
 
     /// All rooms' history is over `--history-budget`: the rooms idle longest give theirs up
@@ -776,6 +835,10 @@ impl Broadcaster {
             };
             let next = if self.hub.room_size(&name) > 0 {
                 room.last_active = now;
+                // A busy room's history ages out as it is written; a quiet one's here, so what
+                // `--history-ttl` has aged out does not count against the budget.
+                room.state
+                    .with_history(now, self.config.history_ttl, |_| ());
                 now + ROOM_STATE_CHECK
             } else if now.saturating_duration_since(room.last_active) >= ttl {
                 self.rooms.remove(&name);
@@ -819,6 +882,12 @@ impl Broadcaster {
     /// how many took the frame. Runs after the hub's lock is released: it sends, shuts sockets
     /// down and logs.
     fn settle_overflowed(&mut self, frame: &Bytes) -> u64 {
+        self.settle_overflowed_as(frame, None)
+    }
+
+    /// `settle_overflowed` for a frame of a `Latest` class (queued again as one, so it still
+    /// replaces, and can be replaced by, its class's others).
+    fn settle_overflowed_as(&mut self, frame: &Bytes, class: Option<Latest>) -> u64 {
         let limit = self.config.effective_outbox_bytes();
         if frame.len() + crate::relay::outbox::ENTRY_OVERHEAD_BYTES > limit {
             // No outbox could ever hold it (only a message from outside this instance's
@@ -829,7 +898,11 @@ impl Broadcaster {
         }
         let mut queued = 0;
         for client in std::mem::take(&mut self.overflowed) {
-            if let Push::Queued { .. } = client.queue_or_evict(frame.clone()) {
+            let pushed = match class {
+                Some(class) => client.queue_latest_or_evict(frame.clone(), class),
+                None => client.queue_or_evict(frame.clone()),
+            };
+            if let Push::Queued { .. } = pushed {
                 queued += 1;
                 // Flushed with the batch; if it stays backlogged it is tracked then.
                 self.dirty.push(client);
