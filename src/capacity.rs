@@ -104,6 +104,8 @@ pub struct MemoryBudget {
     pub gathered_bytes: u64,
     /// Bytes the Redis publish queue holds at most (0 without `--redis`).
     pub publish_queue: u64,
+    /// Bytes all rooms' history holds at most (`--history-budget`).
+    pub history: u64,
 }
 
 /// The memory budget for `config`: what `/metrics` reports and the preflight divides by.
@@ -121,6 +123,7 @@ pub fn memory_budget(config: &Config) -> MemoryBudget {
         // Its bound, overshot by one frame at most (see `MAX_GATHERED_BYTES`).
         gathered_bytes: (MAX_GATHERED_BYTES as u64)
             .saturating_add((config.max_frame_bytes() as u64).saturating_mul(2)),
+        history: config.history_budget as u64,
         publish_queue: match config.redis {
             Some(_) => PUBLISH_QUEUE_BYTES.max(config.max_message_bytes.saturating_mul(2)) as u64,
             None => 0,
@@ -154,6 +157,7 @@ impl MemoryBudget {
         let parts = by_count
             .min(by_bytes)
             .saturating_add(self.gathered_bytes)
+            .saturating_add(self.history)
             .saturating_add(self.publish_queue);
         with_eighths(parts, QUEUE_ALLOCATOR_EIGHTHS)
     }
@@ -199,6 +203,9 @@ impl fmt::Display for MemoryBudget {
             human_bytes(self.queued_bytes),
             human_bytes(self.gathered_bytes),
         )?;
+        if self.history > 0 {
+            write!(f, " + {} of rooms' history", human_bytes(self.history))?;
+        }
         if self.publish_queue > 0 {
             write!(
                 f,
@@ -627,13 +634,11 @@ mod tests {
         let budget = memory_budget(&Config::default());
         let capacity = derive(&machine, &budget);
         let room = 176 * MIB;
-        // The queues' worst case (37 MiB: the channel's 16 MiB and 8 MiB of gathered chunks,
-        // with the allocator's half) is under half of that room: all of it is set aside.
-        assert!(budget.shared() < room / 2);
-        assert_eq!(
-            capacity.by_memory,
-            (room - budget.shared()) / budget.per_client()
-        );
+        // The queues' worst case (133 MiB: the channel's 16 MiB, 8 MiB of gathered chunks and
+        // 64 MiB of history, with the allocator's half) is over half of that room: half is set
+        // aside.
+        assert!(budget.shared() > room / 2);
+        assert_eq!(capacity.by_memory, (room - room / 2) / budget.per_client());
         assert_eq!(capacity.max_clients(), capacity.by_memory);
         assert_eq!(
             capacity.binding_limit(),

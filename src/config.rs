@@ -63,6 +63,14 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub const DEFAULT_REDIS_TTL: Duration = Duration::from_secs(15);
 /// How long a room's state (epoch, seq) is kept after its last member leaves (PROTOCOL §5).
 pub const DEFAULT_ROOM_TTL: Duration = Duration::from_secs(600);
+/// Messages a room keeps for `welcome.history` and resumes (PROTOCOL §5).
+pub const DEFAULT_HISTORY: usize = 50;
+pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(600);
+pub const DEFAULT_HISTORY_BUDGET: usize = 64 << 20;
+pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_REACTION_INTERVAL: Duration = Duration::from_millis(250);
+pub const DEFAULT_REACTION_RATE: u32 = 20;
+pub const DEFAULT_REACTION_BURST: u32 = 40;
 /// How long a token from `roomcast token` is valid unless `--ttl` says otherwise.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60 * 60);
 /// Whether this build has the Redis backplane (cargo feature `redis`).
@@ -121,6 +129,24 @@ pub const MAX_CONNECTIONS_PER_USER_RANGE: RangeInclusive<usize> = 0..=1 << 22;
 /// state kept for more than a day after everyone left is a leak, not a feature.
 pub const ROOM_TTL_RANGE: RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(24 * 60 * 60);
+/// `--history`: 0 turns history off; ten thousand messages is a long scroll back, and each
+/// is held in memory (bounded in all by `--history-budget`).
+pub const HISTORY_RANGE: RangeInclusive<usize> = 0..=10_000;
+/// `--history-ttl`: as `--room-ttl`.
+pub const HISTORY_TTL_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 60 * 60);
+/// `--history-budget`: all rooms' history bytes together; 16 GiB is past any machine this
+/// runs on.
+pub const HISTORY_BUDGET_RANGE: RangeInclusive<usize> = 0..=16 << 30;
+/// `--presence-interval`, `--reaction-interval`: faster than 50 ms is faster than a page
+/// redraws a counter; slower than a minute is no longer live.
+pub const LIVE_INTERVAL_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(50)..=Duration::from_secs(60);
+/// `--reaction-rate`/`--reaction-burst` taps per user; 0 rate is unlimited.
+pub const REACTION_RATE_RANGE: RangeInclusive<u32> = 0..=100_000;
+pub const REACTION_BURST_RANGE: RangeInclusive<u32> = 1..=100_000;
+/// Keys `--reaction-keys` may list: a room counts at most this many distinct keys anyway.
+pub const MAX_REACTION_KEYS: usize = 64;
 /// A join-token secret, in bytes (see `token::MIN_SECRET_BYTES`); the upper bound only keeps a
 /// secret file from being something else.
 pub const TOKEN_SECRET_BYTES_RANGE: RangeInclusive<usize> = token::MIN_SECRET_BYTES..=4096;
@@ -163,6 +189,14 @@ pub const FLAGS: &[&str] = &[
     "--token-secret-previous",
     "--max-connections-per-user",
     "--room-ttl",
+    "--history",
+    "--history-ttl",
+    "--history-budget",
+    "--presence-interval",
+    "--reaction-interval",
+    "--reaction-rate",
+    "--reaction-burst",
+    "--reaction-keys",
 ];
 
 /// The flags of `roomcast token`, which take no environment variables of their own (the
@@ -218,6 +252,19 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// How long a room's state (epoch, seq) outlives its last member.
     pub room_ttl: Duration,
+    /// Messages each room keeps (0: none), none older than `history_ttl`, all rooms' together
+    /// within `history_budget` bytes.
+    pub history: usize,
+    pub history_ttl: Duration,
+    pub history_budget: usize,
+    /// Each room's `presence` and `reactions` frames go out at most once per interval.
+    pub presence_interval: Duration,
+    pub reaction_interval: Duration,
+    /// Taps per second and burst per user; excess taps are dropped and counted.
+    pub reaction_rate: u32,
+    pub reaction_burst: u32,
+    /// The reaction keys allowed; empty allows any.
+    pub reaction_keys: Vec<String>,
     /// Test-only failure hook, never set from the command line: the broadcaster panics when it
     /// relays a message to this room. The supervision tests use it to check that a dead
     /// broadcaster takes the server down loudly instead of leaving it up and relaying nothing.
@@ -251,6 +298,14 @@ impl Default for Config {
             token_secrets: Vec::new(),
             max_connections_per_user: 0,
             room_ttl: DEFAULT_ROOM_TTL,
+            history: DEFAULT_HISTORY,
+            history_ttl: DEFAULT_HISTORY_TTL,
+            history_budget: DEFAULT_HISTORY_BUDGET,
+            presence_interval: DEFAULT_PRESENCE_INTERVAL,
+            reaction_interval: DEFAULT_REACTION_INTERVAL,
+            reaction_rate: DEFAULT_REACTION_RATE,
+            reaction_burst: DEFAULT_REACTION_BURST,
+            reaction_keys: Vec::new(),
             test_panic_in_room: None,
         }
     }
@@ -282,6 +337,14 @@ impl fmt::Debug for Config {
             token_secrets,
             max_connections_per_user,
             room_ttl,
+            history,
+            history_ttl,
+            history_budget,
+            presence_interval,
+            reaction_interval,
+            reaction_rate,
+            reaction_burst,
+            reaction_keys,
             test_panic_in_room,
         } = self;
         f.debug_struct("Config")
@@ -306,6 +369,14 @@ impl fmt::Debug for Config {
             .field("token_secrets", &vec!["***"; token_secrets.len()])
             .field("max_connections_per_user", max_connections_per_user)
             .field("room_ttl", room_ttl)
+            .field("history", history)
+            .field("history_ttl", history_ttl)
+            .field("history_budget", history_budget)
+            .field("presence_interval", presence_interval)
+            .field("reaction_interval", reaction_interval)
+            .field("reaction_rate", reaction_rate)
+            .field("reaction_burst", reaction_burst)
+            .field("reaction_keys", reaction_keys)
             .field("test_panic_in_room", test_panic_in_room)
             .finish()
     }
@@ -373,6 +444,17 @@ impl Config {
             ),
             ("--redis-ttl", self.redis_ttl, &REDIS_TTL_RANGE),
             ("--room-ttl", self.room_ttl, &ROOM_TTL_RANGE),
+            ("--history-ttl", self.history_ttl, &HISTORY_TTL_RANGE),
+            (
+                "--presence-interval",
+                self.presence_interval,
+                &LIVE_INTERVAL_RANGE,
+            ),
+            (
+                "--reaction-interval",
+                self.reaction_interval,
+                &LIVE_INTERVAL_RANGE,
+            ),
         ] {
             check_duration(flag, value, range)?;
         }
@@ -381,6 +463,27 @@ impl Config {
             self.max_connections_per_user,
             &MAX_CONNECTIONS_PER_USER_RANGE,
         )?;
+        check_count("--history", self.history, &HISTORY_RANGE)?;
+        check_count(
+            "--history-budget",
+            self.history_budget,
+            &HISTORY_BUDGET_RANGE,
+        )?;
+        check_count("--reaction-rate", self.reaction_rate, &REACTION_RATE_RANGE)?;
+        check_count(
+            "--reaction-burst",
+            self.reaction_burst,
+            &REACTION_BURST_RANGE,
+        )?;
+        if self.reaction_keys.len() > MAX_REACTION_KEYS {
+            return Err(ConfigError::new(
+                "--reaction-keys",
+                format!(
+                    "lists {} keys; at most {MAX_REACTION_KEYS}",
+                    self.reaction_keys.len()
+                ),
+            ));
+        }
         for secret in &self.token_secrets {
             check_token_secret("--token-secret", secret)?;
         }
@@ -907,6 +1010,40 @@ fn apply(config: &mut Config, setting: &Setting) -> Result<(), ConfigError> {
                 parse_count(name, value, &MAX_CONNECTIONS_PER_USER_RANGE)?
         }
         "--room-ttl" => config.room_ttl = parse_duration(name, value, &ROOM_TTL_RANGE)?,
+        "--history" => config.history = parse_count(name, value, &HISTORY_RANGE)?,
+        "--history-ttl" => config.history_ttl = parse_duration(name, value, &HISTORY_TTL_RANGE)?,
+        "--history-budget" => {
+            config.history_budget = parse_bytes(name, value, &HISTORY_BUDGET_RANGE)?
+        }
+        "--presence-interval" => {
+            config.presence_interval = parse_duration(name, value, &LIVE_INTERVAL_RANGE)?
+        }
+        "--reaction-interval" => {
+            config.reaction_interval = parse_duration(name, value, &LIVE_INTERVAL_RANGE)?
+        }
+        "--reaction-rate" => config.reaction_rate = parse_count(name, value, &REACTION_RATE_RANGE)?,
+        "--reaction-burst" => {
+            config.reaction_burst = parse_count(name, value, &REACTION_BURST_RANGE)?
+        }
+        "--reaction-keys" => {
+            let keys: Vec<String> = value.split(',').map(|key| key.trim().to_string()).collect();
+            if let Some(bad) = keys
+                .iter()
+                .find(|key| !(1..=crate::v1::codec::MAX_REACTION_KEY_BYTES).contains(&key.len()))
+            {
+                return Err(ConfigError::new(
+                    name,
+                    format!("{bad:?}: a key is 1 to 32 bytes (comma-separated list)"),
+                ));
+            }
+            if keys.len() > MAX_REACTION_KEYS {
+                return Err(ConfigError::new(
+                    name,
+                    format!("lists {} keys; at most {MAX_REACTION_KEYS}", keys.len()),
+                ));
+            }
+            config.reaction_keys = keys;
+        }
         // The token and secret flags are read by `parse_args_from` itself; every other flag is
         // above.
         _ => return Err(ConfigError::new(name, "unknown flag (see --help)")),
@@ -1338,6 +1475,19 @@ FLAGS (value as `--flag VALUE` or `--flag=VALUE`; [default; range]):
                                holds at once; over it: 503
     --room-ttl DUR             how long a room's state (epoch, seq)    [10m; {room_ttl}]
                                outlives its last member
+    --history N                messages a room keeps for joins and     [50; 0 = off; up to {history_max}]
+                               resumes (v1)
+    --history-ttl DUR          none older than this                    [10m; {history_ttl}]
+    --history-budget SIZE      all rooms' history bytes together; over [64MiB; up to 16GiB]
+                               it, the room idle longest loses its own
+    --presence-interval DUR    a room's presence frame at most once    [1s; {live}]
+                               per interval
+    --reaction-interval DUR    a room's reaction totals at most once   [250ms; {live}]
+                               per interval
+    --reaction-rate N          reaction taps per second per user;      [20; 0 = unlimited]
+                               excess taps are dropped and counted
+    --reaction-burst N         taps a user may send at once            [40]
+    --reaction-keys K1,K2,...  the only reaction keys counted          [any]
     -h, --help                 print this help
     -V, --version              print the version
 
@@ -1380,6 +1530,9 @@ ENVIRONMENT:
         secret = format_args!("{} to {}", TOKEN_SECRET_BYTES_RANGE.start(), TOKEN_SECRET_BYTES_RANGE.end()),
         per_user_max = MAX_CONNECTIONS_PER_USER_RANGE.end(),
         room_ttl = durations(&ROOM_TTL_RANGE),
+        history_max = HISTORY_RANGE.end(),
+        history_ttl = durations(&HISTORY_TTL_RANGE),
+        live = durations(&LIVE_INTERVAL_RANGE),
         sub_max = token::MAX_SUB_BYTES,
         name_max = token::MAX_NAME_BYTES,
         token_ttl = durations(&TOKEN_TTL_RANGE),
@@ -1893,6 +2046,14 @@ mod tests {
             ("--token-secret", SECRET),
             ("--max-connections-per-user", "3"),
             ("--room-ttl", "2m"),
+            ("--history", "7"),
+            ("--history-ttl", "2m"),
+            ("--history-budget", "1MiB"),
+            ("--presence-interval", "2s"),
+            ("--reaction-interval", "100ms"),
+            ("--reaction-rate", "5"),
+            ("--reaction-burst", "6"),
+            ("--reaction-keys", "a,b"),
         ] {
             let from_env = run_with_env(&[], &[(&env_var(flag), value)]).unwrap();
             let from_flag = run(&[flag, value]).unwrap();

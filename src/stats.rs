@@ -113,6 +113,20 @@ pub struct Stats {
     pub auth_refused: parking_lot::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// `error` frames sent to v1 clients.
     pub v1_errors_sent: AtomicU64,
+    /// Reaction taps counted into a room's totals, and dropped: over the user's reaction
+    /// bucket, a key `--reaction-keys` does not allow, a room's 65th key.
+    pub reactions_counted: AtomicU64,
+    pub reactions_dropped_rate: AtomicU64,
+    pub reactions_dropped_key: AtomicU64,
+    pub reactions_dropped_keys: AtomicU64,
+    /// `presence` and `reactions` frames sent (once per room and send, not per member).
+    pub presence_frames: AtomicU64,
+    pub reaction_frames: AtomicU64,
+    /// Resumes (`since` and `epoch` on the upgrade) that recovered, and that did not.
+    pub resumes_recovered: AtomicU64,
+    pub resumes_failed: AtomicU64,
+    /// Rooms that gave their history up to `--history-budget`.
+    pub histories_given_up: AtomicU64,
 }
 
 impl Stats {
@@ -134,6 +148,15 @@ impl Stats {
             Eviction::Moderated => &self.evicted_moderated,
             Eviction::Forbidden => &self.evicted_forbidden,
         }
+    }
+
+    pub fn count_resume(&self, recovered: bool) {
+        let counter = if recovered {
+            &self.resumes_recovered
+        } else {
+            &self.resumes_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn count_auth_refusal(&self, reason: &'static str) {

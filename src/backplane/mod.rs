@@ -750,7 +750,8 @@ mod tests {
                 }
                 Event::Close { .. } => "close".into(),
                 Event::Backlogged(_) => "backlogged".into(),
-                Event::Welcome(_) => "welcome".into(),
+                Event::Welcome { .. } => "welcome".into(),
+                Event::React { .. } => "react".into(),
                 Event::Reply { .. } => "reply".into(),
             })
             .collect()

@@ -44,6 +44,8 @@ pub enum Resource<'a> {
     RoomMessages(&'a str),
     /// `POST /api/rooms/<room>/disconnect`: moderation (PROTOCOL §6).
     RoomDisconnect(&'a str),
+    /// `GET /api/rooms/<room>/history`: the retained messages (PROTOCOL §6).
+    RoomHistory(&'a str),
 }
 
 impl Resource<'_> {
@@ -66,6 +68,7 @@ impl Resource<'_> {
                 | Resource::Rooms
                 | Resource::RoomMessages(_)
                 | Resource::RoomDisconnect(_)
+                | Resource::RoomHistory(_)
         )
     }
 }
@@ -86,6 +89,8 @@ pub fn resource(path: &str) -> Result<Resource<'_>, Response> {
                     Resource::RoomMessages(room)
                 } else if let Some(room) = rest.strip_suffix("/disconnect") {
                     Resource::RoomDisconnect(room)
+                } else if let Some(room) = rest.strip_suffix("/history") {
+                    Resource::RoomHistory(room)
                 } else {
                     Resource::Room(rest)
                 }
@@ -93,8 +98,10 @@ pub fn resource(path: &str) -> Result<Resource<'_>, Response> {
             None => return Err(Response::status(404)),
         },
     };
-    if let Resource::Room(room) | Resource::RoomMessages(room) | Resource::RoomDisconnect(room) =
-        resource
+    if let Resource::Room(room)
+    | Resource::RoomMessages(room)
+    | Resource::RoomDisconnect(room)
+    | Resource::RoomHistory(room) = resource
     {
         if !is_valid_room_name(room) {
             return Err(Response::status(400)
@@ -235,6 +242,7 @@ fn respond(shared: &Shared, request: &Request, resource: &Resource<'_>, body: Ve
         Resource::Room(room) => Response::ok(JSON, room_details_json(shared, room)),
         Resource::RoomMessages(room) => publish(shared, request, room, body),
         Resource::RoomDisconnect(room) => crate::http::moderation::disconnect(shared, room, &body),
+        Resource::RoomHistory(room) => history(shared, request, room),
     }
 }
 
@@ -339,12 +347,54 @@ fn room_details_json(shared: &Shared, room: &str) -> String {
     if let Some(state) = shared.room_states.get(room) {
         body.push_str(&format!(
             ",\"epoch\":{},\"seq\":{}",
-            crate::v1::codec::json_string(&state.epoch),
+            crate::v1::codec::json_string(&state.epoch()),
             state.seq()
+        ));
+        body.push_str(&format!(
+            ",\"reactions\":{}",
+            state.reactions.lock().totals_json()
         ));
     }
     body.push('}');
     body
+}
+
+/// `GET /api/rooms/<room>/history?since=S&limit=N`: the first `N` retained messages after
+/// `S`, oldest first, as `message` frames; `404` for a room without state.
+fn history(shared: &Shared, request: &Request, room: &str) -> Response {
+    let Some(state) = shared.room_states.get(room) else {
+        return Response::status(404).with_body("no such room (or its state has expired)\n");
+    };
+    let config = &shared.config;
+    let number = |name: &str| request.query_param(name).map(|value| value.parse::<u64>());
+    let since = match number("since") {
+        None => 0,
+        Some(Ok(since)) => since,
+        Some(Err(_)) => return Response::status(400).with_body("since must be a seq\n"),
+    };
+    let limit = match number("limit") {
+        None => config.history,
+        Some(Ok(limit)) => (limit as usize).min(config.history),
+        Some(Err(_)) => return Response::status(400).with_body("limit must be a number\n"),
+    };
+    let now = Instant::now();
+    let messages = state.with_history(now, config.history_ttl, |history| {
+        history.after(since, now, config.history_ttl)
+    });
+    let mut body = Vec::new();
+    body.extend_from_slice(b"{\"room\":");
+    body.extend_from_slice(crate::v1::codec::json_string(room).as_bytes());
+    body.extend_from_slice(b",\"epoch\":");
+    body.extend_from_slice(crate::v1::codec::json_string(&state.epoch()).as_bytes());
+    body.extend_from_slice(format!(",\"seq\":{},\"messages\":[", state.seq()).as_bytes());
+    for (i, message) in messages.iter().take(limit).enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        message.push_json(&mut body);
+    }
+    body.extend_from_slice(b"]}");
+    Response::ok(JSON, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Text for `text/*` bodies that are valid UTF-8 (a text frame must be, RFC 6455 §8.1), JSON

@@ -126,6 +126,52 @@ pub(crate) fn render(shared: &Shared) -> String {
         );
     }
     metric(
+        "roomcast_reactions_total",
+        "counter",
+        "Reaction taps counted into a room's totals.",
+        &[(None, load(&stats.reactions_counted))],
+    );
+    metric(
+        "roomcast_reactions_dropped_total",
+        "counter",
+        "Reaction taps dropped, by reason: over the user's reaction bucket, a key --reaction-keys does not allow, a room's 65th key.",
+        &[
+            (Some("rate"), load(&stats.reactions_dropped_rate)),
+            (Some("key"), load(&stats.reactions_dropped_key)),
+            (Some("too_many_keys"), load(&stats.reactions_dropped_keys)),
+        ],
+    );
+    metric(
+        "roomcast_live_frames_total",
+        "counter",
+        "presence and reactions frames sent, once per room and send (not per member).",
+        &[
+            (Some("presence"), load(&stats.presence_frames)),
+            (Some("reactions"), load(&stats.reaction_frames)),
+        ],
+    );
+    metric(
+        "roomcast_resumes_total",
+        "counter",
+        "v1 joins with since and epoch, by whether they recovered every missed message.",
+        &[
+            (Some("recovered"), load(&stats.resumes_recovered)),
+            (Some("not_recovered"), load(&stats.resumes_failed)),
+        ],
+    );
+    metric(
+        "roomcast_history_bytes",
+        "gauge",
+        "Bytes all rooms' retained messages hold (bounded by --history-budget).",
+        &[(None, shared.room_states.history_bytes() as u64)],
+    );
+    metric(
+        "roomcast_histories_given_up_total",
+        "counter",
+        "Rooms that gave their history up to --history-budget (and started a new epoch).",
+        &[(None, load(&stats.histories_given_up))],
+    );
+    metric(
         "roomcast_room_states",
         "gauge",
         "Rooms with state (epoch and seq), members or not (see --room-ttl).",

@@ -16,7 +16,7 @@
 //! `1001 going away` closes and the grace period.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,10 +31,11 @@ use crate::config::Config;
 use crate::relay::budget::{Budget, Permit};
 use crate::relay::client::{encode, Client};
 use crate::relay::hub::Hub;
-use crate::relay::outbox::{Flush, Push};
-use crate::relay::room_state::{RoomState, RoomStates};
+use crate::relay::outbox::{Flush, Latest, Push};
+use crate::relay::room_state::{Retained, RoomState, RoomStates};
 use crate::shutdown::Shutdown;
 use crate::stats::{Eviction, Stats};
+use crate::v1::codec::Presence;
 
 /// Bound of the event channel, in events; `budget::EVENT_QUEUE_BYTES` bounds its payload
 /// bytes. When connection threads produce faster than the broadcaster relays, they block on
@@ -113,6 +114,18 @@ struct Room {
     has_v1_members: bool,
     /// Last time the room had members or a message; its state goes `--room-ttl` after.
     last_active: Instant,
+    /// The counts of the last `presence` frame, and when it went out.
+    presence_sent: Option<Presence>,
+    presence_at: Option<Instant>,
+    /// When the last `reactions` frame went out.
+    reactions_at: Option<Instant>,
+}
+
+/// What a reconnecting v1 client asks for: the messages after `since` in `epoch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resume {
+    pub since: u64,
+    pub epoch: String,
 }
 
 /// What connection threads (and the publish endpoint, and the Redis subscriber) send the
@@ -129,7 +142,12 @@ pub enum Event {
         numbered: Option<Sender<u64>>,
     },
     /// A v1 client has joined its room and is owed its `welcome` (see `Broadcaster::welcome`).
-    Welcome(Arc<Client>),
+    Welcome {
+        client: Arc<Client>,
+        resume: Option<Resume>,
+    },
+    /// A reaction tap in `room`, already within its user's bucket and an allowed key.
+    React { room: Arc<str>, key: String },
     /// A frame for one client only (a v1 `error`), sent this way rather than queued by the
     /// connection thread so it keeps its place: behind the welcome and behind the messages
     /// the client sent before the frame it answers.
@@ -245,6 +263,11 @@ pub struct Broadcaster {
     rooms: HashMap<Arc<str>, Room>,
     /// The same states, for readers on other threads.
     room_states: Arc<RoomStates>,
+    /// Rooms that have had v1 members since their last live tick: they get `presence` and
+    /// `reactions` frames. A room leaves the set at a tick that finds none.
+    live_rooms: HashSet<Arc<str>>,
+    /// How often live rooms are looked at for presence and reactions to send.
+    live_every: Duration,
     /// When to look at each room with state next, soonest first; one entry per room. A
     /// room with members is looked at every `ROOM_STATE_CHECK`, one without at the end of its
     /// `--room-ttl`, so expiry costs what expires, never a walk of every room.
@@ -293,6 +316,9 @@ impl Broadcaster {
         draining: Arc<AtomicBool>,
     ) -> Broadcaster {
         let sweep_every = (config.ping_interval / 4).clamp(MIN_SWEEP, MAX_SWEEP);
+        // Fine enough that a change goes out well within its interval.
+        let live_every = (config.presence_interval.min(config.reaction_interval) / 5)
+            .clamp(MIN_SWEEP, Duration::from_millis(50));
         let chunk_limit = (config.effective_outbox_bytes() / 2).min(MAX_CHUNK);
         Broadcaster {
             hub,
@@ -300,6 +326,8 @@ impl Broadcaster {
             config,
             rooms: HashMap::new(),
             room_states,
+            live_rooms: HashSet::new(),
+            live_every,
             room_checks: BinaryHeap::new(),
             dirty: Vec::new(),
             overflowed: Vec::new(),
@@ -323,12 +351,16 @@ impl Broadcaster {
         let mut next_sweep = now + self.sweep_every;
         let mut next_retry = now;
         let mut next_room_check = now + ROOM_STATE_CHECK;
+        let mut next_live = now + self.live_every;
         loop {
-            let due = if self.backlog.is_empty() {
+            let mut due = if self.backlog.is_empty() {
                 next_sweep
             } else {
                 next_sweep.min(next_retry)
             };
+            if !self.live_rooms.is_empty() {
+                due = due.min(next_live);
+            }
             let wait = due.saturating_duration_since(Instant::now());
             select! {
                 recv(events) -> event => {
@@ -359,6 +391,10 @@ impl Broadcaster {
                 self.expire_rooms(now);
                 next_room_check = now + ROOM_STATE_CHECK;
             }
+            if now >= next_live {
+                self.send_live(now);
+                next_live = now + self.live_every;
+            }
         }
         self.close_all(&events);
     }
@@ -379,7 +415,8 @@ impl Broadcaster {
                     let _ = numbered.send(seq);
                 }
             }
-            Event::Welcome(client) => self.welcome(client),
+            Event::Welcome { client, resume } => self.welcome(client, resume),
+            Event::React { room, key } => self.react(room, &key),
             Event::Close {
                 client,
                 code,
@@ -405,13 +442,15 @@ impl Broadcaster {
     fn room(&mut self, name: &Arc<str>, now: Instant) -> &mut Room {
         let (room_states, room_checks) = (&self.room_states, &mut self.room_checks);
         let room = self.rooms.entry(name.clone()).or_insert_with(|| {
-            let state = Arc::new(RoomState::new());
-            room_states.insert(name.clone(), state.clone());
+            let state = room_states.create(name.clone());
             room_checks.push(Reverse((now + ROOM_STATE_CHECK, name.clone())));
             Room {
                 state,
                 has_v1_members: false,
                 last_active: now,
+                presence_sent: None,
+                presence_at: None,
+                reactions_at: None,
             }
         });
         room.last_active = now;
@@ -438,25 +477,41 @@ impl Broadcaster {
                 "test hook: panic on a message to {name}"
             );
         }
-        let room = self.room(&name, Instant::now());
+        let now = Instant::now();
+        let (history, history_ttl) = (self.config.history, self.config.history_ttl);
+        let room = self.room(&name, now);
         let seq = room.state.next_seq();
         let has_v1_members = room.has_v1_members;
+        let ts_ms = if has_v1_members || history > 0 {
+            unix_ms()
+        } else {
+            0
+        };
+        if history > 0 {
+            // The parts, not the encoded frame: a plain-only room pays no JSON for its
+            // history, and a frame is made only when a join or a resume asks for it.
+            let retained = Retained {
+                seq,
+                ts_ms,
+                from: from.clone(),
+                kind,
+                payload: payload.clone(),
+                at: now,
+            };
+            room.state.retain(retained, history, history_ttl);
+        }
         let opcode = match kind {
             MessageKind::Text | MessageKind::Json => OpCode::Data(Data::Text),
             MessageKind::Binary => OpCode::Data(Data::Binary),
         };
         let v1 = has_v1_members.then(|| {
             let mut json = Vec::with_capacity(payload.len() + 128);
-            crate::v1::codec::push_message(
-                &mut json,
-                seq,
-                unix_ms(),
-                from.as_deref(),
-                kind,
-                &payload,
-            );
+            crate::v1::codec::push_message(&mut json, seq, ts_ms, from.as_deref(), kind, &payload);
             Frame::message(json, OpCode::Data(Data::Text), true)
         });
+        if history > 0 && self.room_states.history_bytes() > self.config.history_budget {
+            self.give_up_history();
+        }
         let frame = Frame::message(payload, opcode, true);
         let frame_len = frame.len();
         let v1_len = v1.as_ref().map_or(0, Frame::len);
@@ -537,27 +592,165 @@ impl Broadcaster {
     ///
     /// The client joined the hub before this event was sent, unwelcomed, so `fan_out` has
     /// been skipping it: every message numbered before this moment is counted in the welcome's
-    /// `seq` (and will be in its history), every message after goes to it as a frame. So it
-    /// sees each message once and no gap between the two.
-    fn welcome(&mut self, client: Arc<Client>) {
+    /// `seq` (and is in its history while retained), every message after goes to it as a
+    /// frame. So it sees each message once and no gap between the two.
+    fn welcome(&mut self, client: Arc<Client>, resume: Option<Resume>) {
         // Messages gathered before the join go out first, without this client.
         self.fan_out(&client.room);
+        let now = Instant::now();
         let name = client.room.clone();
-        let room = self.room(&name, Instant::now());
+        let ttl = self.config.history_ttl;
+        // At most half the outbox of history, so a welcome can never evict its client.
+        let history_budget = self.config.effective_outbox_bytes() / 2 - 4096;
+        self.live_rooms.insert(name.clone());
+        let room = self.room(&name, now);
         room.has_v1_members = true;
-        let (epoch, seq) = (room.state.epoch.clone(), room.state.seq());
+        let state = room.state.clone();
+        let (epoch, seq) = (state.epoch(), state.seq());
+        let (history, recovered) = state.with_history(now, ttl, |retained| {
+            let wanted = resume.as_ref().filter(|resume| {
+                *resume.epoch == *epoch && retained.covers(resume.since, seq, now, ttl)
+            });
+            match wanted {
+                Some(resume) => {
+                    match history_json(&retained.after(resume.since, now, ttl), history_budget) {
+                        (json, true) => (json, true),
+                        // The missed messages do not all fit: a normal join after all.
+                        (_, false) => (
+                            history_json(&retained.after(0, now, ttl), history_budget).0,
+                            false,
+                        ),
+                    }
+                }
+                None => (
+                    history_json(&retained.after(0, now, ttl), history_budget).0,
+                    false,
+                ),
+            }
+        });
+        if resume.is_some() {
+            self.stats.count_resume(recovered);
+        }
+        let reactions = state.reactions.lock().totals_json();
         let welcome = crate::v1::codec::welcome(
             &client.room,
             &client.identity,
             &epoch,
             seq,
-            self.hub.presence(&client.room),
+            crate::v1::codec::Backlog {
+                history: &history,
+                recovered,
+                presence: self.hub.presence(&client.room),
+                reactions: &reactions,
+            },
         );
         client.mark_welcomed();
         let frame = encode(Frame::message(welcome, OpCode::Data(Data::Text), true));
         if let Push::Queued { .. } = client.queue_or_evict(frame) {
             self.dirty.push(client);
         }
+    }
+
+    /// Counts one reaction tap in its room's totals (sent on the next live tick).
+    fn react(&mut self, name: Arc<str>, key: &str) {
+        let room = self.room(&name, Instant::now());
+        let added = room.state.reactions.lock().add(key, 1);
+        match added {
+            Ok(()) => self.stats.reactions_counted.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self
+                .stats
+                .reactions_dropped_keys
+                .fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    /// The live tick: each room with v1 members gets a `presence` frame when its counts
+    /// changed and a `reactions` frame when its totals did, each at most once per its
+    /// interval. Frames of both kinds replace an unsent predecessor in a backlogged outbox,
+    /// so a slow client holds one of each and gets the latest.
+    fn send_live(&mut self, now: Instant) {
+        let (presence_every, reactions_every) =
+            (self.config.presence_interval, self.config.reaction_interval);
+        let names: Vec<Arc<str>> = self.live_rooms.iter().cloned().collect();
+        for name in names {
+            let mut counts = None;
+            self.hub.with_room(&name, |members| {
+                if !members.v1.is_empty() {
+                    counts = Some(members.presence());
+                }
+            });
+            let (Some(counts), Some(room)) = (counts, self.rooms.get_mut(&name)) else {
+                self.live_rooms.remove(&name);
+                continue;
+            };
+            let due = |at: Option<Instant>, every| at.is_none_or(|at| now >= at + every);
+            let mut frames = Vec::new();
+            if room.presence_sent != Some(counts) && due(room.presence_at, presence_every) {
+                room.presence_sent = Some(counts);
+                room.presence_at = Some(now);
+                frames.push((crate::v1::codec::presence(counts), Latest::Presence));
+                self.stats.presence_frames.fetch_add(1, Ordering::Relaxed);
+            }
+            if due(room.reactions_at, reactions_every) {
+                let mut reactions = room.state.reactions.lock();
+                if reactions.take_changed() {
+                    let totals = reactions.totals_json();
+                    drop(reactions);
+                    room.reactions_at = Some(now);
+                    frames.push((crate::v1::codec::reactions(&totals), Latest::Reactions));
+                    self.stats.reaction_frames.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            for (json, class) in frames {
+                let frame = encode(Frame::message(json, OpCode::Data(Data::Text), true));
+                self.push_latest_to_room(&name, &frame, class);
+            }
+        }
+        self.flush_dirty();
+    }
+
+    /// Queues a `Latest` frame for every welcomed v1 member of `name`.
+    fn push_latest_to_room(&mut self, name: &str, frame: &Bytes, class: Latest) {
+        let (dirty, overflowed) = (&mut self.dirty, &mut self.overflowed);
+        self.hub.with_room(name, |room| {
+            for client in room.v1.iter().filter(|client| client.is_welcomed()) {
+                match client.queue_latest(frame.clone(), class) {
+                    Push::Queued { was_empty: true } => dirty.push(client.clone()),
+                    Push::Overflow => overflowed.push(client.clone()),
+                    Push::Queued { was_empty: false } | Push::Closed => {}
+                }
+            }
+        });
+        self.settle_overflowed(frame);
+    }
+
+    /// All rooms' history is over `--history-budget`: the rooms idle longest give theirs up
+    /// (and get a new epoch) until a quarter of the budget is free, so one walk of the rooms
+    /// pays for many messages.
+    #[cold]
+    fn give_up_history(&mut self) {
+        let target = self.config.history_budget / 4 * 3;
+        let mut idle: Vec<(Instant, Arc<str>)> = self
+            .rooms
+            .iter()
+            .filter(|(_, room)| room.state.history_bytes() > 0)
+            .map(|(name, room)| (room.last_active, name.clone()))
+            .collect();
+        idle.sort();
+        let mut given_up = 0;
+        for (_, name) in idle {
+            if self.room_states.history_bytes() <= target {
+                break;
+            }
+            if let Some(room) = self.rooms.get(&name) {
+                room.state.forget_history();
+                given_up += 1;
+            }
+        }
+        self.stats
+            .histories_given_up
+            .fetch_add(given_up, Ordering::Relaxed);
+        debug!("history budget: {given_up} rooms gave their history up");
     }
 
     /// Drops the state of rooms without members for `--room-ttl` (a later join starts a new
@@ -748,6 +941,32 @@ fn queue_gathered(
         Push::Overflow => overflowed.push(client.clone()),
         Push::Closed => {}
     }
+}
+
+/// The `message` frames of `retained` as the inside of a JSON array, newest kept first within
+/// `budget` bytes; and whether all of them fit.
+fn history_json(retained: &[Retained], budget: usize) -> (String, bool) {
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    let mut bytes = 0;
+    for message in retained.iter().rev() {
+        let mut json = Vec::new();
+        message.push_json(&mut json);
+        bytes += json.len() + 1;
+        if bytes > budget {
+            break;
+        }
+        frames.push(json);
+    }
+    let complete = frames.len() == retained.len();
+    let mut out = Vec::with_capacity(bytes);
+    for (i, json) in frames.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(json);
+    }
+    // Every piece is JSON that `push_message` wrote from checked parts.
+    (String::from_utf8(out).unwrap_or_default(), complete)
 }
 
 /// Milliseconds since the Unix epoch: a v1 message's `ts`.

@@ -18,7 +18,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::frame::{CloseFrame, Frame};
 use tungstenite::Bytes;
 
-use crate::relay::outbox::{Flush, Outbox, Push};
+use crate::relay::outbox::{Flush, Latest, Outbox, Push};
 use crate::stats::{Eviction, Stats};
 use crate::v1::identity::Identity;
 
@@ -149,6 +149,15 @@ impl Client {
     /// broadcaster calls this under the hub's read lock, so it must stay a memory operation.
     pub fn queue(&self, frame: Bytes) -> Push {
         self.outbox.lock().push(frame, self.outbox_limit)
+    }
+
+    /// Queues a frame of which only the newest matters (a `presence` or `reactions` frame), in
+    /// the place of the older one if that is still unsent; see `Outbox::push_latest`. Like
+    /// `queue`, a memory operation for use under the hub's lock.
+    pub fn queue_latest(&self, frame: Bytes, class: Latest) -> Push {
+        self.outbox
+            .lock()
+            .push_latest(frame, class, self.outbox_limit)
     }
 
     /// Queues the `101 Switching Protocols` response, the first bytes of every session: no

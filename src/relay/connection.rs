@@ -33,7 +33,7 @@ use tungstenite::{Bytes, Message, WebSocket};
 use crate::http::endpoints;
 use crate::http::origin::{self, Origin};
 use crate::http::{self, HeadError, Request, Response};
-use crate::relay::broadcaster::{Event, Events, Message as RoomMessage, MessageKind};
+use crate::relay::broadcaster::{Event, Events, Message as RoomMessage, MessageKind, Resume};
 use crate::relay::client::{Client, Protocol, Session};
 use crate::relay::hub::{is_valid_room_name, Hub};
 use crate::relay::outbox::Flush;
@@ -156,7 +156,13 @@ fn run(
     );
 
     let ending = if client.protocol == Protocol::V1
-        && shared.events.send(Event::Welcome(client.clone())).is_err()
+        && shared
+            .events
+            .send(Event::Welcome {
+                client: client.clone(),
+                resume: upgrade.resume,
+            })
+            .is_err()
     {
         Ending::Close(CloseCode::Away, "server shutting down", None)
     } else {
@@ -321,8 +327,8 @@ fn admit<'a>(
     match shared.users.admit(
         &user,
         config.max_connections_per_user,
-        config.rate,
-        config.burst,
+        (config.rate, config.burst),
+        (config.reaction_rate, config.reaction_burst),
         now,
     ) {
         Ok(seat) => Ok(Admitted {
@@ -350,6 +356,8 @@ pub struct Upgrade {
     pub room: String,
     /// `V1` when the client offered `roomcast.v1` (and the `101` names it).
     pub protocol: Protocol,
+    /// `?since=<seq>&epoch=<epoch>`: a v1 client resuming (PROTOCOL §4).
+    pub resume: Option<Resume>,
     /// The complete `101 Switching Protocols` response.
     pub response: Vec<u8>,
 }
@@ -419,7 +427,33 @@ pub fn route(request: &Request, allowed_origins: &[Origin]) -> Result<Upgrade, R
     Ok(Upgrade {
         room: room.to_string(),
         protocol,
+        resume: resume_of(request),
         response: response.into_bytes(),
+    })
+}
+
+/// The resume a request asks for with `since` and `epoch`. One that asks with a malformed
+/// value (a `since` that is not a number, an epoch that cannot be one) still counts as a
+/// resume, one that cannot recover.
+fn resume_of(request: &Request) -> Option<Resume> {
+    let since = request.query_param("since");
+    let epoch = request.query_param("epoch");
+    if since.is_none() && epoch.is_none() {
+        return None;
+    }
+    let since = since.and_then(|since| since.parse().ok());
+    let epoch = epoch.filter(|epoch| {
+        (1..=32).contains(&epoch.len())
+            && epoch
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    });
+    Some(match (since, epoch) {
+        (Some(since), Some(epoch)) => Resume { since, epoch },
+        _ => Resume {
+            since: u64::MAX,
+            epoch: String::new(),
+        },
     })
 }
 
@@ -464,7 +498,13 @@ fn session(
     }
     let mut limit = match user {
         Some(user) => Limit::User(user),
-        None => Limit::Connection(TokenBucket::new(config.rate, config.burst, Instant::now())),
+        None => {
+            let now = Instant::now();
+            Limit::Connection(Box::new((
+                TokenBucket::new(config.rate, config.burst, now),
+                TokenBucket::new(config.reaction_rate, config.reaction_burst, now),
+            )))
+        }
     };
 
     loop {
@@ -564,19 +604,27 @@ fn session(
     }
 }
 
-/// Whose message rate a data message counts against: the connection's own bucket, or, for a
-/// verified user, the bucket all of that user's connections share (so neither a second
-/// connection nor a reconnect buys more).
+/// Whose rates a message or a reaction counts against: the connection's own buckets
+/// (messages, reactions), or, for a verified user, the buckets all of that user's connections
+/// share (so neither a second connection nor a reconnect buys more). Boxed so the session's
+/// frame stays small (see `serve`).
 enum Limit<'a> {
-    Connection(TokenBucket),
+    Connection(Box<(TokenBucket, TokenBucket)>),
     User(&'a User),
 }
 
 impl Limit<'_> {
     fn try_take(&mut self, now: Instant) -> bool {
         match self {
-            Limit::Connection(bucket) => bucket.try_take(now),
+            Limit::Connection(buckets) => buckets.0.try_take(now),
             Limit::User(user) => user.bucket.lock().try_take(now),
+        }
+    }
+
+    fn try_take_reaction(&mut self, now: Instant) -> bool {
+        match self {
+            Limit::Connection(buckets) => buckets.1.try_take(now),
+            Limit::User(user) => user.reactions.lock().try_take(now),
         }
     }
 }
@@ -606,10 +654,11 @@ fn v1_request(
 ) -> V1Outcome {
     let perm = client.identity.perm;
     let request = codec::parse(text);
-    if let Ok(Incoming::React(_)) = request {
-        // Counting reactions comes with the room's live state (PROTOCOL §3, §5); until then
-        // a reaction is checked for its right and goes nowhere, and never costs a message.
+    if let Ok(Incoming::React(key)) = &request {
+        // A tap costs no message token and is never a close: over its own bucket, or a key
+        // the room does not count, it is dropped and counted (PROTOCOL §3).
         if perm.can_react() {
+            react(shared, client, key, limit);
             return V1Outcome::Done;
         }
     } else if !limit.try_take(Instant::now()) {
@@ -647,6 +696,25 @@ fn v1_request(
         shared.stats.v1_errors_sent.fetch_add(1, Ordering::Relaxed);
     }
     V1Outcome::Done
+}
+
+/// Hands a permitted reaction tap to the broadcaster, which counts it in the room's totals;
+/// a tap over the user's reaction bucket or with a key outside `--reaction-keys` is dropped.
+fn react(shared: &Shared, client: &Client, key: &str, limit: &mut Limit<'_>) {
+    let stats = &shared.stats;
+    let keys = &shared.config.reaction_keys;
+    if !keys.is_empty() && !keys.iter().any(|allowed| allowed == key) {
+        stats.reactions_dropped_key.fetch_add(1, Ordering::Relaxed);
+    } else if !limit.try_take_reaction(Instant::now()) {
+        stats.reactions_dropped_rate.fetch_add(1, Ordering::Relaxed);
+    } else {
+        // Blocks while the broadcaster is behind, as a message does: backpressure on a
+        // client tapping faster than the server counts.
+        let _ = shared.events.send(Event::React {
+            room: client.room.clone(),
+            key: key.to_string(),
+        });
+    }
 }
 
 /// How a session ends when the server has removed the client: a moderator's removal still

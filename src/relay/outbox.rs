@@ -50,6 +50,18 @@ pub struct Outbox {
     /// Set once a close frame is queued: RFC 6455 §5.5.1 forbids sending anything after it,
     /// so later frames (including tungstenite's own close reply) are dropped.
     is_closed: bool,
+    /// The last frame of each `Latest` class queued, so a newer one can take its place while
+    /// it is still unsent (see `push_latest`).
+    latest: [Option<Bytes>; 2],
+}
+
+/// Frames of which only the newest matters: a backlogged client holds at most one of each,
+/// and gets the latest when it drains (PROTOCOL §5). A client is in one room, so one per
+/// class is one per room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Latest {
+    Presence = 0,
+    Reactions = 1,
 }
 
 /// What happened to a frame offered to the outbox.
@@ -99,6 +111,37 @@ impl Outbox {
         Push::Queued { was_empty }
     }
 
+    /// Queues a frame of a `Latest` class: if one of its class is still waiting whole in the
+    /// queue, the new frame takes its place (so its position, behind the messages queued
+    /// before the older one); otherwise it is appended like any frame.
+    pub fn push_latest(&mut self, frame: Bytes, class: Latest, limit: usize) -> Push {
+        if self.is_closed {
+            return Push::Closed;
+        }
+        if let Some(older) = &self.latest[class as usize] {
+            // Not the head frame once its sending has begun: its bytes are partly out.
+            let start = usize::from(self.offset > 0);
+            let found = self.frames.iter().skip(start).position(|queued| {
+                queued.as_ptr() == older.as_ptr() && queued.len() == older.len()
+            });
+            if let Some(index) = found.map(|i| i + start) {
+                let grown = frame.len().saturating_sub(self.frames[index].len());
+                if self.charged_bytes() + grown > limit {
+                    return Push::Overflow;
+                }
+                self.queued_bytes = self.queued_bytes - self.frames[index].len() + frame.len();
+                self.frames[index] = frame.clone();
+                self.latest[class as usize] = Some(frame);
+                return Push::Queued { was_empty: false };
+            }
+        }
+        let pushed = self.push(frame.clone(), limit);
+        if let Push::Queued { .. } = pushed {
+            self.latest[class as usize] = Some(frame);
+        }
+        pushed
+    }
+
     /// Appends a close frame (ignoring the bound: it is tiny and the last thing sent) and
     /// refuses everything after it.
     pub fn push_close(&mut self, frame: Bytes) -> Push {
@@ -134,6 +177,7 @@ impl Outbox {
         self.queued_bytes = 0;
         self.backlog_since = None;
         self.is_closed = true;
+        self.latest = [None, None];
     }
 
     /// Writes as much as the kernel takes without blocking, in as few `sendmsg` calls as the
@@ -217,6 +261,29 @@ mod tests {
 
     fn frame(byte: u8, len: usize) -> Bytes {
         Bytes::from(vec![byte; len])
+    }
+
+    /// A backlogged client holds one frame of each `Latest` class, the newest, in the place
+    /// of the first; once that one has begun to go out, a newer one queues behind it.
+    #[test]
+    fn a_latest_frame_replaces_its_unsent_predecessor() {
+        let mut outbox = Outbox::new();
+        outbox.push(frame(b'm', 10), 1 << 20);
+        outbox.push_latest(frame(b'p', 5), Latest::Presence, 1 << 20);
+        outbox.push(frame(b'n', 10), 1 << 20);
+        outbox.push_latest(frame(b'q', 7), Latest::Presence, 1 << 20);
+        outbox.push_latest(frame(b'r', 3), Latest::Reactions, 1 << 20);
+        let queued: Vec<u8> = outbox.frames.iter().map(|f| f[0]).collect();
+        assert_eq!(queued, b"mqnr");
+        assert_eq!(outbox.queued_bytes(), 10 + 7 + 10 + 3);
+        // The head frame partly sent: a newer presence does not touch it.
+        let mut outbox = Outbox::new();
+        outbox.push_latest(frame(b'p', 5), Latest::Presence, 1 << 20);
+        outbox.consume(2);
+        outbox.push_latest(frame(b'q', 5), Latest::Presence, 1 << 20);
+        let queued: Vec<u8> = outbox.frames.iter().map(|f| f[0]).collect();
+        assert_eq!(queued, b"pq");
+        assert_eq!(outbox.queued_bytes(), 3 + 5);
     }
 
     #[test]

@@ -1,36 +1,183 @@
-//! What a room keeps beyond its member list: its epoch and its message sequence.
+//! What a room keeps beyond its member list: its epoch, its message sequence, the messages it
+//! retains for joins and resumes, and its reaction totals.
 //!
 //! Every message in a room, from a plain client, a v1 client or the backend, gets the room's
 //! next `seq` from the broadcaster, the one thread that orders messages, so `seq` is the
 //! room's order itself. The `epoch` names one life of that sequence: when a room's state is
-//! dropped (`--room-ttl` after its last member left) a later join starts a new epoch, and a
-//! client holding an old `seq` can tell its numbers mean nothing any more.
+//! dropped (`--room-ttl` after its last member left), or its history is given up to the
+//! history budget, a client holding an old epoch can tell that its numbers no longer lead
+//! anywhere, and is not told it recovered.
 //!
-//! The broadcaster alone creates, advances and drops states. The HTTP side reads them (a
-//! room's `seq` in the rooms API) through the same `Arc`s, so a read never waits for the
-//! broadcaster and the broadcaster never takes a lock to number a message.
+//! The broadcaster alone creates, advances and drops states. The HTTP side reads them (the
+//! rooms API, `GET .../history`) through the same `Arc`s. The history and the totals sit
+//! behind their own small mutexes, taken by the broadcaster once per message or tap and by a
+//! reader for one copy; the `seq` is an atomic, so numbering a message takes no lock.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use tungstenite::Bytes;
+
+use crate::relay::broadcaster::MessageKind;
+
+/// What one retained message costs the history budget beyond its payload and sender: the
+/// entry itself and its share of the ring's allocation.
+pub const RETAINED_OVERHEAD_BYTES: usize = 96;
+/// Distinct reaction keys a room counts at most (PROTOCOL §3); taps of more are dropped.
+pub const MAX_ROOM_REACTION_KEYS: usize = 64;
+
+/// One retained message: what its `message` frame is made of, encoded only when asked for.
+#[derive(Clone, Debug)]
+pub struct Retained {
+    pub seq: u64,
+    pub ts_ms: u64,
+    pub from: Option<Arc<str>>,
+    pub kind: MessageKind,
+    pub payload: Bytes,
+    /// When it was retained, for `--history-ttl`.
+    pub at: Instant,
+}
+
+impl Retained {
+    fn cost(&self) -> usize {
+        self.payload.len()
+            + self.from.as_ref().map_or(0, |from| from.len())
+            + RETAINED_OVERHEAD_BYTES
+    }
+
+    /// Appends its `message` frame's JSON.
+    pub fn push_json(&self, out: &mut Vec<u8>) {
+        crate::v1::codec::push_message(
+            out,
+            self.seq,
+            self.ts_ms,
+            self.from.as_deref(),
+            self.kind,
+            &self.payload,
+        );
+    }
+}
+
+/// A room's retained messages, oldest first, always the latest ones without a gap.
+#[derive(Debug, Default)]
+pub struct History {
+    entries: VecDeque<Retained>,
+    bytes: usize,
+}
+
+impl History {
+    /// The retained messages with `seq` after `since`, none older than `ttl`.
+    pub fn after(&self, since: u64, now: Instant, ttl: Duration) -> Vec<Retained> {
+        self.entries
+            .iter()
+            .filter(|m| m.seq > since && now.saturating_duration_since(m.at) < ttl)
+            .cloned()
+            .collect()
+    }
+
+    /// Whether every message after `since` up to `seq` is retained (and young enough): a
+    /// resume from `since` then misses nothing.
+    pub fn covers(&self, since: u64, seq: u64, now: Instant, ttl: Duration) -> bool {
+        if since == seq {
+            return true;
+        }
+        if since > seq {
+            return false;
+        }
+        self.entries
+            .iter()
+            .find(|m| now.saturating_duration_since(m.at) < ttl)
+            .is_some_and(|oldest| oldest.seq <= since + 1)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// A room's reaction totals since its epoch began.
+#[derive(Debug, Default)]
+pub struct Reactions {
+    totals: BTreeMap<String, u64>,
+    /// Changed since the last `reactions` frame went out.
+    changed: bool,
+}
+
+/// The room already counts `MAX_ROOM_REACTION_KEYS` other keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TooManyKeys;
+
+impl Reactions {
+    pub(crate) fn add(&mut self, key: &str, taps: u64) -> Result<(), TooManyKeys> {
+        if let Some(total) = self.totals.get_mut(key) {
+            *total += taps;
+        } else if self.totals.len() >= MAX_ROOM_REACTION_KEYS {
+            return Err(TooManyKeys);
+        } else {
+            self.totals.insert(key.to_string(), taps);
+        }
+        self.changed = true;
+        Ok(())
+    }
+
+    /// The totals as a JSON object, keys in order.
+    pub fn totals_json(&self) -> String {
+        let mut out = String::from("{");
+        for (i, (key, total)) in self.totals.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&crate::v1::codec::json_string(key));
+            out.push(':');
+            out.push_str(&total.to_string());
+        }
+        out.push('}');
+        out
+    }
+
+    /// Whether the totals changed since the last call that returned true.
+    pub(crate) fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+}
 
 /// One room's state, as readers see it.
 #[derive(Debug)]
 pub struct RoomState {
     /// Opaque, URL-safe (`[0-9a-f]{16}`), fresh for each life of the room.
-    pub epoch: Arc<str>,
+    epoch: Mutex<Arc<str>>,
     /// The `seq` of the room's last message; 0 before the first.
     seq: AtomicU64,
+    history: Mutex<History>,
+    pub reactions: Mutex<Reactions>,
+    /// All rooms' history bytes (shared with `RoomStates`).
+    history_total: Arc<AtomicUsize>,
 }
 
 impl RoomState {
-    pub fn new() -> RoomState {
+    fn new(history_total: Arc<AtomicUsize>) -> RoomState {
         RoomState {
-            epoch: new_epoch().into(),
+            epoch: Mutex::new(new_epoch().into()),
             seq: AtomicU64::new(0),
+            history: Mutex::new(History::default()),
+            reactions: Mutex::new(Reactions::default()),
+            history_total,
         }
+    }
+
+    pub fn epoch(&self) -> Arc<str> {
+        self.epoch.lock().clone()
     }
 
     pub fn seq(&self) -> u64 {
@@ -44,11 +191,68 @@ impl RoomState {
         self.seq.store(seq, Ordering::Release);
         seq
     }
+
+    /// Runs `f` on the history, after dropping what `ttl` has aged out.
+    pub fn with_history<T>(&self, now: Instant, ttl: Duration, f: impl FnOnce(&History) -> T) -> T {
+        let mut history = self.history.lock();
+        self.expire(&mut history, now, ttl);
+        f(&history)
+    }
+
+    /// Retains a message, keeping at most `limit` (the oldest go first). Only the
+    /// broadcaster calls this.
+    pub(crate) fn retain(&self, message: Retained, limit: usize, ttl: Duration) {
+        let now = message.at;
+        let mut history = self.history.lock();
+        self.expire(&mut history, now, ttl);
+        let cost = message.cost();
+        history.entries.push_back(message);
+        history.bytes += cost;
+        self.history_total.fetch_add(cost, Ordering::Relaxed);
+        while history.entries.len() > limit {
+            self.drop_oldest(&mut history);
+        }
+    }
+
+    /// Gives the whole history up (to the history budget) and starts a new epoch, since a
+    /// resume can no longer be served from this one. `seq` goes on, so the members' numbers
+    /// stay in order.
+    pub(crate) fn forget_history(&self) {
+        let mut history = self.history.lock();
+        let bytes = std::mem::take(&mut history.bytes);
+        history.entries.clear();
+        history.entries.shrink_to_fit();
+        self.history_total.fetch_sub(bytes, Ordering::Relaxed);
+        *self.epoch.lock() = new_epoch().into();
+    }
+
+    pub fn history_bytes(&self) -> usize {
+        self.history.lock().bytes
+    }
+
+    fn expire(&self, history: &mut History, now: Instant, ttl: Duration) {
+        while history
+            .entries
+            .front()
+            .is_some_and(|m| now.saturating_duration_since(m.at) >= ttl)
+        {
+            self.drop_oldest(history);
+        }
+    }
+
+    fn drop_oldest(&self, history: &mut History) {
+        if let Some(oldest) = history.entries.pop_front() {
+            let cost = oldest.cost();
+            history.bytes -= cost;
+            self.history_total.fetch_sub(cost, Ordering::Relaxed);
+        }
+    }
 }
 
-impl Default for RoomState {
-    fn default() -> RoomState {
-        RoomState::new()
+impl Drop for RoomState {
+    fn drop(&mut self) {
+        let bytes = self.history.get_mut().bytes;
+        self.history_total.fetch_sub(bytes, Ordering::Relaxed);
     }
 }
 
@@ -56,6 +260,8 @@ impl Default for RoomState {
 #[derive(Debug, Default)]
 pub struct RoomStates {
     rooms: RwLock<HashMap<Arc<str>, Arc<RoomState>>>,
+    /// All rooms' history bytes: what `--history-budget` bounds.
+    history_total: Arc<AtomicUsize>,
 }
 
 impl RoomStates {
@@ -63,8 +269,11 @@ impl RoomStates {
         self.rooms.read().get(room).cloned()
     }
 
-    pub(crate) fn insert(&self, room: Arc<str>, state: Arc<RoomState>) {
-        self.rooms.write().insert(room, state);
+    /// A fresh state for `room`, registered for readers.
+    pub(crate) fn create(&self, room: Arc<str>) -> Arc<RoomState> {
+        let state = Arc::new(RoomState::new(self.history_total.clone()));
+        self.rooms.write().insert(room, state.clone());
+        state
     }
 
     pub(crate) fn remove(&self, room: &str) {
@@ -77,6 +286,11 @@ impl RoomStates {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// All rooms' history bytes now.
+    pub fn history_bytes(&self) -> usize {
+        self.history_total.load(Ordering::Relaxed)
     }
 }
 
@@ -102,20 +316,110 @@ fn new_epoch() -> String {
 mod tests {
     use super::*;
 
+    fn state() -> (RoomStates, Arc<RoomState>) {
+        let states = RoomStates::default();
+        let state = states.create("r".into());
+        (states, state)
+    }
+
+    fn message(seq: u64, at: Instant) -> Retained {
+        Retained {
+            seq,
+            ts_ms: 0,
+            from: None,
+            kind: MessageKind::Text,
+            payload: Bytes::from(vec![b'x'; 100]),
+            at,
+        }
+    }
+
     #[test]
     fn epochs_are_url_safe_and_differ() {
-        let (a, b) = (RoomState::new(), RoomState::new());
-        assert_ne!(a.epoch, b.epoch);
-        assert_eq!(a.epoch.len(), 16);
-        assert!(a.epoch.bytes().all(|b| b.is_ascii_hexdigit()));
+        let (_states, a) = state();
+        let (_states, b) = state();
+        assert_ne!(a.epoch(), b.epoch());
+        assert_eq!(a.epoch().len(), 16);
+        assert!(a.epoch().bytes().all(|b| b.is_ascii_hexdigit()));
     }
 
     #[test]
     fn seq_counts_from_one() {
-        let state = RoomState::new();
+        let (_states, state) = state();
         assert_eq!(state.seq(), 0);
         assert_eq!(state.next_seq(), 1);
         assert_eq!(state.next_seq(), 2);
         assert_eq!(state.seq(), 2);
+    }
+
+    #[test]
+    fn history_keeps_the_latest_within_its_limit_and_ttl_and_counts_its_bytes() {
+        let (states, state) = state();
+        let ttl = Duration::from_secs(60);
+        let t0 = Instant::now();
+        for seq in 1..=10 {
+            state.retain(message(seq, t0), 4, ttl);
+        }
+        let seqs = |since, now| {
+            state.with_history(now, ttl, |h| {
+                h.after(since, now, ttl)
+                    .iter()
+                    .map(|m| m.seq)
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(seqs(0, t0), [7, 8, 9, 10]);
+        assert_eq!(seqs(8, t0), [9, 10]);
+        assert_eq!(states.history_bytes(), 4 * (100 + RETAINED_OVERHEAD_BYTES));
+        assert!(state.with_history(t0, ttl, |h| h.covers(6, 10, t0, ttl)));
+        assert!(
+            !state.with_history(t0, ttl, |h| h.covers(5, 10, t0, ttl)),
+            "seq 6 is gone"
+        );
+        assert!(state.with_history(t0, ttl, |h| h.covers(10, 10, t0, ttl)));
+        assert!(
+            !state.with_history(t0, ttl, |h| h.covers(11, 10, t0, ttl)),
+            "beyond seq"
+        );
+        // Past the TTL nothing is retained, and the bytes are given back.
+        let later = t0 + ttl;
+        assert_eq!(seqs(0, later), Vec::<u64>::new());
+        assert_eq!(states.history_bytes(), 0);
+        assert!(!state.with_history(later, ttl, |h| h.covers(9, 10, later, ttl)));
+    }
+
+    #[test]
+    fn forgetting_the_history_starts_a_new_epoch_and_seq_goes_on() {
+        let (states, state) = state();
+        let epoch = state.epoch();
+        state.next_seq();
+        state.retain(message(1, Instant::now()), 10, Duration::from_secs(60));
+        state.forget_history();
+        assert_ne!(state.epoch(), epoch);
+        assert_eq!(states.history_bytes(), 0);
+        assert_eq!(state.next_seq(), 2);
+        // A dropped state gives its bytes back too.
+        state.retain(message(2, Instant::now()), 10, Duration::from_secs(60));
+        assert!(states.history_bytes() > 0);
+        states.remove("r");
+        drop(state);
+        assert_eq!(states.history_bytes(), 0);
+    }
+
+    #[test]
+    fn reactions_total_up_to_64_keys() {
+        let mut reactions = Reactions::default();
+        assert!(!reactions.take_changed());
+        reactions.add("👏", 2).unwrap();
+        reactions.add("❤️", 1).unwrap();
+        reactions.add("👏", 1).unwrap();
+        assert!(reactions.take_changed());
+        assert!(!reactions.take_changed());
+        let totals: serde_json::Value = serde_json::from_str(&reactions.totals_json()).unwrap();
+        assert_eq!(totals, serde_json::json!({"👏": 3, "❤️": 1}));
+        for n in 2..MAX_ROOM_REACTION_KEYS {
+            reactions.add(&format!("k{n}"), 1).unwrap();
+        }
+        assert_eq!(reactions.add("one-too-many", 1), Err(TooManyKeys));
+        reactions.add("👏", 1).unwrap();
     }
 }

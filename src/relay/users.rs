@@ -28,6 +28,8 @@ const MIN_PRUNE_AT: usize = 1024;
 pub struct User {
     /// The message rate limit of all this user's connections together.
     pub bucket: Mutex<TokenBucket>,
+    /// The reaction rate limit (`--reaction-rate`, `--reaction-burst`), likewise shared.
+    pub reactions: Mutex<TokenBucket>,
     /// Connections held now. Changed only under the `Users` lock, so a check and its
     /// increment cannot interleave with another; atomic only so `User` needs no second lock.
     connections: AtomicUsize,
@@ -78,19 +80,22 @@ impl Users {
     }
 
     /// Takes a connection place for `name`, unless it already holds `max_connections`
-    /// (0: no cap). A new user starts with a full bucket of `rate`/`burst`.
+    /// (0: no cap). A new user starts with full buckets: `messages` and `reactions` are each a
+    /// (rate per second, burst).
     pub fn admit(
         &self,
         name: &Arc<str>,
         max_connections: usize,
-        rate: u32,
-        burst: u32,
+        messages: (u32, u32),
+        reactions: (u32, u32),
         now: Instant,
     ) -> Result<Seat<'_>, TooManyConnections> {
         let mut maps = self.maps.lock();
         if maps.users.len() >= maps.prune_at.max(MIN_PRUNE_AT) {
             maps.users.retain(|_, user| {
-                user.connections.load(Ordering::Relaxed) > 0 || !user.bucket.lock().is_full(now)
+                user.connections.load(Ordering::Relaxed) > 0
+                    || !user.bucket.lock().is_full(now)
+                    || !user.reactions.lock().is_full(now)
             });
             maps.prune_at = 2 * maps.users.len();
         }
@@ -99,7 +104,8 @@ impl Users {
             .entry(name.clone())
             .or_insert_with(|| {
                 Arc::new(User {
-                    bucket: Mutex::new(TokenBucket::new(rate, burst, now)),
+                    bucket: Mutex::new(TokenBucket::new(messages.0, messages.1, now)),
+                    reactions: Mutex::new(TokenBucket::new(reactions.0, reactions.1, now)),
                     connections: AtomicUsize::new(0),
                 })
             })
@@ -167,18 +173,20 @@ mod tests {
         let users = Users::new();
         let ann: Arc<str> = "ann".into();
         let now = Instant::now();
-        let first = users.admit(&ann, 2, 10, 10, now).unwrap();
-        let second = users.admit(&ann, 2, 10, 10, now).unwrap();
+        let first = users.admit(&ann, 2, (10, 10), (10, 10), now).unwrap();
+        let second = users.admit(&ann, 2, (10, 10), (10, 10), now).unwrap();
         assert_eq!(
-            users.admit(&ann, 2, 10, 10, now).unwrap_err(),
+            users.admit(&ann, 2, (10, 10), (10, 10), now).unwrap_err(),
             TooManyConnections
         );
         assert!(
-            users.admit(&"bob".into(), 2, 10, 10, now).is_ok(),
+            users
+                .admit(&"bob".into(), 2, (10, 10), (10, 10), now)
+                .is_ok(),
             "per user"
         );
         drop(first);
-        let third = users.admit(&ann, 2, 10, 10, now).unwrap();
+        let third = users.admit(&ann, 2, (10, 10), (10, 10), now).unwrap();
         assert!(
             Arc::ptr_eq(&second.user, &third.user),
             "one bucket per user"
@@ -190,10 +198,10 @@ mod tests {
         let users = Users::new();
         let now = Instant::now();
         let ann: Arc<str> = "ann".into();
-        let seat = users.admit(&ann, 0, 1, 3, now).unwrap();
+        let seat = users.admit(&ann, 0, (1, 3), (1, 3), now).unwrap();
         assert!((0..3).all(|_| seat.user.bucket.lock().try_take(now)));
         drop(seat);
-        let again = users.admit(&ann, 0, 1, 3, now).unwrap();
+        let again = users.admit(&ann, 0, (1, 3), (1, 3), now).unwrap();
         assert!(!again.user.bucket.lock().try_take(now), "still spent");
         drop(again);
         // Many users come and go with full buckets: the map stays bounded.
@@ -201,7 +209,7 @@ mod tests {
         for i in 0..10 * MIN_PRUNE_AT {
             drop(
                 users
-                    .admit(&format!("u{i}").into(), 0, 1, 3, later)
+                    .admit(&format!("u{i}").into(), 0, (1, 3), (1, 3), later)
                     .unwrap(),
             );
         }

@@ -177,23 +177,50 @@ pub struct Presence {
     pub users: usize,
 }
 
+/// What a `welcome` brings a joining client besides who it is: the room's retained messages
+/// (already JSON, the inside of the array), whether they are exactly what a resume missed,
+/// the room's counts and its reaction totals (a JSON object).
+#[derive(Clone, Copy, Debug)]
+pub struct Backlog<'a> {
+    pub history: &'a str,
+    pub recovered: bool,
+    pub presence: Presence,
+    pub reactions: &'a str,
+}
+
 /// The first frame of a v1 session (PROTOCOL §4).
-pub fn welcome(room: &str, you: &Identity, epoch: &str, seq: u64, presence: Presence) -> String {
-    let mut out = String::with_capacity(256);
+pub fn welcome(room: &str, you: &Identity, epoch: &str, seq: u64, backlog: Backlog<'_>) -> String {
+    let mut out = String::with_capacity(256 + backlog.history.len());
     let quoted = |text: &str| serde_json::to_string(text).expect("a string always serialises");
     let _ = write!(
         out,
-        r#"{{"type":"welcome","room":{room},"you":{{"id":{id},"name":{name},"verified":{verified},"perm":"{perm}"}},"epoch":{epoch},"seq":{seq},"recovered":false,"history":[],"presence":{{"clients":{clients},"users":{users}}},"reactions":{{}}}}"#,
+        r#"{{"type":"welcome","room":{room},"you":{{"id":{id},"name":{name},"verified":{verified},"perm":"{perm}"}},"epoch":{epoch},"seq":{seq},"recovered":{recovered},"history":[{history}],"presence":{{"clients":{clients},"users":{users}}},"reactions":{reactions}}}"#,
         room = quoted(room),
         id = quoted(&you.id),
         name = quoted(&you.name),
         verified = you.verified,
         perm = you.perm.as_str(),
         epoch = quoted(epoch),
-        clients = presence.clients,
-        users = presence.users,
+        recovered = backlog.recovered,
+        history = backlog.history,
+        clients = backlog.presence.clients,
+        users = backlog.presence.users,
+        reactions = backlog.reactions,
     );
     out
+}
+
+/// A `presence` frame.
+pub fn presence(counts: Presence) -> String {
+    format!(
+        r#"{{"type":"presence","clients":{},"users":{}}}"#,
+        counts.clients, counts.users
+    )
+}
+
+/// A `reactions` frame, `totals` being a JSON object of running totals.
+pub fn reactions(totals: &str) -> String {
+    format!(r#"{{"type":"reactions","totals":{totals}}}"#)
 }
 
 /// The two error codes of PROTOCOL §3.
@@ -354,23 +381,48 @@ mod tests {
     #[test]
     fn welcome_and_error_frames_are_json() {
         let you = Identity::anonymous(3, Some("Ann"));
+        let mut history = Vec::new();
+        push_message(&mut history, 1041, 7, None, MessageKind::Text, b"earlier");
+        let history = String::from_utf8(history).unwrap();
         let welcome: serde_json::Value = serde_json::from_str(&welcome(
             "stage",
             &you,
             "5f2c9a1e",
             1042,
-            Presence {
-                clients: 12,
-                users: 9,
+            Backlog {
+                history: &history,
+                recovered: true,
+                presence: Presence {
+                    clients: 12,
+                    users: 9,
+                },
+                reactions: r#"{"👏":3}"#,
             },
         ))
         .unwrap();
+        assert_eq!(welcome["recovered"], true);
+        assert_eq!(welcome["history"][0]["text"], "earlier");
+        assert_eq!(welcome["reactions"]["👏"], 3);
+        let presence: serde_json::Value = serde_json::from_str(&presence(Presence {
+            clients: 3,
+            users: 2,
+        }))
+        .unwrap();
+        assert_eq!(
+            presence,
+            serde_json::json!({"type": "presence", "clients": 3, "users": 2})
+        );
+        let reactions: serde_json::Value = serde_json::from_str(&reactions("{}")).unwrap();
+        assert_eq!(
+            reactions,
+            serde_json::json!({"type": "reactions", "totals": {}})
+        );
         assert_eq!(welcome["type"], "welcome");
         assert_eq!(welcome["you"]["id"], "anon-3");
         assert_eq!(welcome["you"]["perm"], "post");
         assert_eq!(welcome["seq"], 1042);
         assert_eq!(welcome["presence"]["users"], 9);
-        assert_eq!(welcome["history"], serde_json::json!([]));
+
         let error: serde_json::Value =
             serde_json::from_str(&error(ErrorCode::Forbidden, "read \"only\"")).unwrap();
         assert_eq!(error["code"], "forbidden");
