@@ -1120,4 +1120,42 @@ mod tests {
         assert_eq!(broadcaster.rooms.len(), 0);
         assert!(room_states.is_empty());
     }
+
+    /// A client cycling through 100,000 room names cannot hold more history than the budget:
+    /// the rooms idle longest give theirs up, and get a new epoch.
+    #[test]
+    fn all_rooms_history_stays_within_its_budget() {
+        let budget = 1 << 20;
+        let config = Config {
+            history_budget: budget,
+            ..Config::default()
+        };
+        let room_states: Arc<RoomStates> = Arc::default();
+        let mut broadcaster = Broadcaster::new(
+            Arc::new(Hub::new()),
+            Arc::new(Stats::default()),
+            Arc::new(config),
+            room_states.clone(),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let big = |room: &str| Message {
+            payload: Bytes::from(vec![b'x'; 1000]),
+            ..text(room)
+        };
+        broadcaster.gather(big("first"));
+        let first_epoch = room_states.get("first").unwrap().epoch();
+        for n in 0..100_000 {
+            broadcaster.gather(big(&format!("r{n}")));
+            assert!(room_states.history_bytes() <= budget, "at room {n}");
+            if n % 4096 == 0 {
+                broadcaster.fan_out_all();
+            }
+        }
+        broadcaster.fan_out_all();
+        assert!(broadcaster.stats.histories_given_up.load(Ordering::Relaxed) > 0);
+        let first = room_states.get("first").unwrap();
+        assert_eq!(first.history_bytes(), 0, "the room idle longest went first");
+        assert_ne!(first.epoch(), first_epoch, "and its epoch changed");
+        assert_eq!(first.seq(), 1, "its seq goes on");
+    }
 }
