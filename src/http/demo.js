@@ -30,7 +30,9 @@ function setState(state, text) {
 function colorFor(name) {
   let h = 0;
   for (const c of name) h = (h * 31 + c.codePointAt(0)) >>> 0;
-  return `hsl(${h % 360} 75% 70%)`;
+  // The golden angle apart: ids that differ in their last digit (anon-6, anon-7) still get
+  // hues far from each other.
+  return `hsl(${(h * 137.508) % 360} 75% 70%)`;
 }
 
 /** A log line. Everything goes in through textContent, never innerHTML: it is untrusted. */

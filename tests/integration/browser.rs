@@ -181,6 +181,19 @@ impl Page {
         result["result"]["value"].clone()
     }
 
+    /// Evaluates JavaScript that returns a Promise, and returns what it resolves to.
+    fn eval_async(&mut self, expression: &str) -> Value {
+        let result = self.call(
+            "Runtime.evaluate",
+            json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
+        );
+        assert!(
+            result.get("exceptionDetails").is_none(),
+            "{expression} threw: {result}"
+        );
+        result["result"]["value"].clone()
+    }
+
     /// Polls `expression` until it returns `expected`.
     fn wait_for(&mut self, expression: &str, expected: Value) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -417,6 +430,29 @@ fn the_demo_page_chats_with_a_rust_client_in_a_real_browser() {
     demo.page.wait_for(
         "window.cspViolations.some((v) => v.startsWith('script-src'))",
         json!(true),
+    );
+
+    // The module refuses what it could only send the server as a bad frame, with a reason.
+    let refusals = demo.page.eval_async(
+        "import('/roomcast.js').then(({ connect }) => { \
+           const reason = (f) => { try { return `returned ${f()}`; } catch (e) { return `${e.name}: ${e.message}`; } }; \
+           const room = connect({ room: 'browser-test', name: 'probe' }); \
+           const found = [reason(() => connect({})), reason(() => connect({ url: 'ftp://x/ws/a' })), \
+             reason(() => room.react('')), reason(() => room.react('x'.repeat(33))), \
+             reason(() => room.publish(undefined)), reason(() => room.publish({ text: 'early' }))]; \
+           room.close(); return found; })",
+    );
+    assert_eq!(
+        refusals,
+        json!([
+            "TypeError: connect needs a url or a room",
+            "TypeError: not a WebSocket URL: ftp:",
+            "TypeError: a reaction key is 1 to 32 bytes of UTF-8",
+            "TypeError: a reaction key is 1 to 32 bytes of UTF-8",
+            "TypeError: publish needs a JSON value",
+            "returned false",
+        ]),
+        "a publish before the welcome is not sent, nor queued"
     );
 
     let path = demo.screenshot("demo-page");
@@ -781,6 +817,8 @@ fn the_demo_page_with_join_tokens_marks_verified_names_and_reports_refusals() {
         from_page["from"],
         json!({"id": "u-ann", "name": "Ann", "verified": true})
     );
+
+    demo.screenshot("demo-page-tokens");
 
     // A moderator removes Ann: 4003 with the reason, and the page stays out.
     let auth = format!("Bearer {API_TOKEN}");
