@@ -1435,7 +1435,7 @@ FLAGS (value as `--flag VALUE` or `--flag=VALUE`; [default; range]):
     --max-message-bytes SIZE   largest message accepted; over it: 1009 [64KiB; {message}]
     --rate N                   messages/s per client; over it: 1008    [{rate}, 0 = off; up to {rate_max}]
     --burst N                  messages a client may send at once      [{burst}; up to {burst_max}]
-    --outbox-bytes SIZE        unsent bytes queued per client before   [1MiB, at least {multiple} frames
+    --outbox-bytes SIZE        unsent bytes queued per client before   [1MiB, at least {multiple} v1 frames
                                it is evicted as slow (64 B more per     of --max-message-bytes + 4KiB;
                                queued frame)                            up to {outbox_max}]
     --slow-timeout DUR         time a client may stay backlogged       [10s; {slow}]

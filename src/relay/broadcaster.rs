@@ -757,13 +757,15 @@ impl Broadcaster {
     /// epoch), and past `MAX_ROOM_STATES` the states of memberless rooms due soonest. Each
     /// check looks at one room under a short read lock of the hub.
     fn expire_rooms(&mut self, now: Instant) {
+        if self.rooms.len() > MAX_ROOM_STATES {
+            self.evict_over_cap();
+        }
         let ttl = self.config.room_ttl;
         for _ in 0..ROOM_CHECKS_PER_TICK {
-            let over_cap = self.rooms.len() > MAX_ROOM_STATES;
             let Some(Reverse((due, _))) = self.room_checks.peek() else {
                 return;
             };
-            if *due > now && !over_cap {
+            if *due > now {
                 return;
             }
             let Some(Reverse((_, name))) = self.room_checks.pop() else {
@@ -775,7 +777,7 @@ impl Broadcaster {
             let next = if self.hub.room_size(&name) > 0 {
                 room.last_active = now;
                 now + ROOM_STATE_CHECK
-            } else if over_cap || now.saturating_duration_since(room.last_active) >= ttl {
+            } else if now.saturating_duration_since(room.last_active) >= ttl {
                 self.rooms.remove(&name);
                 self.room_states.remove(&name);
                 debug!("room {name}: state expired");
@@ -785,6 +787,30 @@ impl Broadcaster {
             };
             self.room_checks.push(Reverse((next, name)));
         }
+    }
+
+    /// Over `MAX_ROOM_STATES`: the rooms without members idle longest lose their state, down
+    /// to nine tenths of the cap, so one walk of the rooms pays for many new ones. Their
+    /// entries in `room_checks` are skipped when they come up.
+    #[cold]
+    fn evict_over_cap(&mut self) {
+        let mut idle: Vec<(Instant, Arc<str>)> = Vec::new();
+        let rooms = &self.rooms;
+        self.hub.with_rooms(|members| {
+            idle = rooms
+                .iter()
+                .filter(|(name, _)| !members.contains_key(*name))
+                .map(|(name, room)| (room.last_active, name.clone()))
+                .collect();
+        });
+        idle.sort();
+        let excess = self.rooms.len().saturating_sub(MAX_ROOM_STATES / 10 * 9);
+        for (_, name) in idle.into_iter().take(excess) {
+            self.rooms.remove(&name);
+            self.room_states.remove(&name);
+            self.live_rooms.remove(&name);
+        }
+        debug!("room states over {MAX_ROOM_STATES}: the idle longest dropped");
     }
 
     /// Judges the clients whose outbox had no room for `frame`: each first gets a send attempt
@@ -1104,16 +1130,20 @@ mod tests {
         broadcaster.fan_out_all();
         let now = Instant::now();
         broadcaster.expire_rooms(now);
-        assert_eq!(broadcaster.rooms.len(), MAX_ROOM_STATES);
-        assert_eq!(room_states.len(), MAX_ROOM_STATES);
-        assert!(room_states.get("r0").is_none(), "the oldest went first");
+        let kept = MAX_ROOM_STATES / 10 * 9;
+        assert_eq!(broadcaster.rooms.len(), kept);
+        assert_eq!(room_states.len(), kept);
+        assert!(
+            room_states.get("r0").is_none(),
+            "the idle longest went first"
+        );
         assert!(room_states
             .get(&format!("r{}", MAX_ROOM_STATES + 499))
             .is_some());
         // Before the TTL nothing more goes; after it, every memberless room does (in ticks
         // of at most ROOM_CHECKS_PER_TICK).
         broadcaster.expire_rooms(now + Duration::from_secs(30));
-        assert_eq!(broadcaster.rooms.len(), MAX_ROOM_STATES);
+        assert_eq!(broadcaster.rooms.len(), kept);
         for _ in 0..MAX_ROOM_STATES / ROOM_CHECKS_PER_TICK + 1 {
             broadcaster.expire_rooms(now + Duration::from_secs(61));
         }
