@@ -26,6 +26,9 @@ pub const DEMO_PAGE: &str = include_str!("demo.html");
 pub const DEMO_SCRIPT: &str = include_str!("demo.js");
 /// The demo page's style sheet, `GET /demo.css`.
 pub const DEMO_STYLE: &str = include_str!("demo.css");
+/// The browser client for `roomcast.v1`, `GET /roomcast.js`: an ES module the demo page
+/// imports, and other sites may too.
+pub const CLIENT_SCRIPT: &str = include_str!("roomcast.js");
 
 /// What a request path names, before its method is considered.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,6 +36,7 @@ pub enum Resource<'a> {
     Demo,
     DemoScript,
     DemoStyle,
+    ClientScript,
     Health,
     Metrics,
     Rooms,
@@ -75,6 +79,7 @@ pub fn resource(path: &str) -> Result<Resource<'_>, Response> {
         "/" | "/index.html" => Resource::Demo,
         "/demo.js" => Resource::DemoScript,
         "/demo.css" => Resource::DemoStyle,
+        "/roomcast.js" => Resource::ClientScript,
         "/healthz" => Resource::Health,
         "/metrics" => Resource::Metrics,
         "/api/rooms" => Resource::Rooms,
@@ -229,6 +234,11 @@ fn respond(shared: &Shared, request: &Request, resource: &Resource<'_>, body: Ve
         Resource::Rooms => Response::ok(JSON, rooms_json(shared)),
         Resource::DemoScript => Response::ok(JAVASCRIPT, DEMO_SCRIPT),
         Resource::DemoStyle => Response::ok(CSS, DEMO_STYLE),
+        // A module script from another origin loads only with CORS; the file is public and
+        // the same for everyone, and no credentials go with it, so any origin may have it.
+        Resource::ClientScript => {
+            Response::ok(JAVASCRIPT, CLIENT_SCRIPT).with_header("Access-Control-Allow-Origin", "*")
+        }
         Resource::Room(room) => Response::ok(JSON, room_details_json(shared, room)),
         Resource::RoomMessages(room) => publish(shared, request, room, body),
         Resource::RoomDisconnect(room) => crate::http::moderation::disconnect(shared, room, &body),
@@ -464,6 +474,8 @@ mod tests {
         assert_eq!(resource("/api/rooms/a.b").unwrap(), Resource::Room("a.b"));
         assert_eq!(resource("/demo.js").unwrap(), Resource::DemoScript);
         assert_eq!(resource("/demo.css").unwrap(), Resource::DemoStyle);
+        assert_eq!(resource("/roomcast.js").unwrap(), Resource::ClientScript);
+        assert!(!Resource::ClientScript.is_token_protected());
         assert_eq!(resource("/nope").unwrap_err().status, 404);
         assert_eq!(Resource::RoomMessages("x").allowed_method(), "POST");
         assert_eq!(
