@@ -124,7 +124,11 @@ pub(crate) fn answer(
         Ok(resource) => resource,
         Err(response) => return response,
     };
-    if let Resource::RoomMessages(_) | Resource::RoomDisconnect(_) = resource {
+    // History holds what the rooms said, with who said it: without an API token nobody could
+    // be allowed to read it, so it is off like the rest of the backend API.
+    if let Resource::RoomMessages(_) | Resource::RoomDisconnect(_) | Resource::RoomHistory(_) =
+        resource
+    {
         if !is_publish_enabled(shared) {
             return Response::status(404)
                 .with_body(

@@ -132,6 +132,8 @@ export function connect(options = {}) {
     let token = null;
     try {
       token = typeof options.token === "function" ? await options.token() : options.token;
+      // A token never holds whitespace; a backend or `roomcast token` may end one with a newline.
+      if (typeof token === "string") token = token.trim();
     } catch (err) {
       if (isClosed || current !== generation) return;
       fail("token", `the token getter failed: ${err?.message ?? err}`, false);

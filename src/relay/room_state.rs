@@ -226,8 +226,10 @@ impl RoomState {
         *self.epoch.lock() = new_epoch().into();
         // Reaction totals run "since the room's epoch began" (PROTOCOL §4).
         let mut reactions = self.reactions.lock();
-        reactions.totals.clear();
-        reactions.changed = true;
+        if !reactions.totals.is_empty() {
+            reactions.totals.clear();
+            reactions.changed = true;
+        }
     }
 
     /// Runs `f` on the history and the epoch it belongs to, as one snapshot.

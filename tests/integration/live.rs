@@ -345,3 +345,16 @@ fn a_stalled_client_gets_the_latest_totals_when_it_drains() {
     assert_eq!(last, Some(json!({"❤️": 500})));
     assert!(reactions_frames <= 8, "{reactions_frames} reactions frames");
 }
+
+/// Without an API token nobody may read what rooms said: the history endpoint is off (404),
+/// as the rest of the backend API is, join tokens or not.
+#[test]
+fn the_history_api_is_off_without_an_api_token() {
+    let server = start(test_config());
+    let mut client = server.connect_v1("r", "");
+    client.publish(json!("private"));
+    client.next_message();
+    let response = http(server.addr, "GET", "/api/rooms/r/history", &[], b"");
+    assert_eq!(response.status, 404);
+    assert!(!response.text().contains("private"));
+}
