@@ -138,6 +138,8 @@ pub const HISTORY_TTL_RANGE: RangeInclusive<Duration> =
 /// `--history-budget`: all rooms' history bytes together; 16 GiB is past any machine this
 /// runs on.
 pub const HISTORY_BUDGET_RANGE: RangeInclusive<usize> = 0..=16 << 30;
+/// The smallest `--history-budget` but 0 (off).
+pub const MIN_HISTORY_BUDGET: usize = 1 << 20;
 /// `--presence-interval`, `--reaction-interval`: faster than 50 ms is faster than a page
 /// redraws a counter; slower than a minute is no longer live.
 pub const LIVE_INTERVAL_RANGE: RangeInclusive<Duration> =
@@ -469,6 +471,14 @@ impl Config {
             self.history_budget,
             &HISTORY_BUDGET_RANGE,
         )?;
+        if self.history_budget > 0 && self.history_budget < MIN_HISTORY_BUDGET {
+            // A budget smaller than a few messages would give a room's history up, and renew
+            // its epoch, at nearly every message.
+            return Err(ConfigError::new(
+                "--history-budget",
+                "must be 0 (history off) or at least 1MiB",
+            ));
+        }
         check_count("--reaction-rate", self.reaction_rate, &REACTION_RATE_RANGE)?;
         check_count(
             "--reaction-burst",
@@ -1435,7 +1445,7 @@ FLAGS (value as `--flag VALUE` or `--flag=VALUE`; [default; range]):
     --max-message-bytes SIZE   largest message accepted; over it: 1009 [64KiB; {message}]
     --rate N                   messages/s per client; over it: 1008    [{rate}, 0 = off; up to {rate_max}]
     --burst N                  messages a client may send at once      [{burst}; up to {burst_max}]
-    --outbox-bytes SIZE        unsent bytes queued per client before   [1MiB, at least {multiple} frames
+    --outbox-bytes SIZE        unsent bytes queued per client before   [1MiB, at least {multiple} v1 frames
                                it is evicted as slow (64 B more per     of --max-message-bytes + 4KiB;
                                queued frame)                            up to {outbox_max}]
     --slow-timeout DUR         time a client may stay backlogged       [10s; {slow}]

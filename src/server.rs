@@ -112,7 +112,7 @@ impl Server {
         }
         if config.effective_outbox_bytes() > config.outbox_bytes {
             info!(
-                "outbox raised to {} B: it must hold 2 frames of --max-message-bytes and 4 KiB for control frames",
+                "outbox raised to {} B: it must hold 2 of the largest frames a message can become (its v1 frame) and 4 KiB for control frames",
                 config.effective_outbox_bytes()
             );
         }

@@ -118,7 +118,7 @@ pub struct Stats {
     pub reactions_counted: AtomicU64,
     pub reactions_dropped_rate: AtomicU64,
     pub reactions_dropped_key: AtomicU64,
-    pub reactions_dropped_keys: AtomicU64,
+    pub reactions_dropped_full: AtomicU64,
     /// `presence` and `reactions` frames sent (once per room and send, not per member).
     pub presence_frames: AtomicU64,
     pub reaction_frames: AtomicU64,

@@ -1,153 +1,208 @@
 // The roomcast demo page's script, served as /demo.js so the page's Content-Security-Policy
-// can forbid every inline script (see endpoints.rs). The JSON message convention
-// ({"type": "chat" | "reaction", ...}) lives only here; the server relays bytes.
-"use strict";
-(() => {
-  const $ = (id) => document.getElementById(id);
-  const params = new URLSearchParams(location.search);
-  // The server's rule; "." and ".." would be resolved away by the URL itself.
-  const validRoom = (r) => /^[A-Za-z0-9_.\-]{1,64}$/.test(r) && r !== "." && r !== "..";
-  let room = validRoom(params.get("room") || "") ? params.get("room") : "lobby";
-  let nick = params.get("nick") || localStorage.getItem("roomcast-nick") || "viewer-" + Math.floor(1000 + Math.random() * 9000);
-  const tally = { "❤️": 0, "👏": 0, "😂": 0 };
-  let socket = null, attempt = 0, reconnectTimer = null, pollTimer = null;
+// can forbid every inline script (see endpoints.rs). A module: it imports the browser client,
+// /roomcast.js, as any page would, and keeps only what is the page's own: the DOM, the
+// message convention ({"type": "chat", "text": ...} as data) and the animations.
+import { connect } from "/roomcast.js";
 
-  function setState(state, text) {
-    $("state").dataset.state = state;
-    $("state-text").textContent = text;
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+// The server's rule; "." and ".." would be resolved away by the URL itself.
+const validRoom = (r) => /^[A-Za-z0-9_.\-]{1,64}$/.test(r) && r !== "." && r !== "..";
+const KEYS = ["❤️", "👏", "😂"];
+/** The log keeps this many lines; older ones scroll away for good. */
+const MAX_LINES = 300;
+/** At most this many emojis float up per key per totals frame, however many taps it counts. */
+const MAX_FLOATS = 8;
+
+let roomName = validRoom(params.get("room") || "") ? params.get("room") : "lobby";
+let nick = params.get("name") || params.get("nick") || localStorage.getItem("roomcast-nick") ||
+  "viewer-" + Math.floor(1000 + Math.random() * 9000);
+// Per tab and kept across a reload, but never in the page's URL (which users share).
+let token = sessionStorage.getItem("roomcast-token") || "";
+let room = null;
+let floated = 0;
+
+function setState(state, text) {
+  $("state").dataset.state = state;
+  $("state-text").textContent = text;
+}
+
+function colorFor(name) {
+  let h = 0;
+  for (const c of name) h = (h * 31 + c.codePointAt(0)) >>> 0;
+  // The golden angle apart: ids that differ in their last digit (anon-6, anon-7) still get
+  // hues far from each other.
+  return `hsl(${(h * 137.508) % 360} 75% 70%)`;
+}
+
+/** A log line. Everything goes in through textContent, never innerHTML: it is untrusted. */
+function addLine({ text, system = false, sender = null, ts = Date.now(), seq = null, history = false }) {
+  const li = document.createElement("li");
+  if (seq !== null) li.dataset.seq = seq;
+  if (history) li.className = "history";
+  const time = document.createElement("span");
+  time.className = "time";
+  time.textContent = new Date(ts).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  li.append(time);
+  if (sender) li.append(senderLabel(sender));
+  const body = document.createElement("span");
+  body.className = system ? "system" : "text";
+  body.textContent = text;
+  li.append(body);
+  const log = $("log");
+  const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+  log.append(li);
+  while (log.children.length > MAX_LINES) log.firstChild.remove();
+  if (atBottom) log.scrollTop = log.scrollHeight;
+}
+
+/**
+ * Who sent a message, as the server says: a name its join token proved gets a check mark,
+ * an open room's self-chosen name is marked as unverified, and a backend publish is "server".
+ */
+function senderLabel(from) {
+  const who = document.createElement("span");
+  who.className = "nick";
+  if (from.server) {
+    who.classList.add("server");
+    who.textContent = "server";
+    return who;
   }
-
-  function colorFor(name) {
-    let h = 0;
-    for (const c of name) h = (h * 31 + c.codePointAt(0)) >>> 0;
-    return `hsl(${h % 360} 75% 70%)`;
+  const name = String(from.name ?? from.id ?? "?");
+  who.style.color = colorFor(String(from.id ?? name));
+  who.textContent = name;
+  const mark = document.createElement("span");
+  if (from.verified) {
+    mark.className = "verified";
+    mark.textContent = "✓";
+    mark.title = `verified: ${from.id}`;
+  } else {
+    mark.className = "unverified";
+    mark.textContent = "guest";
+    mark.title = "an open room's name: anyone may choose it";
   }
+  who.append(mark);
+  return who;
+}
 
-  function addLine(parts) {
-    const li = document.createElement("li");
-    const time = document.createElement("span");
-    time.className = "time";
-    time.textContent = new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-    li.append(time);
-    if (parts.nick !== undefined) {
-      const who = document.createElement("span");
-      who.className = "nick";
-      who.style.color = colorFor(parts.nick);
-      who.textContent = parts.nick;
-      li.append(who);
-    }
-    const body = document.createElement("span");
-    if (parts.system) body.className = "system";
-    body.textContent = parts.text;   // textContent, never innerHTML: messages are untrusted
-    li.append(body);
-    const log = $("log");
-    const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
-    log.append(li);
-    while (log.children.length > 300) log.firstChild.remove();
-    if (atBottom) log.scrollTop = log.scrollHeight;
-  }
+/** The text a message shows: the page's convention, else whatever it carries. */
+function messageText(message) {
+  if (typeof message.text === "string") return message.text; // a plain client's text
+  if (message.binary !== undefined) return `[binary message, ${atob(message.binary).length} bytes]`;
+  const data = message.data;
+  if (typeof data === "string") return data;
+  if (data && typeof data.text === "string") return data.text;
+  return JSON.stringify(data);
+}
 
-  function floatUp(emoji) {
-    const el = document.createElement("div");
-    el.className = "float";
-    el.textContent = emoji;
-    el.style.left = (10 + Math.random() * 80) + "%";
-    el.style.setProperty("--drift", (Math.random() * 80 - 40) + "px");
-    $("floats").append(el);
-    el.addEventListener("animationend", () => el.remove());
-  }
+function floatUp(emoji) {
+  const el = document.createElement("div");
+  el.className = "float";
+  el.textContent = emoji;
+  el.style.left = (10 + Math.random() * 80) + "%";
+  el.style.setProperty("--drift", (Math.random() * 80 - 40) + "px");
+  el.style.animationDelay = (Math.random() * 0.4) + "s";
+  $("floats").append(el);
+  el.addEventListener("animationend", () => el.remove());
+  floated += 1;
+  $("floats").dataset.floated = floated;
+}
 
-  function onMessage(data) {
-    if (typeof data !== "string") {
-      addLine({ system: true, text: `[binary message, ${data.size ?? data.byteLength} bytes]` });
+function statusLine(status, detail) {
+  switch (status) {
+    case "connecting":
+      return setState("connecting", "connecting…");
+    case "connected": {
+      const you = detail.you;
+      setState("connected", "connected");
+      $("you").replaceChildren(document.createTextNode("you: "), senderLabel(you));
+      $("text").disabled = $("send").disabled = you.perm !== "post";
+      $("text").placeholder = you.perm === "post" ? "Say something…" : "Your token may not post here";
+      for (const button of $("reactions").querySelectorAll("button")) button.disabled = you.perm === "read";
+      if (detail.reset) {
+        // The welcome's history replaces whatever the log showed (a new epoch, or a gap too
+        // long to fill): redraw from it rather than show a hole.
+        $("log").replaceChildren();
+        const earlier = detail.history > 0 ? " Recent messages:" : "";
+        addLine({ system: true, text: `Joined #${detail.room} as ${you.name}.${earlier}` });
+      } else {
+        const missed = detail.history === 1 ? "1 missed message" : `${detail.history} missed messages`;
+        addLine({ system: true, text: `Reconnected; caught up on ${missed}.` });
+      }
       return;
     }
-    let msg = null;
-    try { msg = JSON.parse(data); } catch (_) { /* not our convention: show it as it is */ }
-    if (msg && msg.type === "reaction" && Object.hasOwn(tally, msg.emoji)) {
-      tally[msg.emoji] += 1;
-      $("tally-" + msg.emoji).textContent = tally[msg.emoji];
-      floatUp(msg.emoji);
-    } else if (msg && msg.type === "chat" && typeof msg.text === "string") {
-      addLine({ nick: String(msg.nick || "anonymous").slice(0, 24), text: msg.text });
-    } else {
-      addLine({ nick: "·", text: data });
-    }
+    case "reconnecting":
+      return setState("reconnecting", `reconnecting in ${(detail.delayMs / 1000).toFixed(1)} s (try ${detail.attempt})…`);
+    case "closed":
+      setState("offline", `disconnected: ${detail.reason}`);
+      return addLine({ system: true, text: `Disconnected (${detail.code}): ${detail.reason}. Press Join to come back.` });
+    case "failed":
+      return setState("offline", "refused: check the token");
   }
+}
 
-  function send(obj) {
-    if (socket && socket.readyState === WebSocket.OPEN) {
-      socket.send(JSON.stringify(obj));
-      return true;
-    }
-    return false;
+function showTotals({ totals, added }) {
+  for (const key of KEYS) $("tally-" + key).textContent = totals[key] ?? 0;
+  for (const [key, count] of Object.entries(added)) {
+    if (!KEYS.includes(key)) continue;
+    for (let i = 0; i < Math.min(count, MAX_FLOATS); i += 1) floatUp(key);
   }
+}
 
-  async function pollViewers() {
-    try {
-      const res = await fetch(`/api/rooms/${encodeURIComponent(room)}`, { cache: "no-store" });
-      if (res.ok) $("viewers").textContent = (await res.json()).clients;
-    } catch (_) { /* the server may be restarting; the next poll will tell */ }
-  }
-
-  function connect() {
-    clearTimeout(reconnectTimer);
-    const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/${encodeURIComponent(room)}`;
-    $("ws-url").textContent = url;
-    setState(attempt ? "reconnecting" : "connecting", attempt ? `reconnecting (try ${attempt + 1})…` : "connecting…");
-    const ws = new WebSocket(url);
-    socket = ws;
-    ws.onopen = () => {
-      attempt = 0;
-      setState("connected", "connected");
-      addLine({ system: true, text: `Joined #${room} as ${nick}.` });
-      pollViewers();
-    };
-    ws.onmessage = (event) => onMessage(event.data);
-    ws.onclose = (event) => {
-      if (socket !== ws) return;   // a deliberate switch to another room
-      // Exponential backoff with jitter, so a restarted server is not stampeded.
-      const delay = Math.min(15000, 500 * 2 ** attempt) * (0.5 + Math.random() / 2);
-      attempt += 1;
-      setState("reconnecting", `disconnected (${event.code || "no code"}); retrying in ${Math.round(delay / 1000)} s`);
-      reconnectTimer = setTimeout(connect, delay);
-    };
-  }
-
-  function join(newRoom, newNick) {
-    room = newRoom;
-    nick = newNick;
-    localStorage.setItem("roomcast-nick", nick);
-    $("room").value = room;
-    $("nick").value = nick;
-    $("room-label").textContent = "#" + room;
-    $("stage-room").textContent = "#" + room;
-    const url = new URL(location.href);
-    url.searchParams.set("room", room);
-    history.replaceState(null, "", url);
-    const old = socket;
-    socket = null;
-    if (old) old.close(1000, "switching rooms");
-    attempt = 0;
-    connect();
-    clearInterval(pollTimer);
-    pollTimer = setInterval(pollViewers, 2000);
-  }
-
-  $("join").addEventListener("submit", (event) => {
-    event.preventDefault();
-    const r = $("room").value.trim(), n = $("nick").value.trim();
-    if (validRoom(r) && n) join(r, n);
+function join(newRoom, newNick, newToken) {
+  roomName = newRoom;
+  nick = newNick;
+  token = newToken;
+  localStorage.setItem("roomcast-nick", nick);
+  if (token) sessionStorage.setItem("roomcast-token", token);
+  else sessionStorage.removeItem("roomcast-token");
+  $("room").value = roomName;
+  $("nick").value = nick;
+  $("token").value = token;
+  $("room-label").textContent = "#" + roomName;
+  $("stage-room").textContent = "#" + roomName;
+  const url = new URL(location.href);
+  url.searchParams.set("room", roomName);
+  url.searchParams.set("name", nick);
+  url.searchParams.delete("nick");
+  history.replaceState(null, "", url);
+  $("ws-url").textContent = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/${roomName}`;
+  room?.close();
+  $("log").replaceChildren();
+  for (const key of KEYS) $("tally-" + key).textContent = "0";
+  $("viewers").textContent = "–";
+  room = connect({
+    room: roomName,
+    // Called again before every reconnection; a page whose tokens expire fetches one here.
+    token: () => token || undefined,
+    name: nick,
+    onStatus: statusLine,
+    onMessage: (message, { history }) => addLine({
+      text: messageText(message), sender: message.from, ts: message.ts, seq: message.seq, history,
+    }),
+    onPresence: ({ clients, users }) => {
+      $("viewers").textContent = clients;
+      $("audience").title = `${clients} connections, ${users} people`;
+    },
+    onReactions: showTotals,
+    onError: ({ code, message }) => addLine({ system: true, text: `⚠ ${code}: ${message}` }),
   });
-  $("composer").addEventListener("submit", (event) => {
-    event.preventDefault();
-    const text = $("text").value.trim();
-    if (text && send({ type: "chat", nick, text })) $("text").value = "";
-  });
-  $("reactions").addEventListener("click", (event) => {
-    const button = event.target.closest("button[data-emoji]");
-    if (button) send({ type: "reaction", emoji: button.dataset.emoji, nick });
-  });
+}
 
-  join(room, nick);
-})();
+$("join").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const r = $("room").value.trim(), n = $("nick").value.trim(), t = $("token").value.trim();
+  if (validRoom(r)) join(r, n || nick, t);
+});
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = $("text").value.trim();
+  // Kept in the box when not connected: nothing is queued, so nothing is sent twice.
+  if (text && room.publish({ type: "chat", text })) $("text").value = "";
+});
+$("reactions").addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-emoji]");
+  if (button) room.react(button.dataset.emoji);
+});
+
+join(roomName, nick, token);

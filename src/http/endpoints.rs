@@ -26,6 +26,9 @@ pub const DEMO_PAGE: &str = include_str!("demo.html");
 pub const DEMO_SCRIPT: &str = include_str!("demo.js");
 /// The demo page's style sheet, `GET /demo.css`.
 pub const DEMO_STYLE: &str = include_str!("demo.css");
+/// The browser client for `roomcast.v1`, `GET /roomcast.js`: an ES module the demo page
+/// imports, and other sites may too.
+pub const CLIENT_SCRIPT: &str = include_str!("roomcast.js");
 
 /// What a request path names, before its method is considered.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,6 +36,7 @@ pub enum Resource<'a> {
     Demo,
     DemoScript,
     DemoStyle,
+    ClientScript,
     Health,
     Metrics,
     Rooms,
@@ -75,6 +79,7 @@ pub fn resource(path: &str) -> Result<Resource<'_>, Response> {
         "/" | "/index.html" => Resource::Demo,
         "/demo.js" => Resource::DemoScript,
         "/demo.css" => Resource::DemoStyle,
+        "/roomcast.js" => Resource::ClientScript,
         "/healthz" => Resource::Health,
         "/metrics" => Resource::Metrics,
         "/api/rooms" => Resource::Rooms,
@@ -119,7 +124,11 @@ pub(crate) fn answer(
         Ok(resource) => resource,
         Err(response) => return response,
     };
-    if let Resource::RoomMessages(_) | Resource::RoomDisconnect(_) = resource {
+    // History holds what the rooms said, with who said it: without an API token nobody could
+    // be allowed to read it, so it is off like the rest of the backend API.
+    if let Resource::RoomMessages(_) | Resource::RoomDisconnect(_) | Resource::RoomHistory(_) =
+        resource
+    {
         if !is_publish_enabled(shared) {
             return Response::status(404)
                 .with_body(
@@ -229,6 +238,11 @@ fn respond(shared: &Shared, request: &Request, resource: &Resource<'_>, body: Ve
         Resource::Rooms => Response::ok(JSON, rooms_json(shared)),
         Resource::DemoScript => Response::ok(JAVASCRIPT, DEMO_SCRIPT),
         Resource::DemoStyle => Response::ok(CSS, DEMO_STYLE),
+        // A module script from another origin loads only with CORS; the file is public and
+        // the same for everyone, and no credentials go with it, so any origin may have it.
+        Resource::ClientScript => {
+            Response::ok(JAVASCRIPT, CLIENT_SCRIPT).with_header("Access-Control-Allow-Origin", "*")
+        }
         Resource::Room(room) => Response::ok(JSON, room_details_json(shared, room)),
         Resource::RoomMessages(room) => publish(shared, request, room, body),
         Resource::RoomDisconnect(room) => crate::http::moderation::disconnect(shared, room, &body),
@@ -368,16 +382,20 @@ fn history(shared: &Shared, request: &Request, room: &str) -> Response {
         Some(Err(_)) => return Response::status(400).with_body("limit must be a number\n"),
     };
     let now = Instant::now();
-    let messages = state.with_history(now, config.history_ttl, |history| {
-        history.after(since, now, config.history_ttl)
+    let ttl = config.history_ttl;
+    // One snapshot: the messages and the epoch they belong to, read under one lock.
+    let (messages, epoch) = state.with_history_and_epoch(now, ttl, |history, epoch| {
+        let mut messages = history.after(since, now, ttl);
+        messages.truncate(limit);
+        (messages, epoch.to_string())
     });
     let mut body = Vec::new();
     body.extend_from_slice(b"{\"room\":");
     body.extend_from_slice(crate::v1::codec::json_string(room).as_bytes());
     body.extend_from_slice(b",\"epoch\":");
-    body.extend_from_slice(crate::v1::codec::json_string(&state.epoch()).as_bytes());
+    body.extend_from_slice(crate::v1::codec::json_string(&epoch).as_bytes());
     body.extend_from_slice(format!(",\"seq\":{},\"messages\":[", state.seq()).as_bytes());
-    for (i, message) in messages.iter().take(limit).enumerate() {
+    for (i, message) in messages.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
@@ -460,6 +478,8 @@ mod tests {
         assert_eq!(resource("/api/rooms/a.b").unwrap(), Resource::Room("a.b"));
         assert_eq!(resource("/demo.js").unwrap(), Resource::DemoScript);
         assert_eq!(resource("/demo.css").unwrap(), Resource::DemoStyle);
+        assert_eq!(resource("/roomcast.js").unwrap(), Resource::ClientScript);
+        assert!(!Resource::ClientScript.is_token_protected());
         assert_eq!(resource("/nope").unwrap_err().status, 404);
         assert_eq!(Resource::RoomMessages("x").allowed_method(), "POST");
         assert_eq!(

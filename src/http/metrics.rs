@@ -138,7 +138,7 @@ pub(crate) fn render(shared: &Shared) -> String {
         &[
             (Some("rate"), load(&stats.reactions_dropped_rate)),
             (Some("key"), load(&stats.reactions_dropped_key)),
-            (Some("too_many_keys"), load(&stats.reactions_dropped_keys)),
+            (Some("too_many_keys"), load(&stats.reactions_dropped_full)),
         ],
     );
     metric(

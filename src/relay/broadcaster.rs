@@ -53,6 +53,13 @@ pub(crate) const MAX_CHUNK: usize = 64 * 1024;
 /// would hold them all, twice, at once; with it the gathering costs a known bound, which the
 /// capacity preflight counts once.
 pub(crate) const MAX_GATHERED_BYTES: usize = 8 * 1024 * 1024;
+/// What a welcome holds besides its history, at most, before the reaction totals.
+const WELCOME_ENVELOPE_BYTES: usize = 4096;
+/// How long one encoding of a room's join history serves the joins that follow it.
+const JOIN_HISTORY_REUSE: Duration = Duration::from_secs(1);
+/// Payloads at least this large are retained as they are, sharing their allocation (their
+/// own by then); smaller ones are copied (see `gather`).
+const SHARED_PAYLOAD_BYTES: usize = 4096;
 /// How often backlogged clients are retried. Short, because a healthy client that briefly
 /// filled its socket buffer should not wait long; long enough that a thousand stalled clients
 /// cost a thousand failing `sendmsg` calls 100 times a second, not once per batch.
@@ -119,6 +126,20 @@ struct Room {
     presence_at: Option<Instant>,
     /// When the last `reactions` frame went out.
     reactions_at: Option<Instant>,
+    /// The history JSON of the last plain join, for the next joins while nothing changed.
+    join_history: Option<JoinHistory>,
+}
+
+/// A room's join history as last encoded, and what it depends on.
+#[derive(Debug)]
+struct JoinHistory {
+    seq: u64,
+    epoch: Arc<str>,
+    budget: usize,
+    /// When it was encoded: reused for `JOIN_HISTORY_REUSE` at most, so a message aging out
+    /// under `--history-ttl` is not shown for long.
+    at: Instant,
+    json: Arc<str>,
 }
 
 /// What a reconnecting v1 client asks for: the messages after `since` in `epoch`.
@@ -451,6 +472,7 @@ impl Broadcaster {
                 presence_sent: None,
                 presence_at: None,
                 reactions_at: None,
+                join_history: None,
             }
         });
         room.last_active = now;
@@ -478,7 +500,12 @@ impl Broadcaster {
             );
         }
         let now = Instant::now();
-        let (history, history_ttl) = (self.config.history, self.config.history_ttl);
+        let history = if self.config.history_budget > 0 {
+            self.config.history
+        } else {
+            0
+        };
+        let history_ttl = self.config.history_ttl;
         let room = self.room(&name, now);
         let seq = room.state.next_seq();
         let has_v1_members = room.has_v1_members;
@@ -495,7 +522,14 @@ impl Broadcaster {
                 ts_ms,
                 from: from.clone(),
                 kind,
-                payload: payload.clone(),
+                // A small payload is a slice of the connection's read buffer, which it would
+                // keep whole (2 KiB) for as long as it is retained: copied, the budget counts
+                // what it really holds.
+                payload: if payload.len() < SHARED_PAYLOAD_BYTES {
+                    Bytes::copy_from_slice(&payload)
+                } else {
+                    payload.clone()
+                },
                 at: now,
             };
             room.state.retain(retained, history, history_ttl);
@@ -600,38 +634,63 @@ impl Broadcaster {
         let now = Instant::now();
         let name = client.room.clone();
         let ttl = self.config.history_ttl;
-        // At most half the outbox of history, so a welcome can never evict its client.
-        let history_budget = self.config.effective_outbox_bytes() / 2 - 4096;
+        // At most half the outbox of history, less the rest of the welcome: with the `101`
+        // and control frames, a welcome then always fits its client's empty outbox.
         self.live_rooms.insert(name.clone());
+        let outbox = self.config.effective_outbox_bytes();
         let room = self.room(&name, now);
         room.has_v1_members = true;
         let state = room.state.clone();
+        let reactions_json = state.reactions.lock().totals_json();
+        // At most half the outbox of history, less the rest of the welcome (its identity at
+        // most 2.6 KiB escaped, and the totals): with the `101` and control frames, a welcome
+        // then always fits its client's empty outbox.
+        let history_budget =
+            (outbox / 2).saturating_sub(WELCOME_ENVELOPE_BYTES + reactions_json.len());
         let (epoch, seq) = (state.epoch(), state.seq());
+        // A crowd joining a quiet room shares one encoding of its history.
+        let cached = room
+            .join_history
+            .as_ref()
+            .filter(|c| {
+                c.seq == seq
+                    && c.epoch == epoch
+                    && c.budget == history_budget
+                    && now.saturating_duration_since(c.at) < JOIN_HISTORY_REUSE
+            })
+            .map(|c| c.json.clone());
         let (history, recovered) = state.with_history(now, ttl, |retained| {
             let wanted = resume.as_ref().filter(|resume| {
                 *resume.epoch == *epoch && retained.covers(resume.since, seq, now, ttl)
             });
-            match wanted {
-                Some(resume) => {
-                    match history_json(&retained.after(resume.since, now, ttl), history_budget) {
-                        (json, true) => (json, true),
-                        // The missed messages do not all fit: a normal join after all.
-                        (_, false) => (
-                            history_json(&retained.after(0, now, ttl), history_budget).0,
-                            false,
-                        ),
-                    }
+            if let Some(resume) = wanted {
+                // If the missed messages do not all fit, it is a normal join after all.
+                if let (json, true) =
+                    history_json(&retained.after(resume.since, now, ttl), history_budget)
+                {
+                    return (Arc::<str>::from(json), true);
                 }
-                None => (
-                    history_json(&retained.after(0, now, ttl), history_budget).0,
-                    false,
-                ),
             }
+            let json = cached.unwrap_or_else(|| {
+                history_json(&retained.after(0, now, ttl), history_budget)
+                    .0
+                    .into()
+            });
+            (json, false)
         });
+        if !recovered {
+            room.join_history = Some(JoinHistory {
+                seq,
+                epoch: epoch.clone(),
+                budget: history_budget,
+                at: now,
+                json: history.clone(),
+            });
+        }
         if resume.is_some() {
             self.stats.count_resume(recovered);
         }
-        let reactions = state.reactions.lock().totals_json();
+        let reactions = reactions_json;
         let welcome = crate::v1::codec::welcome(
             &client.room,
             &client.identity,
@@ -659,7 +718,7 @@ impl Broadcaster {
             Ok(()) => self.stats.reactions_counted.fetch_add(1, Ordering::Relaxed),
             Err(_) => self
                 .stats
-                .reactions_dropped_keys
+                .reactions_dropped_full
                 .fetch_add(1, Ordering::Relaxed),
         };
     }
@@ -721,7 +780,7 @@ impl Broadcaster {
                 }
             }
         });
-        self.settle_overflowed(frame);
+        self.settle_overflowed_as(frame, Some(class));
     }
 
     /// All rooms' history is over `--history-budget`: the rooms idle longest give theirs up
@@ -757,13 +816,15 @@ impl Broadcaster {
     /// epoch), and past `MAX_ROOM_STATES` the states of memberless rooms due soonest. Each
     /// check looks at one room under a short read lock of the hub.
     fn expire_rooms(&mut self, now: Instant) {
+        if self.rooms.len() > MAX_ROOM_STATES {
+            self.evict_over_cap();
+        }
         let ttl = self.config.room_ttl;
         for _ in 0..ROOM_CHECKS_PER_TICK {
-            let over_cap = self.rooms.len() > MAX_ROOM_STATES;
             let Some(Reverse((due, _))) = self.room_checks.peek() else {
                 return;
             };
-            if *due > now && !over_cap {
+            if *due > now {
                 return;
             }
             let Some(Reverse((_, name))) = self.room_checks.pop() else {
@@ -774,8 +835,12 @@ impl Broadcaster {
             };
             let next = if self.hub.room_size(&name) > 0 {
                 room.last_active = now;
+                // A busy room's history ages out as it is written; a quiet one's here, so what
+                // `--history-ttl` has aged out does not count against the budget.
+                room.state
+                    .with_history(now, self.config.history_ttl, |_| ());
                 now + ROOM_STATE_CHECK
-            } else if over_cap || now.saturating_duration_since(room.last_active) >= ttl {
+            } else if now.saturating_duration_since(room.last_active) >= ttl {
                 self.rooms.remove(&name);
                 self.room_states.remove(&name);
                 debug!("room {name}: state expired");
@@ -787,12 +852,42 @@ impl Broadcaster {
         }
     }
 
+    /// Over `MAX_ROOM_STATES`: the rooms without members idle longest lose their state, down
+    /// to nine tenths of the cap, so one walk of the rooms pays for many new ones. Their
+    /// entries in `room_checks` are skipped when they come up.
+    #[cold]
+    fn evict_over_cap(&mut self) {
+        let mut idle: Vec<(Instant, Arc<str>)> = Vec::new();
+        let rooms = &self.rooms;
+        self.hub.with_rooms(|members| {
+            idle = rooms
+                .iter()
+                .filter(|(name, _)| !members.contains_key(*name))
+                .map(|(name, room)| (room.last_active, name.clone()))
+                .collect();
+        });
+        idle.sort();
+        let excess = self.rooms.len().saturating_sub(MAX_ROOM_STATES / 10 * 9);
+        for (_, name) in idle.into_iter().take(excess) {
+            self.rooms.remove(&name);
+            self.room_states.remove(&name);
+            self.live_rooms.remove(&name);
+        }
+        debug!("room states over {MAX_ROOM_STATES}: the idle longest dropped");
+    }
+
     /// Judges the clients whose outbox had no room for `frame`: each first gets a send attempt
     /// (a reader keeping up has taken its backlog by now, or takes it now), then `frame` is
     /// queued again, and only a client it still does not fit is evicted as too slow. Returns
     /// how many took the frame. Runs after the hub's lock is released: it sends, shuts sockets
     /// down and logs.
     fn settle_overflowed(&mut self, frame: &Bytes) -> u64 {
+        self.settle_overflowed_as(frame, None)
+    }
+
+    /// `settle_overflowed` for a frame of a `Latest` class (queued again as one, so it still
+    /// replaces, and can be replaced by, its class's others).
+    fn settle_overflowed_as(&mut self, frame: &Bytes, class: Option<Latest>) -> u64 {
         let limit = self.config.effective_outbox_bytes();
         if frame.len() + crate::relay::outbox::ENTRY_OVERHEAD_BYTES > limit {
             // No outbox could ever hold it (only a message from outside this instance's
@@ -803,7 +898,11 @@ impl Broadcaster {
         }
         let mut queued = 0;
         for client in std::mem::take(&mut self.overflowed) {
-            if let Push::Queued { .. } = client.queue_or_evict(frame.clone()) {
+            let pushed = match class {
+                Some(class) => client.queue_latest_or_evict(frame.clone(), class),
+                None => client.queue_or_evict(frame.clone()),
+            };
+            if let Push::Queued { .. } = pushed {
                 queued += 1;
                 // Flushed with the batch; if it stays backlogged it is tracked then.
                 self.dirty.push(client);
@@ -1104,20 +1203,62 @@ mod tests {
         broadcaster.fan_out_all();
         let now = Instant::now();
         broadcaster.expire_rooms(now);
-        assert_eq!(broadcaster.rooms.len(), MAX_ROOM_STATES);
-        assert_eq!(room_states.len(), MAX_ROOM_STATES);
-        assert!(room_states.get("r0").is_none(), "the oldest went first");
+        let kept = MAX_ROOM_STATES / 10 * 9;
+        assert_eq!(broadcaster.rooms.len(), kept);
+        assert_eq!(room_states.len(), kept);
+        assert!(
+            room_states.get("r0").is_none(),
+            "the idle longest went first"
+        );
         assert!(room_states
             .get(&format!("r{}", MAX_ROOM_STATES + 499))
             .is_some());
         // Before the TTL nothing more goes; after it, every memberless room does (in ticks
         // of at most ROOM_CHECKS_PER_TICK).
         broadcaster.expire_rooms(now + Duration::from_secs(30));
-        assert_eq!(broadcaster.rooms.len(), MAX_ROOM_STATES);
+        assert_eq!(broadcaster.rooms.len(), kept);
         for _ in 0..MAX_ROOM_STATES / ROOM_CHECKS_PER_TICK + 1 {
             broadcaster.expire_rooms(now + Duration::from_secs(61));
         }
         assert_eq!(broadcaster.rooms.len(), 0);
         assert!(room_states.is_empty());
+    }
+
+    /// A client cycling through 100,000 room names cannot hold more history than the budget:
+    /// the rooms idle longest give theirs up, and get a new epoch.
+    #[test]
+    fn all_rooms_history_stays_within_its_budget() {
+        let budget = 1 << 20;
+        let config = Config {
+            history_budget: budget,
+            ..Config::default()
+        };
+        let room_states: Arc<RoomStates> = Arc::default();
+        let mut broadcaster = Broadcaster::new(
+            Arc::new(Hub::new()),
+            Arc::new(Stats::default()),
+            Arc::new(config),
+            room_states.clone(),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let big = |room: &str| Message {
+            payload: Bytes::from(vec![b'x'; 1000]),
+            ..text(room)
+        };
+        broadcaster.gather(big("first"));
+        let first_epoch = room_states.get("first").unwrap().epoch();
+        for n in 0..100_000 {
+            broadcaster.gather(big(&format!("r{n}")));
+            assert!(room_states.history_bytes() <= budget, "at room {n}");
+            if n % 4096 == 0 {
+                broadcaster.fan_out_all();
+            }
+        }
+        broadcaster.fan_out_all();
+        assert!(broadcaster.stats.histories_given_up.load(Ordering::Relaxed) > 0);
+        let first = room_states.get("first").unwrap();
+        assert_eq!(first.history_bytes(), 0, "the room idle longest went first");
+        assert_ne!(first.epoch(), first_epoch, "and its epoch changed");
+        assert_eq!(first.seq(), 1, "its seq goes on");
     }
 }

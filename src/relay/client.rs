@@ -160,6 +160,22 @@ impl Client {
             .push_latest(frame, class, self.outbox_limit)
     }
 
+    /// `queue_latest`, and if the frame does not fit, a send attempt first and then, if it
+    /// still does not fit, eviction (as `queue_or_evict`). Not for use under the hub's lock.
+    pub fn queue_latest_or_evict(&self, frame: Bytes, class: Latest) -> Push {
+        let pushed = match self.queue_latest(frame.clone(), class) {
+            Push::Overflow => {
+                self.flush();
+                self.queue_latest(frame, class)
+            }
+            pushed => pushed,
+        };
+        if pushed == Push::Overflow {
+            self.evict(Eviction::Slow);
+        }
+        pushed
+    }
+
     /// Queues the `101 Switching Protocols` response, the first bytes of every session: no
     /// bound may refuse it (the outbox is empty, and a client whose upgrade was swallowed
     /// would hang).

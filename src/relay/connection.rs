@@ -629,6 +629,10 @@ impl Limit<'_> {
     }
 }
 
+/// The longest v1 text frame that is let through to the parser without a message token: a
+/// `react` with a 32-byte key, even fully escaped, is well under it.
+const MAX_TAP_FRAME_BYTES: usize = 256;
+
 /// What one text frame of a v1 client comes to.
 enum V1Outcome {
     /// A message for the room.
@@ -653,15 +657,24 @@ fn v1_request(
     limit: &mut Limit<'_>,
 ) -> V1Outcome {
     let perm = client.identity.perm;
+    // A frame too long to be a tap pays its message token before it is parsed, so a client
+    // cannot make the server parse big frames for free by calling them reactions.
+    let prepaid = text.len() > MAX_TAP_FRAME_BYTES;
+    if prepaid && !limit.try_take(Instant::now()) {
+        return V1Outcome::OverRate;
+    }
     let request = codec::parse(text);
     if let Ok(Incoming::React(key)) = &request {
-        // A tap costs no message token and is never a close: over its own bucket, or a key
-        // the room does not count, it is dropped and counted (PROTOCOL §3).
+        // A permitted tap costs no message token and is never a close: over its own bucket,
+        // or a key the room does not count, it is dropped and counted (PROTOCOL §3).
         if perm.can_react() {
             react(shared, client, key, limit);
             return V1Outcome::Done;
         }
-    } else if !limit.try_take(Instant::now()) {
+    }
+    // Everything else costs a token: the malformed and the forbidden (a tap without the
+    // right included) as much as a publish.
+    if !prepaid && !limit.try_take(Instant::now()) {
         return V1Outcome::OverRate;
     }
     let (code, message) = match request {
@@ -820,6 +833,7 @@ fn close_in_order(shared: &Shared, client: &Arc<Client>, code: CloseCode, reason
 /// nothing is left unread and the socket can close at once (a FIN, after our frame).
 #[inline(never)]
 fn finish(client: &Client, ending: Ending) {
+    let removed = matches!(ending, Ending::Removed);
     let client_closed = match ending {
         Ending::Gone => {
             let _ = client.socket().shutdown(Both::Both);
@@ -845,8 +859,16 @@ fn finish(client: &Client, ending: Ending) {
         return;
     }
     if !client_closed {
-        let _ = socket.shutdown(Both::Write);
-        let peer_closed = drain_until(socket, deadline);
+        let peer_closed = if removed {
+            // The moderator shut our read side down to wake this thread. Our FIN now would
+            // make the kernel answer the peer's in-flight frames (its close reply among them)
+            // with a reset, which can destroy the 4003 still on its way: wait for its FIN
+            // with the connection open instead.
+            wait_for_peer_fin(socket, deadline)
+        } else {
+            let _ = socket.shutdown(Both::Write);
+            drain_until(socket, deadline)
+        };
         if !peer_closed && unsent_bytes(socket) > 0 {
             // No FIN back within the linger, and what we sent is still in our send buffer:
             // the peer is not reading. Reset rather than leave an orphan holding the buffer.
@@ -883,6 +905,45 @@ fn drain_until(socket: &TcpStream, deadline: Instant) -> bool {
             Ok(_) => {}
         }
     }
+}
+
+/// After a read-side shutdown (reads return at once: queued data, then end-of-file), reads and
+/// discards what arrives until the peer's FIN shows in the TCP state or `deadline`; returns
+/// whether the peer closed.
+fn wait_for_peer_fin(socket: &TcpStream, deadline: Instant) -> bool {
+    let mut sink = [0u8; 1024];
+    while Instant::now() < deadline {
+        let _ = socket.set_read_timeout(Some(LINGER_STEP));
+        match (&*socket).read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            Err(err) if err.kind() != io::ErrorKind::WouldBlock => return false,
+            _ => {}
+        }
+        if peer_sent_fin(socket) {
+            return true;
+        }
+        std::thread::sleep(LINGER_STEP);
+    }
+    false
+}
+
+/// Whether the peer's FIN has arrived (the socket is in `CLOSE_WAIT`, or past it).
+fn peer_sent_fin(socket: &TcpStream) -> bool {
+    // SAFETY: a zeroed tcp_info is a valid value; getsockopt writes at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket, a pointer to a tcp_info and its length, as TCP_INFO takes.
+    let ok = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    } == 0;
+    // TCP_CLOSE_WAIT (8), TCP_LAST_ACK (9), TCP_CLOSE (7): the peer has closed its side.
+    !ok || matches!(info.tcpi_state, 7..=9)
 }
 
 /// Bytes the kernel still holds unsent (or unacknowledged) for this socket (`SIOCOUTQ`).

@@ -238,7 +238,18 @@ impl Outbox {
             let front_unsent = self.frames[0].len() - self.offset;
             if sent >= front_unsent {
                 sent -= front_unsent;
-                self.frames.pop_front();
+                if let Some(sent_frame) = self.frames.pop_front() {
+                    // A `Latest` frame that has gone out can no longer be replaced: forget it,
+                    // so the next one does not search the queue for it.
+                    for latest in &mut self.latest {
+                        if latest
+                            .as_ref()
+                            .is_some_and(|l| l.as_ptr() == sent_frame.as_ptr())
+                        {
+                            *latest = None;
+                        }
+                    }
+                }
                 self.offset = 0;
             } else {
                 self.offset += sent;

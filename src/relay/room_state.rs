@@ -224,6 +224,25 @@ impl RoomState {
         history.entries.shrink_to_fit();
         self.history_total.fetch_sub(bytes, Ordering::Relaxed);
         *self.epoch.lock() = new_epoch().into();
+        // Reaction totals run "since the room's epoch began" (PROTOCOL §4).
+        let mut reactions = self.reactions.lock();
+        if !reactions.totals.is_empty() {
+            reactions.totals.clear();
+            reactions.changed = true;
+        }
+    }
+
+    /// Runs `f` on the history and the epoch it belongs to, as one snapshot.
+    pub fn with_history_and_epoch<T>(
+        &self,
+        now: Instant,
+        ttl: Duration,
+        f: impl FnOnce(&History, &str) -> T,
+    ) -> T {
+        let mut history = self.history.lock();
+        self.expire(&mut history, now, ttl);
+        let epoch = self.epoch();
+        f(&history, &epoch)
     }
 
     pub fn history_bytes(&self) -> usize {

@@ -48,10 +48,13 @@ pub fn parse(text: &str) -> Result<Incoming<'_>, &'static str> {
                 .get("key")
                 .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
             match key {
-                Some(key) if (1..=MAX_REACTION_KEY_BYTES).contains(&key.len()) => {
+                Some(key)
+                    if (1..=MAX_REACTION_KEY_BYTES).contains(&key.len())
+                        && !key.chars().any(char::is_control) =>
+                {
                     Ok(Incoming::React(key))
                 }
-                _ => Err("react needs a \"key\" of 1-32 bytes"),
+                _ => Err("react needs a \"key\" of 1-32 bytes, no control characters"),
             }
         }
         Some(_) => Err("unknown \"type\": use publish or react"),
@@ -302,14 +305,17 @@ mod tests {
                 "unknown \"type\": use publish or react",
             ),
             (r#"{"type":"publish"}"#, "publish needs \"data\""),
-            (r#"{"type":"react"}"#, "react needs a \"key\" of 1-32 bytes"),
+            (
+                r#"{"type":"react"}"#,
+                "react needs a \"key\" of 1-32 bytes, no control characters",
+            ),
             (
                 r#"{"type":"react","key":""}"#,
-                "react needs a \"key\" of 1-32 bytes",
+                "react needs a \"key\" of 1-32 bytes, no control characters",
             ),
             (
                 r#"{"type":"react","key":3}"#,
-                "react needs a \"key\" of 1-32 bytes",
+                "react needs a \"key\" of 1-32 bytes, no control characters",
             ),
         ] {
             assert_eq!(parse(text).err(), Some(reason), "{text}");

@@ -38,15 +38,17 @@ impl Identity {
     /// `MAX_ANONYMOUS_NAME_CHARS`) or after its id, with every right.
     pub fn anonymous(connection: u64, asked_name: Option<&str>) -> Identity {
         let id = anonymous_id(connection);
-        let name = match asked_name.map(str::trim).filter(|name| !name.is_empty()) {
-            // Control characters are dropped: a name is for showing, and a newline in one is
-            // only good for faking lines in someone's log or chat view.
-            Some(name) => name
-                .chars()
-                .filter(|c| !c.is_control())
-                .take(MAX_ANONYMOUS_NAME_CHARS)
-                .collect(),
-            None => id.clone(),
+        // Control and invisible formatting characters are dropped first: a name is for
+        // showing, and a newline, a right-to-left override or a zero-width space in one is
+        // only good for faking lines or other names in someone's log or chat view.
+        let shown: String = asked_name
+            .unwrap_or_default()
+            .chars()
+            .filter(|&c| !is_invisible(c))
+            .collect();
+        let name = match shown.trim() {
+            "" => id.clone(),
+            name => name.chars().take(MAX_ANONYMOUS_NAME_CHARS).collect(),
         };
         Identity::new(id, name, false, Perm::Post)
     }
@@ -80,6 +82,14 @@ impl Identity {
     pub fn user(&self) -> Option<&Arc<str>> {
         self.verified.then_some(&self.id)
     }
+}
+
+/// Control characters, and the format characters that change how text around them shows
+/// (bidirectional overrides and isolates, zero-width characters, line and paragraph
+/// separators, the byte-order mark).
+fn is_invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// `anon-<connection>`, with the digits written by hand for the reason given in
@@ -157,6 +167,12 @@ mod tests {
         assert_eq!(&*Identity::anonymous(7, Some("  ")).name, "anon-7");
         assert_eq!(&*Identity::anonymous(7, Some(" Ann ")).name, "Ann");
         assert_eq!(&*Identity::anonymous(7, Some("A\nn\u{0}n")).name, "Ann");
+        assert_eq!(&*Identity::anonymous(7, Some("\u{1}")).name, "anon-7");
+        assert_eq!(&*Identity::anonymous(7, Some("\u{0} Ann")).name, "Ann");
+        assert_eq!(
+            &*Identity::anonymous(7, Some("Ann\u{202E}\u{200B}")).name,
+            "Ann"
+        );
         let long = "é".repeat(40);
         assert_eq!(
             Identity::anonymous(7, Some(&long)).name.chars().count(),

@@ -444,7 +444,7 @@ fn the_demo_page_is_served_with_a_strict_content_security_policy() {
 
     // Nothing inline: every script has a src, no style blocks, no style or handler attributes.
     let page = response.text();
-    assert!(page.contains(r#"<script src="/demo.js"></script>"#));
+    assert!(page.contains(r#"<script type="module" src="/demo.js"></script>"#));
     assert!(page.contains(r#"<link rel="stylesheet" href="/demo.css">"#));
     assert_eq!(
         page.matches("<script").count(),
@@ -468,7 +468,12 @@ fn the_demo_page_is_served_with_a_strict_content_security_policy() {
         (
             "/demo.js",
             "text/javascript; charset=utf-8",
-            "new WebSocket(",
+            r#"import { connect } from "/roomcast.js";"#,
+        ),
+        (
+            "/roomcast.js",
+            "text/javascript; charset=utf-8",
+            "new WebSocket(url, PROTOCOL)",
         ),
         ("/demo.css", "text/css; charset=utf-8", "#log"),
     ] {

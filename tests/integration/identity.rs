@@ -492,3 +492,33 @@ fn no_connection_of_a_banned_user_survives_its_ban() {
         assert!(gone, "trial {trial}: a banned user is still connected");
     }
 }
+
+/// A tap without the right to react is a forbidden frame like any other: it costs a message
+/// token, so a read-only client cannot get error frames for free.
+#[test]
+fn forbidden_taps_cost_message_tokens_and_a_flood_of_them_closes() {
+    let server = start(Config {
+        rate: 1,
+        burst: 3,
+        ..secured()
+    });
+    let query = format!("token={}", token("v", "r", json!({"perm": "read"})));
+    let mut viewer = server.connect_v1("r", &query);
+    for _ in 0..3 {
+        viewer.react("x");
+        assert_eq!(viewer.next_of("error")["code"], "forbidden");
+    }
+    viewer.react("x");
+    assert_eq!(expect_close(&mut viewer.ws), CloseCode::Policy);
+    // A frame too long to be a tap pays before it is parsed, reaction or not.
+    let mut fan = server.connect_v1("r", &format!("token={}", token("f", "r", json!({}))));
+    let padded = format!(
+        r#"{{"type":"react","key":"x","pad":"{}"}}"#,
+        "p".repeat(1000)
+    );
+    for _ in 0..3 {
+        fan.send_raw(&padded);
+    }
+    fan.send_raw(&padded);
+    assert_eq!(expect_close(&mut fan.ws), CloseCode::Policy);
+}

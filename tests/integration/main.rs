@@ -14,6 +14,7 @@ mod flags;
 mod hostile;
 mod identity;
 mod limits;
+mod live;
 mod relay;
 mod shutdown;
 mod slow;

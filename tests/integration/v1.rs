@@ -113,7 +113,7 @@ fn bad_requests_get_error_frames_and_the_session_goes_on() {
         (r#"{"type":"publish"}"#, "publish needs \"data\""),
         (
             r#"{"type":"react","key":""}"#,
-            "react needs a \"key\" of 1-32 bytes",
+            "react needs a \"key\" of 1-32 bytes, no control characters",
         ),
     ] {
         client.send_raw(frame);
