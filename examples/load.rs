@@ -34,7 +34,7 @@
 //! `--reaction-interval` (the server's, default 250ms) plus a margin after the last tap. The
 //! tool refuses a tap rate per tapper above `--reaction-rate` (the server's per-user bucket,
 //! default 20/s), where the server would drop taps. `--relayed` runs the same workload the
-//! plain way, as the demo page does: every tap a text message relayed to every viewer, each
+//! plain way, as the demo page did before roomcast.v1: every tap a text message relayed to every viewer, each
 //! of which every viewer must get.
 //!
 //! One thread and one `epoll` (through mio) drive every connection: the tool shares the
@@ -175,7 +175,7 @@ struct StreamArgs {
     /// The reaction keys, tapped in turn (`--keys`, comma-separated).
     keys: Vec<String>,
     /// `--relayed`: the workload as the plain alternative, every tap a plain text message
-    /// relayed to every viewer (as the demo page does), instead of v1 reactions.
+    /// relayed to every viewer (as the demo page did before roomcast.v1), instead of v1 reactions.
     relayed: bool,
     /// The server's per-user reaction rate (its `--reaction-rate`): a tapper above it would
     /// have taps dropped, and the totals could not be exact.
@@ -589,7 +589,7 @@ struct Load {
     /// Stream scenario: the tappers, by tapper id.
     tappers: Vec<Token>,
     /// Stream scenario: the text of a tap per key of `--keys`, a v1 `react` frame, or with
-    /// `--relayed` the demo page's plain `reaction` message (which viewers receive verbatim).
+    /// `--relayed` the plain `reaction` message (which viewers receive verbatim).
     tap_payloads: Vec<Vec<u8>>,
     /// Stream scenario: taps sent, per key.
     taps_sent: Vec<u64>,
@@ -2876,7 +2876,7 @@ fn read_totals(object: &[u8], mut total: impl FnMut(&[u8], u64)) -> Option<()> {
 }
 
 /// The text a stream tapper sends for one tap on `key`: a v1 `react` frame, or with
-/// `relayed` the plain message the demo page relays for a reaction.
+/// `relayed` the plain message the demo page relayed for a reaction before roomcast.v1.
 fn tap_payload(key: &str, relayed: bool) -> Vec<u8> {
     let key = serde_json::to_string(key).expect("a string always serialises");
     if relayed {
@@ -3617,10 +3617,10 @@ mod tests {
         }
     }
 
-    /// A v1 tap is a `react` the server's codec takes; a relayed one is the demo page's
-    /// `reaction` message, whose key a page finds in `emoji`.
+    /// A v1 tap is a `react` the server's codec takes; a relayed one is the plain `reaction`
+    /// message the demo page sent before roomcast.v1, whose key a page finds in `emoji`.
     #[test]
-    fn taps_are_what_the_server_and_the_demo_page_read() {
+    fn taps_are_what_the_server_and_a_plain_page_read() {
         for key in ["❤️", "👏", r#"a"b"#, "x"] {
             let tap = String::from_utf8(tap_payload(key, false)).unwrap();
             match codec::parse(&tap) {
