@@ -1190,6 +1190,19 @@ mod tests {
         assert!(client.is_backlog_tracked.load(Ordering::SeqCst));
     }
 
+    /// A broadcaster over an empty hub, and the room states it keeps.
+    fn broadcaster_without_members(config: Config) -> (Broadcaster, Arc<RoomStates>) {
+        let room_states: Arc<RoomStates> = Arc::default();
+        let broadcaster = Broadcaster::new(
+            Arc::new(Hub::new()),
+            Arc::new(Stats::default()),
+            Arc::new(config),
+            room_states.clone(),
+            Arc::new(AtomicBool::new(false)),
+        );
+        (broadcaster, room_states)
+    }
+
     fn text(room: &str) -> Message {
         Message {
             room: room.into(),
@@ -1203,18 +1216,10 @@ mod tests {
     /// `MAX_ROOM_STATES` stay, and those without members go once their TTL is over.
     #[test]
     fn room_states_are_capped_and_expire_after_their_ttl() {
-        let config = Config {
+        let (mut broadcaster, room_states) = broadcaster_without_members(Config {
             room_ttl: Duration::from_secs(60),
             ..Config::default()
-        };
-        let room_states: Arc<RoomStates> = Arc::default();
-        let mut broadcaster = Broadcaster::new(
-            Arc::new(Hub::new()),
-            Arc::new(Stats::default()),
-            Arc::new(config),
-            room_states.clone(),
-            Arc::new(AtomicBool::new(false)),
-        );
+        });
         for n in 0..MAX_ROOM_STATES + 500 {
             broadcaster.gather(text(&format!("r{n}")));
         }
@@ -1247,18 +1252,10 @@ mod tests {
     #[test]
     fn all_rooms_history_stays_within_its_budget() {
         let budget = 1 << 20;
-        let config = Config {
+        let (mut broadcaster, room_states) = broadcaster_without_members(Config {
             history_budget: budget,
             ..Config::default()
-        };
-        let room_states: Arc<RoomStates> = Arc::default();
-        let mut broadcaster = Broadcaster::new(
-            Arc::new(Hub::new()),
-            Arc::new(Stats::default()),
-            Arc::new(config),
-            room_states.clone(),
-            Arc::new(AtomicBool::new(false)),
-        );
+        });
         let big = |room: &str| Message {
             payload: Bytes::from(vec![b'x'; 1000]),
             ..text(room)

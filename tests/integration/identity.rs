@@ -51,21 +51,7 @@ fn upgrade_status(server: &TestServer, path: &str, headers: &[(&str, &str)], v1:
         extra.push_str(&format!("{name}: {value}\r\n"));
     }
     request.insert_str(request.len() - 2, &extra);
-    let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    use std::io::{Read, Write};
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n") {
-        if stream.read(&mut byte).unwrap() == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    status_of(&String::from_utf8_lossy(&head))
+    status_of(&response_head(server.addr, &request))
 }
 
 #[test]

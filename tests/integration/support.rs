@@ -857,3 +857,20 @@ impl V1Client {
         self.next_of("message")
     }
 }
+
+/// Sends a request and reads the response head only: an upgrade's session stays up, so
+/// reading to the end (as `raw_exchange` does) would wait for the idle timeout.
+pub fn response_head(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}

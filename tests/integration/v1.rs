@@ -254,24 +254,6 @@ fn deeply_nested_data_is_refused_and_does_not_overflow_a_connection_threads_stac
     );
 }
 
-/// Sends an upgrade request and reads the response head only: the session it opens stays up,
-/// so reading to the end (as `raw_exchange` does) would wait for the idle timeout.
-fn response_head(addr: std::net::SocketAddr, request: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(stream.read(&mut byte).unwrap(), 1, "the head ended early");
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap()
-}
-
 /// The welcome is the first frame of a session even for a client that sends a bad frame
 /// together with its upgrade: the error reply goes through the broadcaster, behind it.
 #[test]
