@@ -51,8 +51,11 @@ pub struct Outbox {
     /// so later frames (including tungstenite's own close reply) are dropped.
     is_closed: bool,
     /// The last frame of each `Latest` class queued, so a newer one can take its place while
-    /// it is still unsent (see `push_latest`).
-    latest: [Option<Bytes>; 2],
+    /// it is still unsent (see `push_latest`): the address of its bytes, 0 for none. An
+    /// address, not a `Bytes`, to keep every client's outbox small; it is only ever compared
+    /// with frames in the queue, and cleared when its frame leaves the queue, so it never
+    /// outlives the allocation it names.
+    latest: [usize; 2],
 }
 
 /// Frames of which only the newest matters: a backlogged client holds at most one of each,
@@ -118,26 +121,32 @@ impl Outbox {
         if self.is_closed {
             return Push::Closed;
         }
-        if let Some(older) = &self.latest[class as usize] {
+        let older = self.latest[class as usize];
+        if older != 0 {
             // Not the head frame once its sending has begun: its bytes are partly out.
             let start = usize::from(self.offset > 0);
-            let found = self.frames.iter().skip(start).position(|queued| {
-                queued.as_ptr() == older.as_ptr() && queued.len() == older.len()
-            });
+            let found = self
+                .frames
+                .iter()
+                .skip(start)
+                .position(|queued| queued.as_ptr() as usize == older);
             if let Some(index) = found.map(|i| i + start) {
                 let grown = frame.len().saturating_sub(self.frames[index].len());
                 if self.charged_bytes() + grown > limit {
                     return Push::Overflow;
                 }
                 self.queued_bytes = self.queued_bytes - self.frames[index].len() + frame.len();
-                self.frames[index] = frame.clone();
-                self.latest[class as usize] = Some(frame);
+                self.latest[class as usize] = frame.as_ptr() as usize;
+                self.frames[index] = frame;
                 return Push::Queued { was_empty: false };
             }
         }
-        let pushed = self.push(frame.clone(), limit);
+        let address = frame.as_ptr() as usize;
+        let is_queued = !frame.is_empty();
+        let pushed = self.push(frame, limit);
         if let Push::Queued { .. } = pushed {
-            self.latest[class as usize] = Some(frame);
+            // An empty frame is never queued, so it is never remembered.
+            self.latest[class as usize] = if is_queued { address } else { 0 };
         }
         pushed
     }
@@ -177,7 +186,7 @@ impl Outbox {
         self.queued_bytes = 0;
         self.backlog_since = None;
         self.is_closed = true;
-        self.latest = [None, None];
+        self.latest = [0, 0];
     }
 
     /// Writes as much as the kernel takes without blocking, in as few `sendmsg` calls as the
@@ -242,11 +251,8 @@ impl Outbox {
                     // A `Latest` frame that has gone out can no longer be replaced: forget it,
                     // so the next one does not search the queue for it.
                     for latest in &mut self.latest {
-                        if latest
-                            .as_ref()
-                            .is_some_and(|l| l.as_ptr() == sent_frame.as_ptr())
-                        {
-                            *latest = None;
+                        if *latest == sent_frame.as_ptr() as usize {
+                            *latest = 0;
                         }
                     }
                 }
