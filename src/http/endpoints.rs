@@ -395,12 +395,11 @@ fn history(shared: &Shared, request: &Request, room: &str) -> Response {
     body.extend_from_slice(b",\"epoch\":");
     body.extend_from_slice(crate::v1::codec::json_string(&epoch).as_bytes());
     body.extend_from_slice(format!(",\"seq\":{},\"messages\":[", state.seq()).as_bytes());
-    for (i, message) in messages.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        message.push_json(&mut body);
-    }
+    body.extend_from_slice(
+        crate::relay::room_state::messages_json(&messages, usize::MAX)
+            .0
+            .as_bytes(),
+    );
     body.extend_from_slice(b"]}");
     Response::ok(JSON, String::from_utf8_lossy(&body).into_owned())
 }

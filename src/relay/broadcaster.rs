@@ -32,7 +32,7 @@ use crate::relay::budget::{Budget, Permit};
 use crate::relay::client::{encode, Client};
 use crate::relay::hub::Hub;
 use crate::relay::outbox::{Flush, Latest, Push};
-use crate::relay::room_state::{Retained, RoomState, RoomStates};
+use crate::relay::room_state::{messages_json, Retained, RoomState, RoomStates};
 use crate::shutdown::Shutdown;
 use crate::stats::{Eviction, Stats};
 use crate::v1::codec::Presence;
@@ -677,13 +677,13 @@ impl Broadcaster {
             if let Some(resume) = wanted {
                 // If the missed messages do not all fit, it is a normal join after all.
                 if let (json, true) =
-                    history_json(&retained.after(resume.since, now, ttl), history_budget)
+                    messages_json(&retained.after(resume.since, now, ttl), history_budget)
                 {
                     return (Arc::<str>::from(json), true);
                 }
             }
             let json = cached.unwrap_or_else(|| {
-                history_json(&retained.after(0, now, ttl), history_budget)
+                messages_json(&retained.after(0, now, ttl), history_budget)
                     .0
                     .into()
             });
@@ -1058,32 +1058,6 @@ fn queue_gathered(
         Push::Overflow => overflowed.push(client.clone()),
         Push::Closed => {}
     }
-}
-
-/// The `message` frames of `retained` as the inside of a JSON array, newest kept first within
-/// `budget` bytes; and whether all of them fit.
-fn history_json(retained: &[Retained], budget: usize) -> (String, bool) {
-    let mut frames: Vec<Vec<u8>> = Vec::new();
-    let mut bytes = 0;
-    for message in retained.iter().rev() {
-        let mut json = Vec::new();
-        message.push_json(&mut json);
-        bytes += json.len() + 1;
-        if bytes > budget {
-            break;
-        }
-        frames.push(json);
-    }
-    let complete = frames.len() == retained.len();
-    let mut out = Vec::with_capacity(bytes);
-    for (i, json) in frames.iter().rev().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(json);
-    }
-    // Every piece is JSON that `push_message` wrote from checked parts.
-    (String::from_utf8(out).unwrap_or_default(), complete)
 }
 
 /// Milliseconds since the Unix epoch: a v1 message's `ts`.

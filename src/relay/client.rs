@@ -163,17 +163,7 @@ impl Client {
     /// `queue_latest`, and if the frame does not fit, a send attempt first and then, if it
     /// still does not fit, eviction (as `queue_or_evict`). Not for use under the hub's lock.
     pub fn queue_latest_or_evict(&self, frame: Bytes, class: Latest) -> Push {
-        let pushed = match self.queue_latest(frame.clone(), class) {
-            Push::Overflow => {
-                self.flush();
-                self.queue_latest(frame, class)
-            }
-            pushed => pushed,
-        };
-        if pushed == Push::Overflow {
-            self.evict(Eviction::Slow);
-        }
-        pushed
+        self.push_or_evict(|| self.queue_latest(frame.clone(), class))
     }
 
     /// Queues the `101 Switching Protocols` response, the first bytes of every session: no
@@ -187,10 +177,16 @@ impl Client {
     /// again, and only then evicts the client as too slow. Not for use under the hub's lock
     /// (it may send, shut a socket down and log).
     pub fn queue_or_evict(&self, frame: Bytes) -> Push {
-        let pushed = match self.queue(frame.clone()) {
+        self.push_or_evict(|| self.queue(frame.clone()))
+    }
+
+    /// The judgement of `queue_or_evict`, whatever the kind of push: try, and on overflow
+    /// send what the kernel takes and try again; only then is the client too slow.
+    fn push_or_evict(&self, push: impl Fn() -> Push) -> Push {
+        let pushed = match push() {
             Push::Overflow => {
                 self.flush();
-                self.queue(frame)
+                push()
             }
             pushed => pushed,
         };

@@ -61,6 +61,32 @@ impl Retained {
     }
 }
 
+/// `messages` as their `message` frames, comma-separated (the inside of a JSON array), oldest
+/// first: the newest that fit within `budget` bytes. Returns whether all of them did.
+pub fn messages_json(messages: &[Retained], budget: usize) -> (String, bool) {
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    let mut bytes = 0;
+    for message in messages.iter().rev() {
+        let mut json = Vec::new();
+        message.push_json(&mut json);
+        bytes += json.len() + 1;
+        if bytes > budget {
+            break;
+        }
+        frames.push(json);
+    }
+    let complete = frames.len() == messages.len();
+    let mut out = Vec::with_capacity(bytes);
+    for (i, json) in frames.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(json);
+    }
+    // Every piece is JSON that `push_message` wrote from checked parts.
+    (String::from_utf8(out).unwrap_or_default(), complete)
+}
+
 /// A room's retained messages, oldest first, always the latest ones without a gap.
 #[derive(Debug, Default)]
 pub struct History {

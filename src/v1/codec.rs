@@ -194,16 +194,15 @@ pub struct Backlog<'a> {
 /// The first frame of a v1 session (PROTOCOL §4).
 pub fn welcome(room: &str, you: &Identity, epoch: &str, seq: u64, backlog: Backlog<'_>) -> String {
     let mut out = String::with_capacity(256 + backlog.history.len());
-    let quoted = |text: &str| serde_json::to_string(text).expect("a string always serialises");
     let _ = write!(
         out,
         r#"{{"type":"welcome","room":{room},"you":{{"id":{id},"name":{name},"verified":{verified},"perm":"{perm}"}},"epoch":{epoch},"seq":{seq},"recovered":{recovered},"history":[{history}],"presence":{{"clients":{clients},"users":{users}}},"reactions":{reactions}}}"#,
-        room = quoted(room),
-        id = quoted(&you.id),
-        name = quoted(&you.name),
+        room = json_string(room),
+        id = json_string(&you.id),
+        name = json_string(&you.name),
         verified = you.verified,
         perm = you.perm.as_str(),
-        epoch = quoted(epoch),
+        epoch = json_string(epoch),
         recovered = backlog.recovered,
         history = backlog.history,
         clients = backlog.presence.clients,
@@ -241,7 +240,7 @@ pub fn error(code: ErrorCode, message: &str) -> String {
         ErrorCode::BadRequest => "bad_request",
         ErrorCode::Forbidden => "forbidden",
     };
-    let message = serde_json::to_string(message).expect("a string always serialises");
+    let message = json_string(message);
     format!(r#"{{"type":"error","code":"{code}","message":{message}}}"#)
 }
 
