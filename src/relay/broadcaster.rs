@@ -715,7 +715,7 @@ impl Broadcaster {
             },
         );
         client.mark_welcomed();
-        let frame = encode(Frame::message(welcome, OpCode::Data(Data::Text), true));
+        let frame = crate::relay::client::encode_text(welcome);
         if let Push::Queued { .. } = client.queue_or_evict(frame) {
             self.dirty.push(client);
         }
@@ -772,7 +772,7 @@ impl Broadcaster {
                 }
             }
             for (json, class) in frames {
-                let frame = encode(Frame::message(json, OpCode::Data(Data::Text), true));
+                let frame = crate::relay::client::encode_text(json);
                 self.push_latest_to_room(&name, &frame, class);
             }
         }

@@ -367,6 +367,18 @@ pub fn encode(frame: Frame) -> Bytes {
     Bytes::from(buf)
 }
 
+/// Encodes a text frame the server writes itself (a v1 `welcome`, `error`, `presence` or
+/// `reactions` frame).
+pub fn encode_text(text: String) -> Bytes {
+    encode(Frame::message(
+        text,
+        tungstenite::protocol::frame::coding::OpCode::Data(
+            tungstenite::protocol::frame::coding::Data::Text,
+        ),
+        true,
+    ))
+}
+
 #[cfg(test)]
 impl Client {
     /// For unit tests: a client on the server end of a fresh loopback connection, and the

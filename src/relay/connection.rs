@@ -686,13 +686,7 @@ fn v1_request(
         Ok(Incoming::React(_)) => (ErrorCode::Forbidden, "your token does not allow reacting"),
         Err(reason) => (ErrorCode::BadRequest, reason),
     };
-    let frame = crate::relay::client::encode(tungstenite::protocol::frame::Frame::message(
-        codec::error(code, message),
-        tungstenite::protocol::frame::coding::OpCode::Data(
-            tungstenite::protocol::frame::coding::Data::Text,
-        ),
-        true,
-    ));
+    let frame = crate::relay::client::encode_text(codec::error(code, message));
     // Through the broadcaster (and with `--redis` behind the client's publishes in the
     // publish queue), so the error never overtakes the welcome or an earlier message.
     let reply = Event::Reply {
