@@ -50,6 +50,7 @@
 //! threads and endpoints touch, plus the ledger and the wire format, and compiles without the
 //! `redis` feature (a server without `--redis` never builds one).
 
+pub mod keys;
 #[cfg(feature = "redis")]
 pub(crate) mod redis_link;
 
@@ -66,13 +67,8 @@ use tungstenite::Bytes;
 
 use crate::relay::broadcaster::{Event, Events, Message, MessageKind};
 
-/// Prefix of the channel each room publishes to: `roomcast:room:<room>`.
-pub const ROOM_CHANNEL_PREFIX: &str = "roomcast:room:";
-/// Prefix of each instance's control channel, `roomcast:control:<instance>`: the markers that
-/// hold a close's place among the instance's messages.
-pub const CONTROL_CHANNEL_PREFIX: &str = "roomcast:control:";
-/// Prefix of each instance's presence hash, `roomcast:instance:<id>`: room → local clients.
-pub const INSTANCE_KEY_PREFIX: &str = "roomcast:instance:";
+pub use keys::{CONTROL_CHANNEL_PREFIX, INSTANCE_KEY_PREFIX, ROOM_CHANNEL_PREFIX};
+
 /// Messages the publish queue holds. A few tens of milliseconds of peak traffic: enough to
 /// ride out a slow Redis reply, small enough that a dead link is noticed before memory grows.
 pub const PUBLISH_QUEUE_MESSAGES: usize = 4096;
