@@ -192,12 +192,13 @@ impl Server {
         let redis_threads = start_redis_link(&shared, outgoing, shutdown)?;
 
         let broadcaster = {
-            let (hub, stats, config, room_states, draining) = (
+            let (hub, stats, config, room_states, draining, backplane) = (
                 shared.hub.clone(),
                 shared.stats.clone(),
                 shared.config.clone(),
                 shared.room_states.clone(),
                 shared.draining.clone(),
+                shared.backplane.clone(),
             );
             let watch = shared.supervisor.watch("broadcaster", shutdown.clone());
             let budget = CloseBudgetOnExit(shared.events.clone());
@@ -208,7 +209,8 @@ impl Server {
                     // Dropped in reverse order, however the thread ends: the budget closes
                     // (waiting senders give up), then the watch reports a panic.
                     let (_watch, _budget) = (watch, budget);
-                    Broadcaster::new(hub, stats, config, room_states, draining).run(events, &stop)
+                    Broadcaster::new(hub, stats, config, room_states, draining, backplane)
+                        .run(events, &stop)
                 })
                 .map_err(Error::io("spawning the broadcaster thread"));
             match spawned {
@@ -350,6 +352,7 @@ fn start_redis_link(
     match (&shared.config.redis, &shared.backplane, outgoing) {
         (Some(url), Some(backplane), Some(outgoing)) => crate::backplane::redis_link::start(
             url,
+            &shared.config,
             backplane.clone(),
             outgoing,
             shared.events.clone(),

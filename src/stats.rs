@@ -127,6 +127,10 @@ pub struct Stats {
     pub resumes_failed: AtomicU64,
     /// Rooms that gave their history up to `--history-budget`.
     pub histories_given_up: AtomicU64,
+    /// With Redis: room snapshots asked for by joins, and those that did not come in time
+    /// (the joins were answered from this instance's state).
+    pub snapshots_requested: AtomicU64,
+    pub snapshots_missed: AtomicU64,
 }
 
 impl Stats {

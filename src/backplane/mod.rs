@@ -54,7 +54,7 @@ pub mod keys;
 #[cfg(feature = "redis")]
 pub(crate) mod redis_link;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -65,7 +65,8 @@ use log::{info, warn};
 use parking_lot::{Condvar, Mutex, RwLock};
 use tungstenite::Bytes;
 
-use crate::relay::broadcaster::{Event, Events, Message, MessageKind};
+use crate::relay::broadcaster::{Event, Events, Message, MessageKind, Stamp};
+use crate::relay::room_state::{Retained, Snapshot};
 
 pub use keys::{CONTROL_CHANNEL_PREFIX, INSTANCE_KEY_PREFIX, ROOM_CHANNEL_PREFIX};
 
@@ -87,11 +88,20 @@ pub const MAX_ORIGINS: usize = 1024;
 /// What the publish queue carries: an event for the broadcaster, on its way through Redis.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// A room message: published to Redis, so every instance relays it.
+    /// A room message: numbered by Redis and published, so every instance relays it.
     Message(Message),
     /// Any other event (a server-initiated close): it never leaves this instance, but a marker
     /// on the control channel keeps its place behind the messages queued before it.
     Local(Event),
+    /// Reaction taps this instance counted in a room since its last ones: Redis adds them to
+    /// the room's totals and publishes the sums to every instance.
+    Reactions {
+        room: Arc<str>,
+        taps: Vec<(String, u64)>,
+    },
+    /// A join here needs the room as Redis holds it: Redis publishes a snapshot on this
+    /// instance's control channel, at its place among the room's messages.
+    Snapshot(Arc<str>),
 }
 
 impl Outgoing {
@@ -99,7 +109,47 @@ impl Outgoing {
     pub fn payload_len(&self) -> usize {
         match self {
             Outgoing::Message(message) => message.payload.len(),
-            Outgoing::Local(_) => 0,
+            Outgoing::Local(_) | Outgoing::Reactions { .. } | Outgoing::Snapshot(_) => 0,
+        }
+    }
+}
+
+/// What Redis brought back in place of one of this instance's events: the message with the
+/// place Redis gave it, the totals with its taps added, or the snapshot asked for.
+#[derive(Debug)]
+pub enum Arrival {
+    Message(Message),
+    Totals {
+        room: Arc<str>,
+        epoch: Arc<str>,
+        seq: u64,
+        totals: BTreeMap<String, u64>,
+    },
+    Snapshot {
+        room: Arc<str>,
+        snapshot: Snapshot,
+    },
+}
+
+impl Arrival {
+    fn deliver(self, events: &Events) -> Result<(), crate::relay::broadcaster::Stopped> {
+        match self {
+            Arrival::Message(message) => events.send_message(message, None),
+            Arrival::Totals {
+                room,
+                epoch,
+                seq,
+                totals,
+            } => events.send(Event::Totals {
+                room,
+                epoch,
+                seq,
+                totals,
+            }),
+            Arrival::Snapshot { room, snapshot } => events.send(Event::Snapshot {
+                room,
+                snapshot: Some(snapshot),
+            }),
         }
     }
 }
@@ -123,10 +173,16 @@ impl From<Event> for Outgoing {
 impl Outgoing {
     /// Hands it to the broadcaster (a message takes its bytes from the channel's budget).
     /// Blocks while the broadcaster is behind; fails only once it has stopped.
+    /// Its local form: what this instance's members get when Redis did not bring it back.
     fn deliver(self, events: &Events) -> Result<(), crate::relay::broadcaster::Stopped> {
         match self {
             Outgoing::Message(message) => events.send_message(message, None),
             Outgoing::Local(event) => events.send(event),
+            Outgoing::Reactions { room, taps } => events.send(Event::Tally { room, taps }),
+            Outgoing::Snapshot(room) => events.send(Event::Snapshot {
+                room,
+                snapshot: None,
+            }),
         }
     }
 }
@@ -223,6 +279,8 @@ pub struct Backplane {
     pub dropped_malformed: AtomicU64,
     pub dropped_duplicate: AtomicU64,
     pub dropped_too_large: AtomicU64,
+    /// Messages from Redis outside any room's sequence (a raw `PUBLISH`): plain members only.
+    pub unsequenced: AtomicU64,
     /// This instance's `--max-message-bytes`: larger messages from Redis are dropped.
     pub max_message_bytes: usize,
     /// Heartbeat period and the TTL of the presence hash (three heartbeats).
@@ -260,6 +318,7 @@ impl Backplane {
             dropped_malformed: AtomicU64::new(0),
             dropped_duplicate: AtomicU64::new(0),
             dropped_too_large: AtomicU64::new(0),
+            unsequenced: AtomicU64::new(0),
             max_message_bytes,
             heartbeat: presence_ttl / 3,
             presence_ttl,
@@ -329,6 +388,12 @@ impl Backplane {
         Relayed::Dropped
     }
 
+    /// Queues an event of the broadcaster's own (taps, a snapshot request) without blocking;
+    /// gives it back when the queue has no room.
+    pub fn try_publish(&self, outgoing: Outgoing) -> Result<(), Outgoing> {
+        self.queue.try_send(outgoing).map_err(|err| err.into_inner())
+    }
+
     /// Queues a server-initiated close behind everything queued before it, without blocking.
     /// Gives it back when the queue has no room or the publisher has ended.
     pub fn queue_close(&self, close: Event) -> Result<(), Event> {
@@ -336,7 +401,7 @@ impl Backplane {
             .try_send(Outgoing::Local(close))
             .map_err(|err| match err.into_inner() {
                 Outgoing::Local(event) => event,
-                Outgoing::Message { .. } => unreachable!("only a close was offered"),
+                _ => unreachable!("only a close was offered"),
             })
     }
 
@@ -375,14 +440,36 @@ impl Backplane {
     /// passed `seq` (it brought back that message, or that marker), so held events before it
     /// that it did not bring back never will be. Returns how many it delivered: 0 when `seq`
     /// was delivered already (a second copy, or a marker for an event delivered locally).
-    pub fn deliver_through(&self, seq: u64, events: &Events) -> Result<usize, NeverNumbered> {
+    ///
+    /// `arrived` is what Redis made of event `seq` (the message numbered, the totals summed,
+    /// the snapshot asked for): it is delivered instead of the held event. Without it (a
+    /// marker) the held event is delivered as it is.
+    pub fn deliver_through(
+        &self,
+        seq: u64,
+        arrived: Option<Arrival>,
+        events: &Events,
+    ) -> Result<usize, NeverNumbered> {
         let mut ledger = self.ledger.lock();
         if seq > ledger.last_numbered() {
             return Err(NeverNumbered);
         }
         // At most `held.len()`, since `seq` is at most the last number.
         let due = usize::try_from(seq.saturating_sub(ledger.delivered)).unwrap_or(usize::MAX);
-        Ok(self.deliver(&mut ledger, due, events))
+        let Some(arrived) = arrived.filter(|_| due > 0) else {
+            return Ok(self.deliver(&mut ledger, due, events));
+        };
+        let before = self.deliver(&mut ledger, due - 1, events);
+        let Some(held) = ledger.held.pop_front() else {
+            return Ok(before);
+        };
+        ledger.delivered += 1;
+        self.queued_bytes
+            .fetch_sub(held.payload_len(), Ordering::SeqCst);
+        drop(held);
+        let _ = arrived.deliver(events);
+        self.ledger_drained.notify_all();
+        Ok(before + 1)
     }
 
     /// Hands the broadcaster everything held: the link is degraded, so Redis will not bring it
@@ -631,6 +718,10 @@ pub struct Decoded {
 /// The inverse of `encode` and `encode_sequenced`; `None` for anything else (unknown kind,
 /// short header, text not UTF-8).
 pub fn decode(wire: Vec<u8>) -> Option<Decoded> {
+    decode_bytes(Bytes::from(wire))
+}
+
+fn decode_bytes(wire: Bytes) -> Option<Decoded> {
     let (sequence, plain) = match wire.first()? {
         b'S' => {
             let number = |at: usize| {
@@ -667,7 +758,7 @@ pub fn decode(wire: Vec<u8>) -> Option<Decoded> {
         _ => return None,
     };
     // A slice of the received buffer: no copy, even of a large message.
-    let payload = Bytes::from(wire).slice(plain + 1..);
+    let payload = wire.slice(plain + 1..);
     let is_valid = match kind {
         MessageKind::Text => std::str::from_utf8(&payload).is_ok(),
         MessageKind::Json => is_json(&payload),
@@ -682,6 +773,168 @@ pub fn decode(wire: Vec<u8>) -> Option<Decoded> {
         payload,
         from,
     })
+}
+
+/// The longest header before the first newline in the formats the sequencing script
+/// publishes (an epoch and four numbers, or a room name: 128 bytes at most).
+const MAX_SCRIPT_HEADER: usize = 256;
+
+/// The header of a script-published form: its first line, split at spaces, after its lead
+/// (`V`, `A` or `snapshot `), and the rest after the newline.
+fn script_header<'a>(wire: &'a [u8], lead: &[u8]) -> Option<(Vec<&'a str>, usize)> {
+    let rest = wire.strip_prefix(lead)?;
+    let end = rest
+        .iter()
+        .take(MAX_SCRIPT_HEADER)
+        .position(|&byte| byte == b'\n')?;
+    let header = std::str::from_utf8(&rest[..end]).ok()?;
+    Some((header.split(' ').collect(), lead.len() + end + 1))
+}
+
+/// A decimal number as the script writes it: digits only.
+fn number(text: &str) -> Option<u64> {
+    if text.is_empty() || text.len() > 20 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// An epoch as PROTOCOL §4 has it: `[A-Za-z0-9_-]{1,32}`, so it goes into a URL as is.
+fn is_epoch(text: &str) -> bool {
+    (1..=32).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The pieces the script writes as `<length>:<bytes>`, one after another.
+fn counted_pieces(mut wire: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut pieces = Vec::new();
+    while !wire.is_empty() {
+        let colon = wire.iter().take(21).position(|&b| b == b':')?;
+        let len = usize::try_from(number(std::str::from_utf8(&wire[..colon]).ok()?)?).ok()?;
+        let piece = wire.get(colon + 1..colon + 1 + len)?;
+        pieces.push(piece);
+        wire = &wire[colon + 1 + len..];
+    }
+    Some(pieces)
+}
+
+/// A room message as the sequencing script publishes it: `V<epoch> <seq> <ts_ms>\n`, then
+/// the sequenced form (`encode_sequenced`) the publisher gave it.
+pub fn decode_stamped(wire: Vec<u8>) -> Option<(Stamp, Decoded)> {
+    let (header, body) = script_header(&wire, b"V")?;
+    let [epoch, seq, ts_ms] = header[..] else {
+        return None;
+    };
+    let stamp = Stamp {
+        epoch: Some(epoch).filter(|e| is_epoch(e))?.into(),
+        seq: number(seq).filter(|&seq| seq > 0)?,
+        ts_ms: number(ts_ms)?,
+    };
+    let decoded = decode_bytes(Bytes::from(wire).slice(body..))?;
+    decoded.sequence?;
+    Some((stamp, decoded))
+}
+
+/// A room's totals as the script publishes them after adding an instance's taps:
+/// `A<epoch> <seq> <origin> <number>\n`, then key and total, each counted.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Totals {
+    pub epoch: Arc<str>,
+    pub seq: u64,
+    pub sequence: Sequence,
+    pub totals: BTreeMap<String, u64>,
+}
+
+pub fn decode_totals(wire: &[u8]) -> Option<Totals> {
+    let (header, body) = script_header(wire, b"A")?;
+    let [epoch, seq, origin, n] = header[..] else {
+        return None;
+    };
+    if !is_epoch(epoch) {
+        return None;
+    }
+    Some(Totals {
+        epoch: epoch.into(),
+        seq: number(seq)?,
+        sequence: Sequence {
+            origin: number(origin)?,
+            seq: number(n)?,
+        },
+        totals: totals(&counted_pieces(&wire[body..])?)?,
+    })
+}
+
+/// Key, total, key, total, ...: keys of 1-32 bytes of UTF-8, as reactions are.
+fn totals(pieces: &[&[u8]]) -> Option<BTreeMap<String, u64>> {
+    if pieces.len() % 2 != 0 || pieces.len() / 2 > crate::relay::room_state::MAX_ROOM_REACTION_KEYS
+    {
+        return None;
+    }
+    pieces
+        .chunks(2)
+        .map(|pair| {
+            let key = std::str::from_utf8(pair[0]).ok()?;
+            if !(1..=32).contains(&key.len()) {
+                return None;
+            }
+            Some((key.to_string(), number(std::str::from_utf8(pair[1]).ok()?)?))
+        })
+        .collect()
+}
+
+/// One retained message as the script keeps it in a room's history: `<seq> <ts_ms>\n`, then
+/// the sequenced form. `at` is when it was retained, reckoned from its `ts`.
+fn decode_entry(entry: &[u8], unix_ms_now: u64, now: Instant) -> Option<Retained> {
+    let (header, body) = script_header(entry, b"")?;
+    let [seq, ts_ms] = header[..] else {
+        return None;
+    };
+    let ts_ms = number(ts_ms)?;
+    let decoded = decode_bytes(Bytes::copy_from_slice(&entry[body..]))?;
+    decoded.sequence?;
+    let age = Duration::from_millis(unix_ms_now.saturating_sub(ts_ms));
+    Some(Retained {
+        seq: number(seq).filter(|&seq| seq > 0)?,
+        ts_ms,
+        from: decoded.from,
+        kind: decoded.kind,
+        payload: decoded.payload,
+        at: now.checked_sub(age).unwrap_or(now),
+    })
+}
+
+/// A room's snapshot as the script publishes it on the asking instance's control channel:
+/// `snapshot <number> <room>\n`, then counted: the epoch, the seq, the number of totals,
+/// key and total for each, and the retained messages oldest first.
+pub fn decode_snapshot(wire: &[u8], unix_ms_now: u64) -> Option<(u64, Arc<str>, Snapshot)> {
+    let (header, body) = script_header(wire, b"snapshot ")?;
+    let [n, room] = header[..] else {
+        return None;
+    };
+    if !crate::relay::hub::is_valid_room_name(room) {
+        return None;
+    }
+    let pieces = counted_pieces(&wire[body..])?;
+    let text = |piece: &[u8]| std::str::from_utf8(piece).ok().map(str::to_string);
+    let epoch = text(pieces.first()?).filter(|e| is_epoch(e))?;
+    let seq = number(&text(pieces.get(1)?)?)?;
+    let keys = usize::try_from(number(&text(pieces.get(2)?)?)?).ok()?;
+    let totals_end = 3usize.checked_add(keys.checked_mul(2)?)?;
+    let totals = totals(pieces.get(3..totals_end)?)?;
+    let now = Instant::now();
+    let messages = pieces[totals_end..]
+        .iter()
+        .map(|entry| decode_entry(entry, unix_ms_now, now))
+        .collect::<Option<Vec<_>>>()?;
+    let snapshot = Snapshot {
+        epoch,
+        seq,
+        messages,
+        totals,
+    };
+    Some((number(n)?, room.into(), snapshot))
 }
 
 /// A marker as published on the control channel: `marker <number>`, in ASCII so that
@@ -729,6 +982,7 @@ mod tests {
             kind: MessageKind::Text,
             payload: Bytes::from(text.to_string()),
             from: None,
+            order: crate::relay::broadcaster::Order::Here,
         }
     }
 
@@ -749,6 +1003,10 @@ mod tests {
                 Event::Welcome { .. } => "welcome".into(),
                 Event::React { .. } => "react".into(),
                 Event::Reply { .. } => "reply".into(),
+                Event::Tally { .. } => "tally".into(),
+                Event::Totals { .. } => "totals".into(),
+                Event::Snapshot { .. } => "snapshot".into(),
+                Event::Sync { .. } => "sync".into(),
             })
             .collect()
     }
@@ -925,7 +1183,7 @@ mod tests {
         assert!(delivered.is_empty(), "nothing overtakes the queue");
         hold_queued(&backplane, &outgoing);
         // The subscriber got the close's marker (number 3) back from Redis.
-        assert_eq!(backplane.deliver_through(3, &events), Ok(3));
+        assert_eq!(backplane.deliver_through(3, None, &events), Ok(3));
         assert_eq!(received(&delivered), ["a", "b", "close"]);
     }
 
@@ -939,22 +1197,22 @@ mod tests {
         hold_queued(&backplane, &outgoing);
         assert_eq!(backplane.last_numbered(), 4);
         // Redis brought back 2, but never 1 (lost with a subscriber connection): 1 goes first.
-        assert_eq!(backplane.deliver_through(2, &events), Ok(2));
+        assert_eq!(backplane.deliver_through(2, None, &events), Ok(2));
         assert_eq!(received(&delivered), ["1", "2"]);
         // A second copy of 2, or a late 1: nothing.
-        assert_eq!(backplane.deliver_through(2, &events), Ok(0));
-        assert_eq!(backplane.deliver_through(1, &events), Ok(0));
+        assert_eq!(backplane.deliver_through(2, None, &events), Ok(0));
+        assert_eq!(backplane.deliver_through(1, None, &events), Ok(0));
         // A number never handed out (a forgery) changes nothing.
-        assert_eq!(backplane.deliver_through(5, &events), Err(NeverNumbered));
+        assert_eq!(backplane.deliver_through(5, None, &events), Err(NeverNumbered));
         assert_eq!(backplane.held(), 2);
         // Degraded: the rest goes locally, in order; Redis's copies later are duplicates.
         assert_eq!(backplane.deliver_all(&events), 2);
         assert_eq!(received(&delivered), ["3", "4"]);
-        assert_eq!(backplane.deliver_through(4, &events), Ok(0));
+        assert_eq!(backplane.deliver_through(4, None, &events), Ok(0));
         // Numbering goes on from there.
         backplane.publish(message("5"));
         hold_queued(&backplane, &outgoing);
-        assert_eq!(backplane.deliver_through(5, &events), Ok(1));
+        assert_eq!(backplane.deliver_through(5, None, &events), Ok(1));
         assert_eq!(received(&delivered), ["5"]);
     }
 
@@ -972,7 +1230,7 @@ mod tests {
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 std::thread::sleep(Duration::from_millis(20));
-                backplane.deliver_through(1, &events).unwrap();
+                backplane.deliver_through(1, None, &events).unwrap();
             });
             let started = Instant::now();
             backplane.wait_for_ledger_room(Duration::from_secs(10));

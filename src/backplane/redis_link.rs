@@ -31,9 +31,10 @@ use log::{debug, warn};
 use redis::{Client, Connection, RedisResult};
 
 use crate::backplane::{
-    self, Backplane, Dropped, Origins, Outgoing, Sequence, Side, INSTANCE_KEY_PREFIX,
+    self, Arrival, Backplane, Dropped, Origins, Outgoing, Sequence, Side, INSTANCE_KEY_PREFIX,
     MAX_HELD_EVENTS,
 };
+use crate::relay::broadcaster::{Message, Order};
 use crate::error::Error;
 use crate::relay::broadcaster::Events;
 use crate::relay::hub::{is_valid_room_name, Hub};
@@ -59,6 +60,7 @@ const ALIVE_FIELD: &str = "@alive";
 /// Starts the three threads. They stop on `shutdown`; the caller joins them.
 pub(crate) fn start(
     url: &str,
+    config: &crate::Config,
     backplane: Arc<Backplane>,
     outgoing: Receiver<Outgoing>,
     events: Events,
@@ -88,6 +90,7 @@ pub(crate) fn start(
             .map_err(Error::io("spawning a redis thread"))
     };
     let publisher = {
+        let settings = ScriptSettings::new(config);
         let (client, backplane, events, shutdown) = (
             client.clone(),
             backplane.clone(),
@@ -96,7 +99,16 @@ pub(crate) fn start(
         );
         spawn(
             "redis-publisher",
-            Box::new(move || publish(&client, &backplane, &outgoing, &events, &shutdown)),
+            Box::new(move || {
+                publish(
+                    &client,
+                    &backplane,
+                    &settings,
+                    &outgoing,
+                    &events,
+                    &shutdown,
+                )
+            }),
         )
     };
     let mut threads = vec![publisher];
@@ -152,6 +164,7 @@ impl<F: FnMut()> Drop for OnExit<F> {
 fn publish(
     client: &Client,
     backplane: &Backplane,
+    settings: &ScriptSettings,
     outgoing: &Receiver<Outgoing>,
     events: &Events,
     shutdown: &Shutdown,
@@ -185,9 +198,11 @@ fn publish(
         let batch = take_batch(first, outgoing);
         // Encoded before it is held, from the numbers it is about to get (only this thread
         // holds, so they cannot change in between).
-        let pipeline = backplane
-            .is_up()
-            .then(|| Pipeline::for_batch(backplane, &batch));
+        let pipeline = link
+            .script
+            .as_deref()
+            .filter(|_| backplane.is_up())
+            .map(|script| Pipeline::for_batch(backplane, settings, script, &batch));
         backplane.hold(batch);
         if let Some(pipeline) = pipeline {
             link.publish(client, backplane, &pipeline);
@@ -201,6 +216,8 @@ fn publish(
 /// The publisher's connection, and when to try again without one.
 struct PublisherLink {
     con: Option<Connection>,
+    /// The sequencing script's SHA1, from `SCRIPT LOAD` when the connection was made.
+    script: Option<String>,
     backoff: Backoff,
     retry_at: Instant,
     last_reply: Instant,
@@ -210,6 +227,7 @@ impl PublisherLink {
     fn new() -> PublisherLink {
         PublisherLink {
             con: None,
+            script: None,
             backoff: Backoff::new("publisher"),
             retry_at: Instant::now(),
             last_reply: Instant::now(),
@@ -226,9 +244,14 @@ impl PublisherLink {
         {
             return;
         }
-        match connect(client) {
-            Ok(con) => {
+        let connected = connect(client).and_then(|mut con| {
+            let script = load_script(&mut con)?;
+            Ok((con, script))
+        });
+        match connected {
+            Ok((con, script)) => {
                 self.con = Some(con);
+                self.script = Some(script);
                 self.last_reply = Instant::now();
                 self.backoff.succeeded();
                 backplane.set_side(Side::Publisher, true);
@@ -251,9 +274,9 @@ impl PublisherLink {
         let Some(con) = self.con.as_mut() else {
             return;
         };
-        let result = pipeline.commands.exec(con).or_else(|_| {
+        let result = pipeline.run(con).or_else(|_| {
             let mut fresh = connect(client)?;
-            pipeline.commands.exec(&mut fresh)?;
+            pipeline.run(&mut fresh)?;
             *con = fresh;
             Ok(())
         });
@@ -292,43 +315,114 @@ impl PublisherLink {
     }
 }
 
-/// A batch as pipelined `PUBLISH`es, and how many of them are room messages.
+/// The sequencing script (see its header): one run per batch.
+const SEQUENCE_SCRIPT: &str = include_str!("sequence.lua");
+
+/// A batch as one run of the sequencing script, and how many of its events are room messages.
 struct Pipeline {
-    commands: redis::Pipeline,
+    commands: redis::Cmd,
     messages: usize,
 }
 
 impl Pipeline {
-    /// Numbers the batch from `last_numbered() + 1`, as `Backplane::hold` will.
-    fn for_batch(backplane: &Backplane, batch: &[Outgoing]) -> Pipeline {
-        let mut commands = redis::pipe();
+    /// Numbers the batch from `last_numbered() + 1`, as `Backplane::hold` will, and writes it
+    /// as the script's arguments. `script` is the script's SHA1, as `SCRIPT LOAD` gave it.
+    fn for_batch(
+        backplane: &Backplane,
+        settings: &ScriptSettings,
+        script: &str,
+        batch: &[Outgoing],
+    ) -> Pipeline {
+        let first = backplane.last_numbered() + 1;
+        let last = first + batch.len() as u64 - 1;
+        let mut commands = redis::cmd("EVALSHA");
+        commands
+            .arg(script)
+            .arg(0)
+            .arg(backplane.origin.to_string())
+            .arg(crate::relay::room_state::new_epoch())
+            .arg(settings.history)
+            .arg(settings.history_ttl_ms)
+            .arg(settings.room_ttl_ms)
+            .arg(backplane.control_channel())
+            .arg(last)
+            .arg(crate::relay::room_state::MAX_ROOM_REACTION_KEYS);
         let mut messages = 0;
-        for (seq, event) in (backplane.last_numbered() + 1..).zip(batch) {
+        for (seq, event) in (first..).zip(batch) {
             match event {
                 Outgoing::Message(message) => {
                     messages += 1;
                     commands
-                        .cmd("PUBLISH")
-                        .arg(backplane::room_channel(&message.room))
+                        .arg("M")
+                        .arg(seq)
+                        .arg(&*message.room)
                         .arg(backplane::encode_sequenced(
                             backplane.origin,
                             seq,
                             message.kind,
                             &message.payload,
                             message.from.as_deref(),
-                        ))
-                        .ignore();
+                        ));
                 }
                 Outgoing::Local(_) => {
-                    commands
-                        .cmd("PUBLISH")
-                        .arg(backplane.control_channel())
-                        .arg(backplane::encode_marker(seq))
-                        .ignore();
+                    commands.arg("K").arg(seq);
+                }
+                Outgoing::Reactions { room, taps } => {
+                    commands.arg("R").arg(seq).arg(&**room).arg(taps.len());
+                    for (key, taps) in taps {
+                        commands.arg(key.as_str()).arg(*taps);
+                    }
+                }
+                Outgoing::Snapshot(room) => {
+                    commands.arg("S").arg(seq).arg(&**room);
                 }
             }
         }
         Pipeline { commands, messages }
+    }
+}
+
+impl Pipeline {
+    /// Runs the script. A Redis that lost its script cache (restarted, or `SCRIPT FLUSH`)
+    /// gets it again, under the same SHA1, and the batch runs once.
+    fn run(&self, con: &mut Connection) -> RedisResult<()> {
+        match self.commands.exec(con) {
+            Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                load_script(con)?;
+                self.commands.exec(con)
+            }
+            done => done,
+        }
+    }
+}
+
+/// Loads the sequencing script; returns its SHA1.
+fn load_script(con: &mut Connection) -> RedisResult<String> {
+    redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(SEQUENCE_SCRIPT)
+        .query(con)
+}
+
+/// The flags the sequencing script applies, in the units it takes.
+struct ScriptSettings {
+    history: usize,
+    history_ttl_ms: u64,
+    room_ttl_ms: u64,
+}
+
+impl ScriptSettings {
+    fn new(config: &crate::Config) -> ScriptSettings {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+        ScriptSettings {
+            history: if config.history_budget > 0 {
+                config.history
+            } else {
+                0
+            },
+            history_ttl_ms: ms(config.history_ttl),
+            room_ttl_ms: ms(config.room_ttl),
+        }
     }
 }
 
@@ -426,50 +520,154 @@ fn forward(
     let channel = message.get_channel_name();
     let payload: Vec<u8> = message.get_payload().unwrap_or_default();
     if !message.from_pattern() && channel == backplane.control_channel() {
-        // A marker: Redis has passed this point of our own sequence.
-        let known = backplane::decode_marker(&payload)
-            .and_then(|seq| backplane.deliver_through(seq, events).ok());
-        if known.is_none() {
+        forward_control(&payload, backplane, events);
+        return true;
+    }
+    backplane.received.fetch_add(1, Ordering::Relaxed);
+    let Some(room) = backplane::room_of_channel(channel) else {
+        backplane.count_drop(Dropped::Malformed);
+        return true;
+    };
+    match payload.first() {
+        Some(b'V') => forward_stamped(room, payload, backplane, events, origins),
+        Some(b'A') => forward_totals(room, &payload, backplane, events, origins),
+        _ => forward_unsequenced(room, payload, backplane, events, origins),
+    }
+}
+
+/// On this instance's control channel: a marker (Redis has passed this point of our own
+/// sequence) or the snapshot of a room a join here asked for.
+fn forward_control(payload: &[u8], backplane: &Backplane, events: &Events) {
+    let delivered = if let Some(seq) = backplane::decode_marker(payload) {
+        backplane.deliver_through(seq, None, events).ok()
+    } else if let Some((seq, room, snapshot)) =
+        backplane::decode_snapshot(payload, crate::relay::broadcaster::unix_ms())
+    {
+        let arrived = Arrival::Snapshot { room, snapshot };
+        backplane.deliver_through(seq, Some(arrived), events).ok()
+    } else {
+        None
+    };
+    if delivered.is_none() {
+        backplane.count_drop(Dropped::Malformed);
+    }
+}
+
+/// What became of a message Redis numbered: ours comes out of the ledger in its place, one
+/// from another instance goes to the broadcaster once. Returns false once the broadcaster
+/// has stopped.
+fn forward_stamped(
+    room: &str,
+    payload: Vec<u8>,
+    backplane: &Backplane,
+    events: &Events,
+    origins: &mut Origins,
+) -> bool {
+    let Some((stamp, decoded)) = backplane::decode_stamped(payload) else {
+        backplane.count_drop(Dropped::Malformed);
+        return true;
+    };
+    let Some(sequence) = decoded.sequence else {
+        backplane.count_drop(Dropped::Malformed);
+        return true;
+    };
+    if decoded.payload.len() > backplane.max_message_bytes {
+        // From an instance with a larger limit: it would fit no outbox here.
+        backplane.count_drop(Dropped::TooLarge);
+        return true;
+    }
+    let message = Message {
+        room: room.into(),
+        kind: decoded.kind,
+        payload: decoded.payload,
+        from: decoded.from,
+        order: Order::Redis(stamp),
+    };
+    if sequence.origin == backplane.origin {
+        match backplane.deliver_through(sequence.seq, Some(Arrival::Message(message)), events) {
+            Ok(0) => backplane.count_drop(Dropped::Duplicate),
+            Ok(_) => {}
+            Err(_) => backplane.count_drop(Dropped::Malformed),
+        }
+        return true;
+    }
+    if !origins.is_new(sequence.origin, sequence.seq) {
+        backplane.count_drop(Dropped::Duplicate);
+        return true;
+    }
+    events.send_message(message, None).is_ok()
+}
+
+/// A room's totals, as Redis summed them after an instance's taps.
+fn forward_totals(
+    room: &str,
+    payload: &[u8],
+    backplane: &Backplane,
+    events: &Events,
+    origins: &mut Origins,
+) -> bool {
+    let Some(totals) = backplane::decode_totals(payload) else {
+        backplane.count_drop(Dropped::Malformed);
+        return true;
+    };
+    let arrived = Arrival::Totals {
+        room: room.into(),
+        epoch: totals.epoch,
+        seq: totals.seq,
+        totals: totals.totals,
+    };
+    let Sequence { origin, seq } = totals.sequence;
+    if origin == backplane.origin {
+        if backplane.deliver_through(seq, Some(arrived), events).is_err() {
             backplane.count_drop(Dropped::Malformed);
         }
         return true;
     }
-    backplane.received.fetch_add(1, Ordering::Relaxed);
-    let room = backplane::room_of_channel(channel);
-    let Some((room, decoded)) = room.zip(backplane::decode(payload)) else {
+    if !origins.is_new(origin, seq) {
+        backplane.count_drop(Dropped::Duplicate);
+        return true;
+    }
+    arrived.deliver(events).is_ok()
+}
+
+/// A message in the plain form (a backend's `PUBLISH`) or the bare sequenced one: outside
+/// any room's sequence, so it reaches plain members only (see `Order::Unsequenced`).
+fn forward_unsequenced(
+    room: &str,
+    payload: Vec<u8>,
+    backplane: &Backplane,
+    events: &Events,
+    origins: &mut Origins,
+) -> bool {
+    let Some(decoded) = backplane::decode(payload) else {
         backplane.count_drop(Dropped::Malformed);
         return true;
     };
     match decoded.sequence {
-        // One of ours: the ledger holds it, and delivers with it anything before it that Redis
-        // did not bring back.
-        Some(Sequence { origin, seq }) if origin == backplane.origin => {
-            match backplane.deliver_through(seq, events) {
-                Ok(0) => backplane.count_drop(Dropped::Duplicate),
-                Ok(_) => {}
-                Err(_) => backplane.count_drop(Dropped::Malformed),
-            }
-            true
+        // This instance publishes only through the script: a bare one "of ours" is forged.
+        Some(Sequence { origin, .. }) if origin == backplane.origin => {
+            backplane.count_drop(Dropped::Malformed);
+            return true;
         }
         Some(Sequence { origin, seq }) if !origins.is_new(origin, seq) => {
             backplane.count_drop(Dropped::Duplicate);
-            true
+            return true;
         }
-        // From a backend or another instance: held to this instance's own size limit.
-        _ if decoded.payload.len() > backplane.max_message_bytes => {
-            backplane.count_drop(Dropped::TooLarge);
-            true
-        }
-        _ => {
-            let message = crate::relay::broadcaster::Message {
-                room: room.into(),
-                kind: decoded.kind,
-                payload: decoded.payload,
-                from: decoded.from,
-            };
-            events.send_message(message, None).is_ok()
-        }
+        _ => {}
     }
+    if decoded.payload.len() > backplane.max_message_bytes {
+        backplane.count_drop(Dropped::TooLarge);
+        return true;
+    }
+    backplane.unsequenced.fetch_add(1, Ordering::Relaxed);
+    let message = Message {
+        room: room.into(),
+        kind: decoded.kind,
+        payload: decoded.payload,
+        from: decoded.from,
+        order: Order::Unsequenced,
+    };
+    events.send_message(message, None).is_ok()
 }
 
 /// The presence heartbeat: publish this instance's counts, read everyone else's.

@@ -289,6 +289,7 @@ fn publish(shared: &Shared, request: &Request, room: &str, body: Vec<u8>) -> Res
         kind,
         payload: Bytes::from(body),
         from: None,
+        order: crate::relay::broadcaster::Order::Here,
     };
     // Without Redis, the broadcaster numbers the message and says so; with Redis the message
     // is numbered where it is relayed, after this response.

@@ -172,6 +172,27 @@ pub(crate) fn render(shared: &Shared) -> String {
         &[(None, load(&stats.histories_given_up))],
     );
     metric(
+        "roomcast_room_snapshots_total",
+        "counter",
+        "With --redis: room snapshots joins asked Redis for (reason=requested), and those not in time (reason=missed: answered from this instance's state).",
+        &[
+            (Some("requested"), load(&stats.snapshots_requested)),
+            (Some("missed"), load(&stats.snapshots_missed)),
+        ],
+    );
+    metric(
+        "roomcast_redis_unsequenced_total",
+        "counter",
+        "With --redis: messages published to Redis outside roomcast's sequence (raw PUBLISH): relayed to plain members only.",
+        &[(
+            None,
+            shared
+                .backplane
+                .as_ref()
+                .map_or(0, |b| b.unsequenced.load(Ordering::Relaxed)),
+        )],
+    );
+    metric(
         "roomcast_room_states",
         "gauge",
         "Rooms with state (epoch and seq), members or not (see --room-ttl).",

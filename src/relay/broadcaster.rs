@@ -16,7 +16,7 @@
 //! `1001 going away` closes and the grace period.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +32,11 @@ use crate::relay::budget::{Budget, Permit};
 use crate::relay::client::{encode, Client};
 use crate::relay::hub::Hub;
 use crate::relay::outbox::{Flush, Latest, Push};
-use crate::relay::room_state::{messages_json, Retained, RoomState, RoomStates};
+use crate::backplane::{Backplane, Outgoing, Relayed};
+use crate::relay::room_state::{
+    messages_json, Retained, RoomState, RoomStates, Snapshot, LOCAL_SEQ_BASE,
+    MAX_ROOM_REACTION_KEYS,
+};
 use crate::shutdown::Shutdown;
 use crate::stats::{Eviction, Stats};
 use crate::v1::codec::Presence;
@@ -62,6 +66,10 @@ const JOIN_HISTORY_REUSE: Duration = Duration::from_secs(1);
 /// Payloads at least this large are retained as they are, sharing their allocation (their
 /// own by then); smaller ones are copied (see `gather`).
 const SHARED_PAYLOAD_BYTES: usize = 4096;
+/// How long a join waits for its room's snapshot from Redis before it is answered from what
+/// this instance has. Redis answers in a round trip; this is for a Redis that stopped
+/// answering without the link noticing yet.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
 /// How often backlogged clients are retried. Short, because a healthy client that briefly
 /// filled its socket buffer should not wait long; long enough that a thousand stalled clients
 /// cost a thousand failing `sendmsg` calls 100 times a second, not once per batch.
@@ -112,6 +120,32 @@ pub struct Message {
     /// The sender's encoded identity (`Identity::from_json`); `None` for the server (a
     /// backend publish).
     pub from: Option<Arc<str>>,
+    /// Who gives it its place in the room's sequence.
+    pub order: Order,
+}
+
+/// Where a message's `seq` comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Order {
+    /// The broadcaster numbers it: without Redis always; with Redis only while Redis cannot
+    /// be reached, under a local epoch (see `RoomState::start_local_epoch`).
+    #[default]
+    Here,
+    /// Redis numbered it (`backplane`'s sequencing script): every instance shows the same
+    /// `seq` and `ts` for it.
+    Redis(Stamp),
+    /// Published to Redis by something other than roomcast, outside any room's sequence: plain
+    /// members get it as always, v1 members cannot (a v1 `message` needs a `seq`).
+    Unsequenced,
+}
+
+/// A message's place as Redis assigned it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub epoch: Arc<str>,
+    /// At least 1.
+    pub seq: u64,
+    pub ts_ms: u64,
 }
 
 /// What the broadcaster keeps per room beyond a batch.
@@ -130,6 +164,32 @@ struct Room {
     reactions_at: Option<Instant>,
     /// The history JSON of the last plain join, for the next joins while nothing changed.
     join_history: Option<JoinHistory>,
+    /// Whose numbering the state follows.
+    source: Source,
+    /// With Redis: reaction taps counted here and not yet sent to Redis, which sums every
+    /// instance's (see `Broadcaster::send_taps`).
+    taps: BTreeMap<String, u64>,
+}
+
+/// Whose epoch and `seq` a room's state holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// This instance's own: there is no Redis, or it could not be reached when the room
+    /// needed a number or a welcome.
+    Own,
+    /// Redis's. `complete`: the history held here is all Redis retains, because it was
+    /// followed without a gap from the epoch's first message or from a snapshot. Otherwise a
+    /// join waits for a snapshot first (`Broadcaster::welcome`).
+    Redis { complete: bool },
+}
+
+/// Joins (and history requests) waiting for a room's snapshot from Redis.
+#[derive(Debug)]
+struct PendingSync {
+    /// When they are answered from what this instance has, snapshot or not.
+    deadline: Instant,
+    welcomes: Vec<(Arc<Client>, Option<Resume>)>,
+    waiters: Vec<Sender<()>>,
 }
 
 /// A room's join history as last encoded, and what it depends on.
@@ -171,6 +231,29 @@ pub enum Event {
     },
     /// A reaction tap in `room`, already within its user's bucket and an allowed key.
     React { room: Arc<str>, key: String },
+    /// With Redis: a room's reaction totals as Redis summed them, in its epoch `epoch`, whose
+    /// last `seq` was `seq` then.
+    Totals {
+        room: Arc<str>,
+        epoch: Arc<str>,
+        seq: u64,
+        totals: BTreeMap<String, u64>,
+    },
+    /// With Redis: taps this instance counted that Redis will not sum (it could not be
+    /// reached): they count here only.
+    Tally {
+        room: Arc<str>,
+        taps: Vec<(String, u64)>,
+    },
+    /// With Redis: the room as Redis held it at this point of its stream (asked for by a join
+    /// here), or `None` when Redis could not answer.
+    Snapshot {
+        room: Arc<str>,
+        snapshot: Option<Snapshot>,
+    },
+    /// `done` is told once the room's history here is Redis's (the history endpoint waits for
+    /// it), or once it is clear it cannot be soon.
+    Sync { room: Arc<str>, done: Sender<()> },
     /// A frame for one client only (a v1 `error`), sent this way rather than queued by the
     /// connection thread so it keeps its place: behind the welcome and behind the messages
     /// the client sent before the frame it answers.
@@ -322,6 +405,13 @@ pub struct Broadcaster {
     sweep_every: Duration,
     /// The server's draining flag (see `Shared::draining`), set here as shutdown begins.
     draining: Arc<AtomicBool>,
+    /// The Redis link, with `--redis`: rooms' numbers, history and totals follow Redis.
+    backplane: Option<Arc<Backplane>>,
+    /// Rooms waiting for a snapshot from Redis, with the joins waiting for it.
+    syncs: HashMap<Arc<str>, PendingSync>,
+    /// With Redis: rooms with taps not yet sent, and when they go next.
+    tapped: HashSet<Arc<str>>,
+    taps_due: Option<Instant>,
     /// Unit tests only: runs inside `retry_backlog` at its one racy moment, just before a
     /// client's tracked flag is cleared, to play a connection thread's send there.
     #[cfg(test)]
@@ -339,6 +429,7 @@ impl Broadcaster {
         config: Arc<Config>,
         room_states: Arc<RoomStates>,
         draining: Arc<AtomicBool>,
+        backplane: Option<Arc<Backplane>>,
     ) -> Broadcaster {
         let sweep_every = (config.ping_interval / 4).clamp(MIN_SWEEP, MAX_SWEEP);
         // Fine enough that a change goes out well within its interval.
@@ -366,6 +457,10 @@ impl Broadcaster {
             ping: encode(Frame::ping(Bytes::new())),
             sweep_every,
             draining,
+            backplane,
+            syncs: HashMap::new(),
+            tapped: HashSet::new(),
+            taps_due: None,
             #[cfg(test)]
             before_untracking: None,
         }
@@ -389,6 +484,12 @@ impl Broadcaster {
             }
             if let Some(flush) = self.live_flush_due {
                 due = due.min(flush);
+            }
+            if let Some(taps) = self.taps_due {
+                due = due.min(taps);
+            }
+            if let Some(deadline) = self.syncs.values().map(|p| p.deadline).min() {
+                due = due.min(deadline);
             }
             let wait = due.saturating_duration_since(Instant::now());
             select! {
@@ -424,6 +525,12 @@ impl Broadcaster {
                 self.send_live(now);
                 next_live = now + self.live_every;
             }
+            if self.taps_due.is_some_and(|due| now >= due) {
+                self.send_taps(now);
+            }
+            if !self.syncs.is_empty() {
+                self.answer_overdue_syncs(now);
+            }
             if self.live_flush_due.is_some_and(|due| now >= due) {
                 self.flush_dirty();
             }
@@ -449,6 +556,26 @@ impl Broadcaster {
             }
             Event::Welcome { client, resume } => self.welcome(client, resume),
             Event::React { room, key } => self.react(room, &key),
+            Event::Totals {
+                room,
+                epoch,
+                seq,
+                totals,
+            } => self.set_totals(&room, &epoch, seq, totals),
+            Event::Tally { room, taps } => {
+                let room = self.room(&room, Instant::now());
+                let mut reactions = room.state.reactions.lock();
+                for (key, taps) in taps {
+                    // A key past the room's cap was dropped and counted when it was tapped.
+                    let _ = reactions.add(&key, taps);
+                }
+            }
+            Event::Snapshot { room, snapshot } => self.snapshot_arrived(room, snapshot),
+            Event::Sync { room, done } => {
+                if !self.park_for_snapshot(&room, Parked::Waiter(done.clone())) {
+                    let _ = done.send(());
+                }
+            }
             Event::Close {
                 client,
                 code,
@@ -484,6 +611,8 @@ impl Broadcaster {
                 presence_at: None,
                 reactions_at: None,
                 join_history: None,
+                source: Source::Own,
+                taps: BTreeMap::new(),
             }
         });
         room.last_active = now;
@@ -502,6 +631,7 @@ impl Broadcaster {
             kind,
             payload,
             from,
+            order,
         } = message;
         if let Some(panic_room) = &self.config.test_panic_in_room {
             // The test-only failure hook (see `Config::test_panic_in_room`).
@@ -517,14 +647,37 @@ impl Broadcaster {
             0
         };
         let history_ttl = self.config.history_ttl;
+        let with_redis = self.backplane.is_some();
         let room = self.room(&name, now);
-        let seq = room.state.next_seq();
-        let has_v1_members = room.has_v1_members;
-        let ts_ms = if has_v1_members || history > 0 {
-            unix_ms()
-        } else {
-            0
+        let (seq, ts_ms) = match order {
+            Order::Here => {
+                if with_redis && (room.source != Source::Own || room.state.seq() < LOCAL_SEQ_BASE)
+                {
+                    // Redis could not number it (the link is down, or went down with it on
+                    // its way): this instance's own numbers, under its own epoch.
+                    room.state.start_local_epoch();
+                    room.source = Source::Own;
+                    room.join_history = None;
+                }
+                let ts_ms = if room.has_v1_members || history > 0 {
+                    unix_ms()
+                } else {
+                    0
+                };
+                (Some(room.state.next_seq()), ts_ms)
+            }
+            Order::Redis(stamp) => {
+                if !follow_stamp(room, &stamp) {
+                    // Already relayed in this epoch: a second copy cannot take a place again.
+                    return 0;
+                }
+                (Some(stamp.seq), stamp.ts_ms)
+            }
+            Order::Unsequenced => (None, 0),
         };
+        let has_v1_members = room.has_v1_members && seq.is_some();
+        let history = if seq.is_some() { history } else { 0 };
+        let seq = seq.unwrap_or(0);
         if history > 0 {
             // The parts, not the encoded frame: a plain-only room pays no JSON for its
             // history, and a frame is made only when a join or a resume asks for it.
@@ -642,6 +795,162 @@ impl Broadcaster {
     fn welcome(&mut self, client: Arc<Client>, resume: Option<Resume>) {
         // Messages gathered before the join go out first, without this client.
         self.fan_out(&client.room);
+        let room = client.room.clone();
+        if let Err(Parked::Welcome(client, resume)) =
+            self.park_for_snapshot_or_give_back(&room, Parked::Welcome(client, resume))
+        {
+            self.welcome_now(client, resume);
+        }
+    }
+
+    /// With Redis, a room whose history here may not be all Redis retains (this instance
+    /// joined its stream late, or lost part of it, or never saw it) asks Redis for a snapshot,
+    /// which arrives in the room's order on this instance's control channel, and parks `what`
+    /// until then. Returns whether it parked it.
+    fn park_for_snapshot(&mut self, name: &Arc<str>, what: Parked) -> bool {
+        self.park_for_snapshot_or_give_back(name, what).is_ok()
+    }
+
+    fn park_for_snapshot_or_give_back(
+        &mut self,
+        name: &Arc<str>,
+        what: Parked,
+    ) -> Result<(), Parked> {
+        let Some(backplane) = self.backplane.clone() else {
+            return Err(what);
+        };
+        let complete = self
+            .rooms
+            .get(name)
+            .is_some_and(|room| room.source == Source::Redis { complete: true });
+        if complete || !backplane.is_up() {
+            return Err(what);
+        }
+        if !self.syncs.contains_key(name) {
+            if backplane.publish(Outgoing::Snapshot(name.clone())) != Relayed::Queued {
+                return Err(what);
+            }
+            self.stats.snapshots_requested.fetch_add(1, Ordering::Relaxed);
+            self.syncs.insert(
+                name.clone(),
+                PendingSync {
+                    deadline: Instant::now() + SNAPSHOT_WAIT,
+                    welcomes: Vec::new(),
+                    waiters: Vec::new(),
+                },
+            );
+        }
+        let pending = self.syncs.get_mut(name).expect("inserted above if missing");
+        match what {
+            Parked::Welcome(client, resume) => pending.welcomes.push((client, resume)),
+            Parked::Waiter(done) => pending.waiters.push(done),
+        }
+        Ok(())
+    }
+
+    /// A room's snapshot from Redis (or word that none will come): the state here becomes
+    /// Redis's as of this point of the room's stream, and the joins waiting for it are
+    /// answered.
+    fn snapshot_arrived(&mut self, name: Arc<str>, snapshot: Option<Snapshot>) {
+        if let Some(snapshot) = snapshot {
+            let (limit, ttl) = (self.history_limit(), self.config.history_ttl);
+            let room = self.room(&name, Instant::now());
+            room.state.replace(
+                &snapshot.epoch,
+                snapshot.seq,
+                snapshot.messages,
+                limit,
+                ttl,
+                snapshot.totals,
+            );
+            room.source = Source::Redis { complete: true };
+            room.join_history = None;
+        }
+        self.answer_sync(&name);
+    }
+
+    /// Answers what waits for `name`'s snapshot, from what this instance has now.
+    fn answer_sync(&mut self, name: &str) {
+        let Some(pending) = self.syncs.remove(name) else {
+            return;
+        };
+        for (client, resume) in pending.welcomes {
+            self.welcome_now(client, resume);
+        }
+        for done in pending.waiters {
+            let _ = done.send(());
+        }
+    }
+
+    /// Joins whose snapshot is overdue are answered without it.
+    fn answer_overdue_syncs(&mut self, now: Instant) {
+        let overdue: Vec<Arc<str>> = self
+            .syncs
+            .iter()
+            .filter(|(_, pending)| now >= pending.deadline)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in overdue {
+            self.stats.snapshots_missed.fetch_add(1, Ordering::Relaxed);
+            self.answer_sync(&name);
+        }
+    }
+
+    /// Messages a room retains: `--history`, unless the history budget is 0 (off).
+    fn history_limit(&self) -> usize {
+        if self.config.history_budget > 0 {
+            self.config.history
+        } else {
+            0
+        }
+    }
+
+    /// Redis's totals for a room; a newer life of the room (its epoch) is adopted with them.
+    fn set_totals(&mut self, name: &Arc<str>, epoch: &str, seq: u64, totals: BTreeMap<String, u64>) {
+        let room = self.room(name, Instant::now());
+        if room.source == Source::Own || *room.state.epoch() != *epoch {
+            room.state.adopt(epoch, seq);
+            room.source = Source::Redis {
+                complete: seq == 0,
+            };
+            room.join_history = None;
+        }
+        room.state.reactions.lock().set_totals(totals);
+    }
+
+    /// With Redis: hands each room's taps since the last time to Redis, which adds them to the
+    /// room's totals and sends every instance the sums. Twice per `--reaction-interval`, so
+    /// a tap shows in every instance's totals within two intervals and a round trip.
+    fn send_taps(&mut self, now: Instant) {
+        self.taps_due = None;
+        let Some(backplane) = self.backplane.clone() else {
+            return;
+        };
+        for name in std::mem::take(&mut self.tapped) {
+            let Some(room) = self.rooms.get_mut(&name) else {
+                continue;
+            };
+            let taps: Vec<(String, u64)> = std::mem::take(&mut room.taps).into_iter().collect();
+            if taps.is_empty() {
+                continue;
+            }
+            let outgoing = Outgoing::Reactions {
+                room: name.clone(),
+                taps,
+            };
+            if let Err(Outgoing::Reactions { taps, .. }) = backplane.try_publish(outgoing) {
+                // The publish queue is full: they go with the next ones.
+                room.taps.extend(taps);
+                self.tapped.insert(name);
+            }
+        }
+        if !self.tapped.is_empty() {
+            self.taps_due = Some(now + self.config.reaction_interval / 2);
+        }
+    }
+
+    /// The welcome itself, from this instance's state of the room (see `welcome`).
+    fn welcome_now(&mut self, client: Arc<Client>, resume: Option<Resume>) {
         let now = Instant::now();
         let name = client.room.clone();
         let ttl = self.config.history_ttl;
@@ -723,8 +1032,23 @@ impl Broadcaster {
 
     /// Counts one reaction tap in its room's totals (sent on the next live tick).
     fn react(&mut self, name: Arc<str>, key: &str) {
-        let room = self.room(&name, Instant::now());
-        let added = room.state.reactions.lock().add(key, 1);
+        let now = Instant::now();
+        let every = self.config.reaction_interval / 2;
+        let with_redis = self.backplane.is_some();
+        let room = self.room(&name, now);
+        let added = if with_redis {
+            // Counted here, summed in Redis (see `send_taps`).
+            if room.taps.len() < MAX_ROOM_REACTION_KEYS || room.taps.contains_key(key) {
+                *room.taps.entry(key.to_string()).or_default() += 1;
+                self.tapped.insert(name);
+                self.taps_due.get_or_insert(now + every);
+                Ok(())
+            } else {
+                Err(crate::relay::room_state::TooManyKeys)
+            }
+        } else {
+            room.state.reactions.lock().add(key, 1)
+        };
         match added {
             Ok(()) => self.stats.reactions_counted.fetch_add(1, Ordering::Relaxed),
             Err(_) => self
@@ -818,8 +1142,15 @@ impl Broadcaster {
             if self.room_states.history_bytes() <= target {
                 break;
             }
-            if let Some(room) = self.rooms.get(&name) {
-                room.state.forget_history();
+            if let Some(room) = self.rooms.get_mut(&name) {
+                if room.source == Source::Own {
+                    room.state.forget_history();
+                } else {
+                    // The epoch is Redis's: a later join here asks Redis for the history.
+                    room.state.clear_history();
+                    room.source = Source::Redis { complete: false };
+                }
+                room.join_history = None;
                 given_up += 1;
             }
         }
@@ -1030,6 +1361,36 @@ impl Broadcaster {
 /// A Vec grown by doubling may own nearly twice what it holds, and every outbox that holds the
 /// chunk keeps the whole allocation alive: the slack is given back first, so the outbox bound
 /// (which counts what is held) is also what memory it costs.
+/// Brings a room's state up to a message Redis numbered; false when the message is already
+/// part of it (a second copy). A stamp from another life of the room (its epoch) is adopted:
+/// the state follows Redis from it on, complete only when it is that life's first message. A
+/// gap (messages this instance never received) leaves the history incomplete: a later join
+/// asks Redis for a snapshot rather than offer a resume it cannot serve.
+fn follow_stamp(room: &mut Room, stamp: &Stamp) -> bool {
+    let state = &room.state;
+    if room.source == Source::Own || *state.epoch() != *stamp.epoch {
+        state.adopt(&stamp.epoch, stamp.seq - 1);
+        room.source = Source::Redis {
+            complete: stamp.seq == 1,
+        };
+        room.join_history = None;
+    } else if stamp.seq <= state.seq() {
+        return false;
+    } else if stamp.seq != state.seq() + 1 {
+        state.clear_history();
+        room.source = Source::Redis { complete: false };
+        room.join_history = None;
+    }
+    state.set_seq(stamp.seq);
+    true
+}
+
+/// What waits for a room's snapshot.
+enum Parked {
+    Welcome(Arc<Client>, Option<Resume>),
+    Waiter(Sender<()>),
+}
+
 fn into_shared(mut bytes: Vec<u8>) -> Bytes {
     if bytes.capacity() - bytes.len() > bytes.len() / 8 {
         bytes.shrink_to_fit();
@@ -1061,7 +1422,7 @@ fn queue_gathered(
 }
 
 /// Milliseconds since the Unix epoch: a v1 message's `ts`.
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_millis() as u64)
@@ -1140,6 +1501,7 @@ mod tests {
             config,
             Arc::default(),
             Arc::new(AtomicBool::new(false)),
+            None,
         );
         broadcaster.track_backlog(client.clone());
         let (events, _receiver) = Events::channel(16, 1 << 20);
@@ -1173,6 +1535,7 @@ mod tests {
             Arc::new(config),
             room_states.clone(),
             Arc::new(AtomicBool::new(false)),
+            None,
         );
         (broadcaster, room_states)
     }
@@ -1183,6 +1546,7 @@ mod tests {
             kind: MessageKind::Text,
             payload: Bytes::from_static(b"x"),
             from: None,
+            order: Order::Here,
         }
     }
 

@@ -597,6 +597,7 @@ fn session(
             kind,
             payload,
             from: Some(client.identity.from_json.clone()),
+            order: crate::relay::broadcaster::Order::Here,
         });
         if relayed == crate::backplane::Relayed::Stopped {
             return Ending::Close(CloseCode::Away, "server shutting down", None);

@@ -26,6 +26,11 @@ use crate::relay::broadcaster::MessageKind;
 /// What one retained message costs the history budget beyond its payload and sender: the
 /// entry itself and its share of the ring's allocation.
 pub const RETAINED_OVERHEAD_BYTES: usize = 96;
+/// Where an instance that cannot reach Redis numbers its rooms' messages from: 2^40, far
+/// above any seq Redis will assign, so a client that saw such a number and resumes through an
+/// instance that follows Redis asks for a seq beyond the room's and is told `recovered:false`,
+/// never handed a gap of other messages.
+pub const LOCAL_SEQ_BASE: u64 = 1 << 40;
 /// Distinct reaction keys a room counts at most (PROTOCOL §3); taps of more are dropped.
 pub const MAX_ROOM_REACTION_KEYS: usize = 64;
 
@@ -59,6 +64,16 @@ impl Retained {
             &self.payload,
         );
     }
+}
+
+/// A room as Redis holds it at one point of its stream (the answer to a join's request).
+#[derive(Debug)]
+pub struct Snapshot {
+    pub epoch: String,
+    pub seq: u64,
+    /// Oldest first.
+    pub messages: Vec<Retained>,
+    pub totals: BTreeMap<String, u64>,
 }
 
 /// `messages` as their `message` frames, comma-separated (the inside of a JSON array), oldest
@@ -172,6 +187,14 @@ impl Reactions {
         out
     }
 
+    /// Replaces the totals with the cluster's (from Redis); changed only if they differ.
+    pub(crate) fn set_totals(&mut self, totals: BTreeMap<String, u64>) {
+        if self.totals != totals {
+            self.totals = totals;
+            self.changed = true;
+        }
+    }
+
     /// Whether the totals changed since the last call that returned true.
     pub(crate) fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
@@ -244,11 +267,7 @@ impl RoomState {
     /// resume can no longer be served from this one. `seq` goes on, so the members' numbers
     /// stay in order.
     pub(crate) fn forget_history(&self) {
-        let mut history = self.history.lock();
-        let bytes = std::mem::take(&mut history.bytes);
-        history.entries.clear();
-        history.entries.shrink_to_fit();
-        self.history_total.fetch_sub(bytes, Ordering::Relaxed);
+        self.clear_history();
         *self.epoch.lock() = new_epoch().into();
         // Reaction totals run "since the room's epoch began" (PROTOCOL §4).
         let mut reactions = self.reactions.lock();
@@ -256,6 +275,63 @@ impl RoomState {
             reactions.totals.clear();
             reactions.changed = true;
         }
+    }
+
+    /// Redis's life of the room replaces this one (another instance created it, or Redis
+    /// lost its state and started anew): its epoch, its `seq` so far, none of this life's
+    /// history (it belongs to another sequence) and no totals until Redis's arrive.
+    pub(crate) fn adopt(&self, epoch: &str, seq: u64) {
+        self.clear_history();
+        *self.epoch.lock() = epoch.into();
+        self.seq.store(seq, Ordering::Release);
+        let mut reactions = self.reactions.lock();
+        if !reactions.totals.is_empty() {
+            reactions.totals.clear();
+            reactions.changed = true;
+        }
+    }
+
+    /// A snapshot of the room as Redis holds it: its epoch, seq, retained messages (oldest
+    /// first) and totals, all at once.
+    pub(crate) fn replace(
+        &self,
+        epoch: &str,
+        seq: u64,
+        messages: Vec<Retained>,
+        limit: usize,
+        ttl: Duration,
+        totals: BTreeMap<String, u64>,
+    ) {
+        self.adopt(epoch, seq);
+        for message in messages.into_iter().filter(|m| m.seq <= seq) {
+            self.retain(message, limit, ttl);
+        }
+        self.reactions.lock().set_totals(totals);
+    }
+
+    /// Sets the `seq` of the room's last message to one Redis assigned. Only the broadcaster
+    /// calls this.
+    pub(crate) fn set_seq(&self, seq: u64) {
+        self.seq.store(seq, Ordering::Release);
+    }
+
+    /// This instance numbers the room's messages itself from now on, while Redis cannot:
+    /// under a new epoch, from above `LOCAL_SEQ_BASE`, so no client can take a number of
+    /// this life for one of Redis's. The history stays: it is what a join still shows.
+    pub(crate) fn start_local_epoch(&self) {
+        *self.epoch.lock() = new_epoch().into();
+        let seq = self.seq().max(LOCAL_SEQ_BASE);
+        self.seq.store(seq, Ordering::Release);
+    }
+
+    /// Drops the retained messages (to the history budget) without a new epoch: the epoch is
+    /// Redis's, and a snapshot can bring them back.
+    pub(crate) fn clear_history(&self) {
+        let mut history = self.history.lock();
+        let bytes = std::mem::take(&mut history.bytes);
+        history.entries.clear();
+        history.entries.shrink_to_fit();
+        self.history_total.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Runs `f` on the history and the epoch it belongs to, as one snapshot.
@@ -341,7 +417,7 @@ impl RoomStates {
 
 /// 64 random bits from the kernel, in hex. Unique enough that a client never mistakes one
 /// life of a room for another; not a secret.
-fn new_epoch() -> String {
+pub(crate) fn new_epoch() -> String {
     let mut bytes = [0u8; 8];
     // SAFETY: a valid, writable buffer of the length passed.
     let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
