@@ -9,6 +9,8 @@ mod browser;
 mod burst;
 mod capacity;
 mod cgroup;
+#[cfg(feature = "redis")]
+mod cluster_v1;
 mod endpoints;
 mod flags;
 mod hostile;
