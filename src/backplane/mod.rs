@@ -99,9 +99,10 @@ pub enum Outgoing {
         room: Arc<str>,
         taps: Vec<(String, u64)>,
     },
-    /// A join here needs the room as Redis holds it: Redis publishes a snapshot on this
-    /// instance's control channel, at its place among the room's messages.
-    Snapshot(Arc<str>),
+    /// A join here (or a history request) needs the room as Redis holds it: Redis publishes
+    /// a snapshot on this instance's control channel, at its place among the room's messages.
+    /// A join creates the room's state when Redis has none (`create`); a request does not.
+    Snapshot { room: Arc<str>, create: bool },
 }
 
 impl Outgoing {
@@ -109,7 +110,7 @@ impl Outgoing {
     pub fn payload_len(&self) -> usize {
         match self {
             Outgoing::Message(message) => message.payload.len(),
-            Outgoing::Local(_) | Outgoing::Reactions { .. } | Outgoing::Snapshot(_) => 0,
+            Outgoing::Local(_) | Outgoing::Reactions { .. } | Outgoing::Snapshot { .. } => 0,
         }
     }
 }
@@ -125,13 +126,25 @@ pub enum Arrival {
         seq: u64,
         totals: BTreeMap<String, u64>,
     },
+    /// `None`: Redis has no state for the room.
     Snapshot {
         room: Arc<str>,
-        snapshot: Snapshot,
+        snapshot: Option<Snapshot>,
     },
 }
 
 impl Arrival {
+    /// Whether it can stand for `held`: the same kind of event, for the same room. Anything
+    /// else is a forgery under this instance's origin, and the held event goes as it is.
+    fn answers(&self, held: &Outgoing) -> bool {
+        match (self, held) {
+            (Arrival::Message(arrived), Outgoing::Message(held)) => arrived.room == held.room,
+            (Arrival::Totals { room, .. }, Outgoing::Reactions { room: held, .. }) => room == held,
+            (Arrival::Snapshot { room, .. }, Outgoing::Snapshot { room: held, .. }) => room == held,
+            _ => false,
+        }
+    }
+
     fn deliver(self, events: &Events) -> Result<(), crate::relay::broadcaster::Stopped> {
         match self {
             Arrival::Message(message) => events.send_message(message, None),
@@ -146,10 +159,7 @@ impl Arrival {
                 seq,
                 totals,
             }),
-            Arrival::Snapshot { room, snapshot } => events.send(Event::Snapshot {
-                room,
-                snapshot: Some(snapshot),
-            }),
+            Arrival::Snapshot { room, snapshot } => events.send(Event::Snapshot { room, snapshot }),
         }
     }
 }
@@ -179,7 +189,7 @@ impl Outgoing {
             Outgoing::Message(message) => events.send_message(message, None),
             Outgoing::Local(event) => events.send(event),
             Outgoing::Reactions { room, taps } => events.send(Event::Tally { room, taps }),
-            Outgoing::Snapshot(room) => events.send(Event::Snapshot {
+            Outgoing::Snapshot { room, .. } => events.send(Event::Snapshot {
                 room,
                 snapshot: None,
             }),
@@ -391,7 +401,9 @@ impl Backplane {
     /// Queues an event of the broadcaster's own (taps, a snapshot request) without blocking;
     /// gives it back when the queue has no room.
     pub fn try_publish(&self, outgoing: Outgoing) -> Result<(), Outgoing> {
-        self.queue.try_send(outgoing).map_err(|err| err.into_inner())
+        self.queue
+            .try_send(outgoing)
+            .map_err(|err| err.into_inner())
     }
 
     /// Queues a server-initiated close behind everything queued before it, without blocking.
@@ -460,6 +472,14 @@ impl Backplane {
             return Ok(self.deliver(&mut ledger, due, events));
         };
         let before = self.deliver(&mut ledger, due - 1, events);
+        if !ledger
+            .held
+            .front()
+            .is_some_and(|held| arrived.answers(held))
+        {
+            self.count_drop(Dropped::Malformed);
+            return Ok(before + self.deliver(&mut ledger, 1, events));
+        }
         let Some(held) = ledger.held.pop_front() else {
             return Ok(before);
         };
@@ -907,8 +927,10 @@ fn decode_entry(entry: &[u8], unix_ms_now: u64, now: Instant) -> Option<Retained
 
 /// A room's snapshot as the script publishes it on the asking instance's control channel:
 /// `snapshot <number> <room>\n`, then counted: the epoch, the seq, the number of totals,
-/// key and total for each, and the retained messages oldest first.
-pub fn decode_snapshot(wire: &[u8], unix_ms_now: u64) -> Option<(u64, Arc<str>, Snapshot)> {
+/// key and total for each, and the retained messages oldest first; nothing after the header
+/// when Redis has no state for the room (a history request, which creates none).
+#[allow(clippy::type_complexity)]
+pub fn decode_snapshot(wire: &[u8], unix_ms_now: u64) -> Option<(u64, Arc<str>, Option<Snapshot>)> {
     let (header, body) = script_header(wire, b"snapshot ")?;
     let [n, room] = header[..] else {
         return None;
@@ -917,6 +939,9 @@ pub fn decode_snapshot(wire: &[u8], unix_ms_now: u64) -> Option<(u64, Arc<str>, 
         return None;
     }
     let pieces = counted_pieces(&wire[body..])?;
+    if pieces.is_empty() {
+        return Some((number(n)?, room.into(), None));
+    }
     let text = |piece: &[u8]| std::str::from_utf8(piece).ok().map(str::to_string);
     let epoch = text(pieces.first()?).filter(|e| is_epoch(e))?;
     let seq = number(&text(pieces.get(1)?)?)?;
@@ -934,7 +959,7 @@ pub fn decode_snapshot(wire: &[u8], unix_ms_now: u64) -> Option<(u64, Arc<str>, 
         messages,
         totals,
     };
-    Some((number(n)?, room.into(), snapshot))
+    Some((number(n)?, room.into(), Some(snapshot)))
 }
 
 /// A marker as published on the control channel: `marker <number>`, in ASCII so that
@@ -1058,6 +1083,85 @@ mod tests {
         let mut bad_text = encode_sequenced(1, 1, MessageKind::Text, b"", None);
         bad_text.push(0xff);
         assert!(decode(bad_text).is_none());
+    }
+
+    /// The forms the sequencing script writes, as `sequence.lua` writes them.
+    #[test]
+    fn the_scripts_forms_decode_and_anything_else_is_refused() {
+        let body = encode_sequenced(7, 3, MessageKind::Text, b"hi", Some(r#"{"id":"u"}"#));
+        let mut stamped = b"V0123abcd 42 1764230000123\n".to_vec();
+        stamped.extend_from_slice(&body);
+        let (stamp, decoded) = decode_stamped(stamped).unwrap();
+        assert_eq!(
+            (&*stamp.epoch, stamp.seq, stamp.ts_ms),
+            ("0123abcd", 42, 1764230000123)
+        );
+        assert_eq!(decoded.sequence, Some(Sequence { origin: 7, seq: 3 }));
+        assert_eq!(&decoded.payload[..], b"hi");
+        for bad in [
+            &b"Vbogus"[..],
+            b"V0123 42\nS",
+            b"Vep 0 1\n",
+            b"Vep x 1\n",
+            b"Vep 1 -1\n",
+            b"Vep! 1 1\n",
+        ] {
+            let mut wire = bad.to_vec();
+            wire.extend_from_slice(&body);
+            assert!(
+                decode_stamped(wire).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // A stamp needs the sequenced form under it: a bare plain one is not ours.
+        assert!(decode_stamped(b"Vep 1 1\nThi".to_vec()).is_none());
+
+        let totals = decode_totals("Aep 5 7 9\n6:❤️2:123:abc1:0".as_bytes()).unwrap();
+        assert_eq!(totals.sequence, Sequence { origin: 7, seq: 9 });
+        assert_eq!(totals.seq, 5);
+        assert_eq!(totals.totals.get("❤️"), Some(&12));
+        assert_eq!(totals.totals.get("abc"), Some(&0));
+        for bad in [
+            "Aep 5 7\n",
+            "Aep 5 7 9\n3:abc",
+            "Aep 5 7 9\n3:abc1:x",
+            "Aep 5 7 9\n9:abc",
+        ] {
+            assert!(decode_totals(bad.as_bytes()).is_none(), "{bad:?}");
+        }
+
+        let mut entry = b"4 1764230000000\n".to_vec();
+        entry.extend_from_slice(&body);
+        let mut snapshot = b"snapshot 11 stage\n2:ep1:41:13:k\xc3\xa91:2".to_vec();
+        snapshot.extend_from_slice(format!("{}:", entry.len()).as_bytes());
+        snapshot.extend_from_slice(&entry);
+        let (n, room, snapshot) = decode_snapshot(&snapshot, 1764230000500).unwrap();
+        let snapshot = snapshot.unwrap();
+        assert_eq!(
+            (n, &*room, &*snapshot.epoch, snapshot.seq),
+            (11, "stage", "ep", 4)
+        );
+        assert_eq!(snapshot.totals.get("ké"), Some(&2));
+        assert_eq!(snapshot.messages.len(), 1);
+        assert_eq!(snapshot.messages[0].seq, 4);
+        assert_eq!(&snapshot.messages[0].payload[..], b"hi");
+        // No state in Redis: a header alone.
+        let (_, _, none) = decode_snapshot(b"snapshot 12 stage\n", 0).unwrap();
+        assert!(none.is_none());
+        for bad in [
+            &b"snapshot 12 bad room\n"[..],
+            b"snapshot x stage\n",
+            b"snapshot 12 stage\n2:ep",
+            b"snapshot 12 stage\n2:ep1:41:9",
+            b"snapshot 12 stage\n2:ep1:41:05:junk!",
+        ] {
+            assert!(
+                decode_snapshot(bad, 0).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]
@@ -1203,7 +1307,10 @@ mod tests {
         assert_eq!(backplane.deliver_through(2, None, &events), Ok(0));
         assert_eq!(backplane.deliver_through(1, None, &events), Ok(0));
         // A number never handed out (a forgery) changes nothing.
-        assert_eq!(backplane.deliver_through(5, None, &events), Err(NeverNumbered));
+        assert_eq!(
+            backplane.deliver_through(5, None, &events),
+            Err(NeverNumbered)
+        );
         assert_eq!(backplane.held(), 2);
         // Degraded: the rest goes locally, in order; Redis's copies later are duplicates.
         assert_eq!(backplane.deliver_all(&events), 2);

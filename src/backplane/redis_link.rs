@@ -34,9 +34,9 @@ use crate::backplane::{
     self, Arrival, Backplane, Dropped, Origins, Outgoing, Sequence, Side, INSTANCE_KEY_PREFIX,
     MAX_HELD_EVENTS,
 };
-use crate::relay::broadcaster::{Message, Order};
 use crate::error::Error;
 use crate::relay::broadcaster::Events;
+use crate::relay::broadcaster::{Message, Order};
 use crate::relay::hub::{is_valid_room_name, Hub};
 use crate::shutdown::Shutdown;
 use crate::supervisor::Supervisor;
@@ -101,12 +101,7 @@ pub(crate) fn start(
             "redis-publisher",
             Box::new(move || {
                 publish(
-                    &client,
-                    &backplane,
-                    &settings,
-                    &outgoing,
-                    &events,
-                    &shutdown,
+                    &client, &backplane, &settings, &outgoing, &events, &shutdown,
                 )
             }),
         )
@@ -352,17 +347,15 @@ impl Pipeline {
             match event {
                 Outgoing::Message(message) => {
                     messages += 1;
-                    commands
-                        .arg("M")
-                        .arg(seq)
-                        .arg(&*message.room)
-                        .arg(backplane::encode_sequenced(
+                    commands.arg("M").arg(seq).arg(&*message.room).arg(
+                        backplane::encode_sequenced(
                             backplane.origin,
                             seq,
                             message.kind,
                             &message.payload,
                             message.from.as_deref(),
-                        ));
+                        ),
+                    );
                 }
                 Outgoing::Local(_) => {
                     commands.arg("K").arg(seq);
@@ -373,8 +366,9 @@ impl Pipeline {
                         commands.arg(key.as_str()).arg(*taps);
                     }
                 }
-                Outgoing::Snapshot(room) => {
-                    commands.arg("S").arg(seq).arg(&**room);
+                Outgoing::Snapshot { room, create } => {
+                    let op = if *create { "S" } else { "Q" };
+                    commands.arg(op).arg(seq).arg(&**room);
                 }
             }
         }
@@ -387,7 +381,9 @@ impl Pipeline {
     /// gets it again, under the same SHA1, and the batch runs once.
     fn run(&self, con: &mut Connection) -> RedisResult<()> {
         match self.commands.exec(con) {
-            Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            Err(err)
+                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
                 load_script(con)?;
                 self.commands.exec(con)
             }
@@ -618,7 +614,10 @@ fn forward_totals(
     };
     let Sequence { origin, seq } = totals.sequence;
     if origin == backplane.origin {
-        if backplane.deliver_through(seq, Some(arrived), events).is_err() {
+        if backplane
+            .deliver_through(seq, Some(arrived), events)
+            .is_err()
+        {
             backplane.count_drop(Dropped::Malformed);
         }
         return true;

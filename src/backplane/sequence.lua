@@ -10,6 +10,7 @@
 --   K n                        a marker: published on the control channel
 --   R n room count k1 c1 ...   reaction taps: added to the totals, the sums published
 --   S n room                   a snapshot of the room, published on the control channel
+--   Q n room                   the same, but a room without state gets none (an empty one)
 -- An event numbered at or below the origin's last run one is skipped: the publisher's retry of
 -- a batch that reached Redis before its connection failed runs nothing twice.
 
@@ -30,9 +31,13 @@ local function keys(room)
   return tag .. 'state', tag .. 'history', tag .. 'reactions'
 end
 
--- The room's epoch. A room without state (new, expired, or Redis started empty) gets a new
--- life: a fresh epoch, seq 0, no history, no totals.
+-- The room's epoch (looked up once per run). A room without state (new, expired, or Redis
+-- started empty) gets a new life: a fresh epoch, seq 0, no history, no totals.
+local epochs = {}
 local function epoch_of(room)
+  if epochs[room] then
+    return epochs[room]
+  end
   local state, history, reactions = keys(room)
   local epoch = redis.call('HGET', state, 'epoch')
   if not epoch then
@@ -41,6 +46,7 @@ local function epoch_of(room)
     redis.call('HSET', state, 'epoch', epoch, 'seq', 0)
   end
   redis.call('PEXPIRE', state, room_ttl)
+  epochs[room] = epoch
   return epoch
 end
 
@@ -91,13 +97,15 @@ while i <= #ARGV do
       end
       redis.call('PUBLISH', 'roomcast:room:' .. room, table.concat(out))
     end
-  elseif op == 'S' then
+  elseif op == 'S' or op == 'Q' then
     local room = ARGV[i + 2]
     i = i + 3
-    if fresh then
+    local state, history, reactions = keys(room)
+    if fresh and op == 'Q' and redis.call('EXISTS', state) == 0 then
+      redis.call('PUBLISH', control, 'snapshot ' .. number .. ' ' .. room .. '\n')
+    elseif fresh then
       -- A join creates the room's state, as on one instance.
       local epoch = epoch_of(room)
-      local state, history, reactions = keys(room)
       local cutoff = now - history_ttl
       local out = { 'snapshot ', number, ' ', room, '\n', counted(epoch),
         counted(redis.call('HGET', state, 'seq')) }

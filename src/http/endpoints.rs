@@ -339,6 +339,9 @@ fn publish(shared: &Shared, request: &Request, room: &str, body: Vec<u8>) -> Res
 /// as it takes the message from its channel, so only a broadcaster far behind takes long; the
 /// `202` then goes without its `seq` rather than keep the backend waiting.
 const SEQ_WAIT: Duration = Duration::from_secs(1);
+/// How long the history endpoint waits, with Redis, for the room's history to be Redis's:
+/// longer than the broadcaster waits for a snapshot, so it is told either way.
+const SYNC_WAIT: Duration = Duration::from_secs(3);
 /// A moderation request is a small JSON object.
 const MAX_DISCONNECT_BODY_BYTES: usize = 4096;
 
@@ -367,6 +370,22 @@ fn room_details_json(shared: &Shared, room: &str) -> String {
 /// `GET /api/rooms/<room>/history?since=S&limit=N`: the first `N` retained messages after
 /// `S`, oldest first, as `message` frames; `404` for a room without state.
 fn history(shared: &Shared, request: &Request, room: &str) -> Response {
+    if shared.backplane.is_some() {
+        // The room's history here may not be all Redis retains (this instance came late to
+        // its stream): the broadcaster makes it so first, or says it cannot soon.
+        let (done, synced) = crossbeam_channel::bounded(1);
+        let sync = crate::relay::broadcaster::Event::Sync {
+            room: room.into(),
+            done,
+        };
+        if shared
+            .events
+            .send_deadline(sync, Instant::now() + SEQ_WAIT)
+            .is_ok()
+        {
+            let _ = synced.recv_timeout(SYNC_WAIT);
+        }
+    }
     let Some(state) = shared.room_states.get(room) else {
         return Response::status(404).with_body("no such room (or its state has expired)\n");
     };

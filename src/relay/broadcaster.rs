@@ -27,12 +27,12 @@ use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::frame::Frame;
 use tungstenite::Bytes;
 
+use crate::backplane::{Backplane, Outgoing, Relayed};
 use crate::config::Config;
 use crate::relay::budget::{Budget, Permit};
 use crate::relay::client::{encode, Client};
 use crate::relay::hub::Hub;
 use crate::relay::outbox::{Flush, Latest, Push};
-use crate::backplane::{Backplane, Outgoing, Relayed};
 use crate::relay::room_state::{
     messages_json, Retained, RoomState, RoomStates, Snapshot, LOCAL_SEQ_BASE,
     MAX_ROOM_REACTION_KEYS,
@@ -651,8 +651,7 @@ impl Broadcaster {
         let room = self.room(&name, now);
         let (seq, ts_ms) = match order {
             Order::Here => {
-                if with_redis && (room.source != Source::Own || room.state.seq() < LOCAL_SEQ_BASE)
-                {
+                if with_redis && (room.source != Source::Own || room.state.seq() < LOCAL_SEQ_BASE) {
                     // Redis could not number it (the link is down, or went down with it on
                     // its way): this instance's own numbers, under its own epoch.
                     room.state.start_local_epoch();
@@ -827,10 +826,16 @@ impl Broadcaster {
             return Err(what);
         }
         if !self.syncs.contains_key(name) {
-            if backplane.publish(Outgoing::Snapshot(name.clone())) != Relayed::Queued {
+            let request = Outgoing::Snapshot {
+                room: name.clone(),
+                create: matches!(what, Parked::Welcome(..)),
+            };
+            if backplane.publish(request) != Relayed::Queued {
                 return Err(what);
             }
-            self.stats.snapshots_requested.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .snapshots_requested
+                .fetch_add(1, Ordering::Relaxed);
             self.syncs.insert(
                 name.clone(),
                 PendingSync {
@@ -906,13 +911,17 @@ impl Broadcaster {
     }
 
     /// Redis's totals for a room; a newer life of the room (its epoch) is adopted with them.
-    fn set_totals(&mut self, name: &Arc<str>, epoch: &str, seq: u64, totals: BTreeMap<String, u64>) {
+    fn set_totals(
+        &mut self,
+        name: &Arc<str>,
+        epoch: &str,
+        seq: u64,
+        totals: BTreeMap<String, u64>,
+    ) {
         let room = self.room(name, Instant::now());
         if room.source == Source::Own || *room.state.epoch() != *epoch {
             room.state.adopt(epoch, seq);
-            room.source = Source::Redis {
-                complete: seq == 0,
-            };
+            room.source = Source::Redis { complete: seq == 0 };
             room.join_history = None;
         }
         room.state.reactions.lock().set_totals(totals);
@@ -951,6 +960,9 @@ impl Broadcaster {
 
     /// The welcome itself, from this instance's state of the room (see `welcome`).
     fn welcome_now(&mut self, client: Arc<Client>, resume: Option<Resume>) {
+        // What the room has gathered is in the history this welcome holds (a snapshot that
+        // arrived in this batch) or came before the join: it goes out without this client.
+        self.fan_out(&client.room);
         let now = Instant::now();
         let name = client.room.clone();
         let ttl = self.config.history_ttl;

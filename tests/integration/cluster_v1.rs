@@ -701,3 +701,31 @@ fn forged_and_unsequenced_messages_on_a_room_channel_take_no_seq() {
         assert_eq!(health(server), "ok\n", "garbage does not disturb the link");
     }
 }
+
+/// `GET .../history` on an instance that never had a member of the room, and came after its
+/// messages: it asks Redis (without creating state Redis does not have), so it answers with
+/// the room's history, and `404` for a room nobody has used.
+#[test]
+fn the_history_api_of_a_later_instance_reads_redis_and_creates_no_room() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let a = instance(&redis);
+    let mut writer = a.connect_v1("ledger", "name=writer");
+    for n in 0..5 {
+        writer.publish(json!({"n": n}));
+    }
+    let sent = messages(&mut writer, 5);
+    let d = instance(&redis);
+    let via_d = history_api(&d, "ledger", "since=2");
+    assert_eq!(via_d, history_api(&a, "ledger", "since=2"));
+    assert_eq!(via_d["messages"].as_array().unwrap(), &sent[2..].to_vec());
+
+    let auth = [("Authorization", bearer())];
+    let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let unknown = http(d.addr, "GET", "/api/rooms/nobody-here/history", &auth, b"");
+    assert_eq!(unknown.status, 404, "{}", unknown.text());
+    // Asked twice, still nothing: the first request created no state in Redis.
+    let again = http(a.addr, "GET", "/api/rooms/nobody-here/history", &auth, b"");
+    assert_eq!(again.status, 404, "{}", again.text());
+}
