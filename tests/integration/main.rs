@@ -9,6 +9,8 @@ mod browser;
 mod burst;
 mod capacity;
 mod cgroup;
+#[cfg(feature = "redis")]
+mod cluster_moderation;
 mod endpoints;
 mod flags;
 mod hostile;
