@@ -146,7 +146,7 @@ impl Server {
             backplane,
             supervisor: Supervisor::new(draining),
             room_states: Arc::default(),
-            users: crate::relay::users::Users::new(),
+            users: Arc::new(crate::relay::users::Users::new()),
         });
         Ok(Server {
             listener,
@@ -356,7 +356,12 @@ fn start_redis_link(
             backplane.clone(),
             outgoing,
             shared.events.clone(),
-            shared.hub.clone(),
+            crate::backplane::cluster::Local {
+                hub: shared.hub.clone(),
+                users: shared.users.clone(),
+                events: shared.events.clone(),
+                room_ttl: shared.config.room_ttl,
+            },
             &shared.supervisor,
             shutdown,
         ),

@@ -19,6 +19,7 @@ use crate::relay::room_state::RoomStates;
 use crate::relay::users::Users;
 use crate::stats::Stats;
 use crate::supervisor::Supervisor;
+use crate::v1::codec::Presence;
 
 /// State every connection thread needs. Shared as `Arc<Shared>`, dropped when the last
 /// connection thread and the acceptor are done.
@@ -41,8 +42,9 @@ pub(crate) struct Shared {
     pub supervisor: Arc<Supervisor>,
     /// Every room's epoch and `seq`, kept by the broadcaster, read by the rooms API.
     pub room_states: Arc<RoomStates>,
-    /// Verified users across their connections: the per-user cap, rate limit and bans.
-    pub users: Users,
+    /// Verified users across their connections: the per-user cap, rate limit and bans. Shared
+    /// with the Redis subscriber, which records other instances' bans in it.
+    pub users: Arc<Users>,
 }
 
 impl Shared {
@@ -61,6 +63,16 @@ impl Shared {
         let local = self.hub.rooms();
         match &self.backplane {
             Some(backplane) => backplane.cluster_rooms(local),
+            None => local,
+        }
+    }
+
+    /// Clients and distinct users of one room: across the cluster with `--redis` (users
+    /// summed over the instances), else here.
+    pub fn presence(&self, room: &str) -> Presence {
+        let local = self.hub.presence(room);
+        match &self.backplane {
+            Some(backplane) => backplane::cluster::add(local, backplane.remote_presence(room)),
             None => local,
         }
     }

@@ -50,6 +50,7 @@
 //! threads and endpoints touch, plus the ledger and the wire format, and compiles without the
 //! `redis` feature (a server without `--redis` never builds one).
 
+pub mod cluster;
 pub mod keys;
 #[cfg(feature = "redis")]
 pub(crate) mod redis_link;
@@ -67,6 +68,7 @@ use tungstenite::Bytes;
 
 use crate::relay::broadcaster::{Event, Events, Message, MessageKind, Stamp};
 use crate::relay::room_state::{Retained, Snapshot};
+use crate::v1::codec::Presence;
 
 pub use keys::{CONTROL_CHANNEL_PREFIX, INSTANCE_KEY_PREFIX, ROOM_CHANNEL_PREFIX};
 
@@ -279,8 +281,8 @@ pub struct Backplane {
     up: AtomicBool,
     /// A queue overflow was logged and not yet followed by a successful publish.
     overflow_logged: AtomicBool,
-    /// Other instances' clients per room, from the last presence heartbeat.
-    remote_rooms: RwLock<HashMap<String, usize>>,
+    /// Other instances' clients and users per room, summed, from the last presence heartbeat.
+    remote_rooms: RwLock<HashMap<String, Presence>>,
     remote_instances: AtomicUsize,
     pub outages: AtomicU64,
     pub published: AtomicU64,
@@ -296,6 +298,9 @@ pub struct Backplane {
     /// Heartbeat period and the TTL of the presence hash (three heartbeats).
     pub heartbeat: Duration,
     pub presence_ttl: Duration,
+    /// Moderation commands from the endpoint to the presence thread, on their way to the
+    /// other instances (`cluster`).
+    pub moderation: cluster::Handoff,
 }
 
 impl Backplane {
@@ -332,6 +337,7 @@ impl Backplane {
             max_message_bytes,
             heartbeat: presence_ttl / 3,
             presence_ttl,
+            moderation: cluster::Handoff::default(),
         };
         (backplane, outgoing)
     }
@@ -562,7 +568,7 @@ impl Backplane {
     }
 
     /// Replaces the other instances' room counts (the presence thread, every heartbeat).
-    pub fn set_remote_rooms(&self, instances: usize, rooms: HashMap<String, usize>) {
+    pub fn set_remote_rooms(&self, instances: usize, rooms: HashMap<String, Presence>) {
         *self.remote_rooms.write() = rooms;
         self.remote_instances.store(instances, Ordering::Relaxed);
     }
@@ -575,7 +581,12 @@ impl Backplane {
     /// Cluster-wide counts: this instance's live counts plus the others' as of the last
     /// heartbeat (at most `heartbeat` old).
     pub fn cluster_rooms(&self, local: Vec<(String, usize)>) -> Vec<(String, usize)> {
-        let mut rooms = self.remote_rooms.read().clone();
+        let mut rooms: HashMap<String, usize> = self
+            .remote_rooms
+            .read()
+            .iter()
+            .map(|(room, presence)| (room.clone(), presence.clients))
+            .collect();
         for (room, clients) in local {
             *rooms.entry(room).or_default() += clients;
         }
@@ -584,7 +595,18 @@ impl Backplane {
 
     /// Cluster-wide members of one room.
     pub fn cluster_room_size(&self, room: &str, local: usize) -> usize {
-        local + self.remote_rooms.read().get(room).copied().unwrap_or(0)
+        local + self.remote_presence(room).clients
+    }
+
+    /// The other instances' clients and users in one room, as of their last heartbeat (at
+    /// most `heartbeat` old); zero for a room none of them reported. Add this instance's own
+    /// (`cluster::add`) for the room's cluster-wide presence.
+    pub fn remote_presence(&self, room: &str) -> Presence {
+        self.remote_rooms
+            .read()
+            .get(room)
+            .copied()
+            .unwrap_or(cluster::NO_ONE)
     }
 }
 
@@ -1377,11 +1399,17 @@ mod tests {
     #[test]
     fn cluster_counts_add_local_to_remote() {
         let (backplane, _outgoing) = new_backplane();
-        backplane.set_remote_rooms(2, HashMap::from([("a".to_string(), 3)]));
+        let remote = Presence {
+            clients: 3,
+            users: 2,
+        };
+        backplane.set_remote_rooms(2, HashMap::from([("a".to_string(), remote)]));
         let mut rooms = backplane.cluster_rooms(vec![("a".into(), 1), ("b".into(), 2)]);
         rooms.sort();
         assert_eq!(rooms, [("a".to_string(), 4), ("b".to_string(), 2)]);
         assert_eq!(backplane.cluster_room_size("a", 0), 3);
+        assert_eq!(backplane.remote_presence("a"), remote);
+        assert_eq!(backplane.remote_presence("b"), cluster::NO_ONE, "unknown");
         assert_eq!(backplane.instances(), 3);
     }
 }

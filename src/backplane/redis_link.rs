@@ -10,9 +10,13 @@
 //!   instance's control channel, and feeds every message, from every instance, into the
 //!   broadcaster's channel: other instances' messages as they come (each once), this
 //!   instance's own out of the ledger. This is the only way a room message reaches the
-//!   broadcaster while the link is up.
-//! - **redis-presence** writes this instance's room counts to its presence hash with a TTL,
-//!   reads the other instances' hashes, and deletes its own at shutdown.
+//!   broadcaster while the link is up. It also `SUBSCRIBE`s the moderation channel and acts
+//!   on other instances' disconnects and bans, and loads the bans kept in Redis each time it
+//!   connects (`cluster`).
+//! - **redis-presence** writes this instance's room counts (clients and users) to its
+//!   presence hash with a TTL, extends the Redis state of its rooms by `--room-ttl`, reads the
+//!   other instances' hashes, and deletes its own at shutdown. Between heartbeats it hands
+//!   the endpoint's moderation commands to Redis.
 //!
 //! Each reconnects on its own with exponential backoff; `Backplane::set_side` turns the
 //! publisher's and subscriber's state into "up" or "degraded". Every blocking call has a
@@ -30,16 +34,19 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, warn};
 use redis::{Client, Connection, RedisResult};
 
+use crate::backplane::cluster::{self, Local};
 use crate::backplane::{
-    self, Arrival, Backplane, Dropped, Origins, Outgoing, Sequence, Side, INSTANCE_KEY_PREFIX,
+    self, keys, Arrival, Backplane, Dropped, Origins, Outgoing, Sequence, Side,
+    INSTANCE_KEY_PREFIX,
     MAX_HELD_EVENTS,
 };
 use crate::error::Error;
 use crate::relay::broadcaster::Events;
 use crate::relay::broadcaster::{Message, Order};
-use crate::relay::hub::{is_valid_room_name, Hub};
+use crate::relay::hub::is_valid_room_name;
 use crate::shutdown::Shutdown;
 use crate::supervisor::Supervisor;
+use crate::v1::codec::Presence;
 
 /// How long a blocking Redis read waits before the thread checks for shutdown, and how long
 /// the publisher waits for a message before it looks at the link again.
@@ -64,7 +71,7 @@ pub(crate) fn start(
     backplane: Arc<Backplane>,
     outgoing: Receiver<Outgoing>,
     events: Events,
-    hub: Arc<Hub>,
+    local: Local,
     supervisor: &Arc<Supervisor>,
     shutdown: &Shutdown,
 ) -> Result<Vec<JoinHandle<()>>, Error> {
@@ -107,11 +114,17 @@ pub(crate) fn start(
         )
     };
     let mut threads = vec![publisher];
+    let local = Arc::new(local);
     let subscriber = {
-        let (client, backplane, shutdown) = (client.clone(), backplane.clone(), shutdown.clone());
+        let (client, backplane, local, shutdown) = (
+            client.clone(),
+            backplane.clone(),
+            local.clone(),
+            shutdown.clone(),
+        );
         spawn(
             "redis-subscriber",
-            Box::new(move || subscribe(&client, &backplane, &events, &shutdown)),
+            Box::new(move || subscribe(&client, &backplane, &events, &local, &shutdown)),
         )
     };
     threads.push(subscriber);
@@ -119,7 +132,7 @@ pub(crate) fn start(
         let shutdown = shutdown.clone();
         spawn(
             "redis-presence",
-            Box::new(move || presence(&client, &backplane, &hub, &shutdown)),
+            Box::new(move || presence(&client, &backplane, &local, &shutdown)),
         )
     };
     threads.push(presence);
@@ -438,7 +451,13 @@ fn take_batch(first: Outgoing, outgoing: &Receiver<Outgoing>) -> Vec<Outgoing> {
 
 /// The subscriber: every room message of every instance, in Redis's order, into the
 /// broadcaster's channel.
-fn subscribe(client: &Client, backplane: &Backplane, events: &Events, shutdown: &Shutdown) {
+fn subscribe(
+    client: &Client,
+    backplane: &Backplane,
+    events: &Events,
+    local: &Local,
+    shutdown: &Shutdown,
+) {
     let _down = OnExit(|| backplane.set_side(Side::Subscriber, false));
     let mut reconnect = Backoff::new("subscriber");
     let mut origins = Origins::default();
@@ -446,13 +465,24 @@ fn subscribe(client: &Client, backplane: &Backplane, events: &Events, shutdown: 
         let result = connect(client).and_then(|mut con| {
             let mut pubsub = con.as_pubsub();
             pubsub.set_read_timeout(Some(POLL))?;
-            // Both return once Redis confirms, so everything published after the link is up
+            // Each returns once Redis confirms, so everything published after the link is up
             // comes back through this connection.
             pubsub.subscribe(backplane.control_channel())?;
+            pubsub.subscribe(keys::MODERATION_CHANNEL)?;
             pubsub.psubscribe(format!("{}*", backplane::ROOM_CHANNEL_PREFIX))?;
+            // After subscribing: a ban published while this connection was away is in the
+            // hash now, and one published from now on comes through the channel.
+            cluster::load_bans(&mut connect(client)?, backplane, local)?;
             backplane.set_side(Side::Subscriber, true);
             reconnect.succeeded();
-            listen(&mut pubsub, backplane, events, &mut origins, shutdown)
+            listen(
+                &mut pubsub,
+                backplane,
+                events,
+                local,
+                &mut origins,
+                shutdown,
+            )
         });
         backplane.set_side(Side::Subscriber, false);
         // What this connection has not brought back it never will: deliver it here, in order.
@@ -469,6 +499,7 @@ fn listen(
     pubsub: &mut redis::PubSub<'_>,
     backplane: &Backplane,
     events: &Events,
+    local: &Local,
     origins: &mut Origins,
     shutdown: &Shutdown,
 ) -> RedisResult<()> {
@@ -478,7 +509,7 @@ fn listen(
         match pubsub.get_message() {
             Ok(message) => {
                 last_heard = Instant::now();
-                if !forward(&message, backplane, events, origins) {
+                if !forward(&message, backplane, events, local, origins) {
                     return Ok(()); // the broadcaster has stopped
                 }
             }
@@ -511,10 +542,15 @@ fn forward(
     message: &redis::Msg,
     backplane: &Backplane,
     events: &Events,
+    local: &Local,
     origins: &mut Origins,
 ) -> bool {
     let channel = message.get_channel_name();
     let payload: Vec<u8> = message.get_payload().unwrap_or_default();
+    if !message.from_pattern() && channel == keys::MODERATION_CHANNEL {
+        cluster::receive(&payload, backplane, local);
+        return true;
+    }
     if !message.from_pattern() && channel == backplane.control_channel() {
         forward_control(&payload, backplane, events);
         return true;
@@ -669,49 +705,115 @@ fn forward_unsequenced(
     events.send_message(message, None).is_ok()
 }
 
-/// The presence heartbeat: publish this instance's counts, read everyone else's.
-fn presence(client: &Client, backplane: &Backplane, hub: &Hub, shutdown: &Shutdown) {
+/// The presence heartbeat: publish this instance's counts, read everyone else's. Between
+/// heartbeats, hand the endpoint's moderation commands to Redis as they come.
+fn presence(client: &Client, backplane: &Backplane, local: &Local, shutdown: &Shutdown) {
     // Without this thread the other instances cannot be seen; old counts would only mislead.
     let _forget = OnExit(|| backplane.set_remote_rooms(0, HashMap::new()));
     let key = format!("{INSTANCE_KEY_PREFIX}{}", backplane.instance);
     let mut con: Option<Connection> = None;
+    let mut next_heartbeat = Instant::now();
     loop {
-        if con.is_none() {
-            con = connect(client).ok();
-        }
-        if let Some(connection) = con.as_mut() {
-            if let Err(err) = heartbeat(connection, &key, backplane, hub) {
-                debug!("presence heartbeat failed: {err}");
-                con = None;
+        if Instant::now() >= next_heartbeat {
+            if con.is_none() {
+                con = connect(client).ok();
             }
+            if let Some(connection) = con.as_mut() {
+                if let Err(err) = heartbeat(connection, &key, backplane, local) {
+                    debug!("presence heartbeat failed: {err}");
+                    con = None;
+                }
+            }
+            if con.is_none() {
+                // Without Redis the other instances cannot be seen; old counts would only mislead.
+                backplane.set_remote_rooms(0, HashMap::new());
+            }
+            next_heartbeat = Instant::now() + backplane.heartbeat;
         }
-        if con.is_none() {
-            // Without Redis the other instances cannot be seen; old counts would only mislead.
-            backplane.set_remote_rooms(0, HashMap::new());
-        }
-        if !wait(shutdown, backplane.heartbeat) {
-            break;
+        let timeout = next_heartbeat.saturating_duration_since(Instant::now());
+        crossbeam_channel::select! {
+            // Never a message: ready (disconnected) once shutdown begins.
+            recv(shutdown.receiver()) -> _ => break,
+            recv(backplane.moderation.pending()) -> command => {
+                if let Ok(command) = command {
+                    send_moderation(client, &mut con, backplane, &command);
+                }
+            }
+            default(timeout) => {}
         }
     }
-    // Leaving the cluster: our clients stop counting at once rather than after the TTL.
     if let Some(connection) = con.as_mut() {
+        // What the endpoint answered `"cluster":true` for still goes out.
+        for command in backplane.moderation.pending().try_iter() {
+            if cluster::send(connection, &command).is_err() {
+                break;
+            }
+        }
+        // Leaving the cluster: our clients stop counting at once rather than after the TTL.
         let _ = redis::cmd("DEL").arg(&key).exec(connection);
     }
 }
 
-fn heartbeat(con: &mut Connection, key: &str, backplane: &Backplane, hub: &Hub) -> RedisResult<()> {
+/// One moderation command to Redis, on the presence connection (made now if there is none),
+/// retried once on a fresh connection: moderators act rarely, so the connection may have been
+/// closed since its last use. A command that still fails is lost for the other instances,
+/// and said so once per episode.
+fn send_moderation(
+    client: &Client,
+    con: &mut Option<Connection>,
+    backplane: &Backplane,
+    command: &cluster::Command,
+) {
+    for _attempt in 0..2 {
+        if con.is_none() {
+            *con = connect(client).ok();
+        }
+        let Some(connection) = con.as_mut() else {
+            break;
+        };
+        match cluster::send(connection, command) {
+            Ok(()) => {
+                backplane.moderation.reached_redis();
+                return;
+            }
+            Err(err) => {
+                debug!("moderation command to redis failed: {err}");
+                *con = None;
+            }
+        }
+    }
+    backplane
+        .moderation
+        .failed("a command could not be written to redis");
+}
+
+fn heartbeat(
+    con: &mut Connection,
+    key: &str,
+    backplane: &Backplane,
+    local: &Local,
+) -> RedisResult<()> {
     let ttl_ms = u64::try_from(backplane.presence_ttl.as_millis()).unwrap_or(u64::MAX);
+    let room_ttl_ms = u64::try_from(local.room_ttl.as_millis()).unwrap_or(u64::MAX);
+    let rooms = local.hub.presences();
     let mut pipe = redis::pipe();
     pipe.atomic().cmd("DEL").arg(key).ignore();
     let hset = pipe.cmd("HSET").arg(key).arg(ALIVE_FIELD).arg(1);
-    for (room, clients) in hub.rooms() {
-        hset.arg(room).arg(clients);
+    for (room, presence) in &rooms {
+        hset.arg(room).arg(cluster::encode_presence(*presence));
     }
     hset.ignore();
     pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms).ignore();
+    // A room's state in Redis lives while any instance has members in it, and `--room-ttl`
+    // after the last one leaves (a missing key is left alone).
+    for (room, _) in &rooms {
+        for room_key in [keys::state_key(room), keys::reactions_key(room)] {
+            pipe.cmd("PEXPIRE").arg(room_key).arg(room_ttl_ms).ignore();
+        }
+    }
     pipe.exec(con)?;
 
-    let mut rooms: HashMap<String, usize> = HashMap::new();
+    let mut rooms: HashMap<String, Presence> = HashMap::new();
     let mut instances = 0;
     let mut cursor = 0u64;
     loop {
@@ -723,14 +825,22 @@ fn heartbeat(con: &mut Connection, key: &str, backplane: &Backplane, hub: &Hub) 
             .arg(100)
             .query(con)?;
         for other in keys.iter().filter(|other| *other != key) {
-            let counts: HashMap<String, usize> = redis::cmd("HGETALL").arg(other).query(con)?;
+            // Bytes, not numbers: one field this instance cannot read (another version's, or
+            // garbage) is skipped instead of failing the whole heartbeat.
+            let counts: HashMap<Vec<u8>, Vec<u8>> = redis::cmd("HGETALL").arg(other).query(con)?;
             // SCAN may return a key twice; an expired one comes back empty.
-            if counts.contains_key(ALIVE_FIELD) {
+            if counts.contains_key(ALIVE_FIELD.as_bytes()) {
                 instances += 1;
             }
-            for (room, clients) in counts {
-                if is_valid_room_name(&room) {
-                    *rooms.entry(room).or_default() += clients;
+            for (room, value) in counts {
+                let Ok(room) = String::from_utf8(room) else {
+                    continue;
+                };
+                if let Some(presence) =
+                    cluster::decode_presence(&value).filter(|_| is_valid_room_name(&room))
+                {
+                    let sum = rooms.entry(room).or_insert(cluster::NO_ONE);
+                    *sum = cluster::add(*sum, presence);
                 }
             }
         }

@@ -345,13 +345,13 @@ const SYNC_WAIT: Duration = Duration::from_secs(3);
 /// A moderation request is a small JSON object.
 const MAX_DISCONNECT_BODY_BYTES: usize = 4096;
 
-/// `GET /api/rooms/<room>`: its member count, distinct users, and while it has state, its
-/// `seq`.
+/// `GET /api/rooms/<room>`: its member count, distinct users (both cluster-wide with
+/// `--redis`), and while it has state, its `seq`.
 fn room_details_json(shared: &Shared, room: &str) -> String {
-    let mut body = room_json(room, shared.room_size(room));
+    let presence = shared.presence(room);
+    let mut body = room_json(room, presence.clients);
     body.pop();
-    let users = shared.hub.presence(room).users;
-    body.push_str(&format!(",\"users\":{users}"));
+    body.push_str(&format!(",\"users\":{}", presence.users));
     if let Some(state) = shared.room_states.get(room) {
         body.push_str(&format!(
             ",\"epoch\":{},\"seq\":{}",

@@ -1,7 +1,8 @@
 //! Moderation: `POST /api/rooms/<room>/disconnect` (PROTOCOL §6). The backend names a user;
 //! every connection of that user in the room is closed with `4003` and the moderator's
 //! reason, and with `ban_secs` the user's tokens for that room are refused (`403`) until the
-//! ban ends.
+//! ban ends. With `--redis` the same happens on every other instance (`backplane::cluster`
+//! carries the command and calls `enforce` there).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +11,10 @@ use log::info;
 use serde_json::value::RawValue;
 
 use crate::http::Response;
+use crate::relay::broadcaster::Events;
 use crate::relay::client::Client;
+use crate::relay::hub::Hub;
+use crate::relay::users::{BansFull, Users};
 use crate::shared::Shared;
 
 /// Longest ban: a week. Bans are memory the server holds for each; anything longer is the
@@ -70,7 +74,77 @@ fn cut_at_char_boundary(text: &str, max: usize) -> String {
     text[..end].to_string()
 }
 
-/// Answers `POST /api/rooms/<room>/disconnect`.
+/// Which of a room's connections a disconnect of a user name reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// Every connection whose id is the name: a verified user's, or the one anonymous
+    /// connection this instance named `anon-<n>` (the endpoint, on its own instance).
+    Any,
+    /// Verified connections only (a command from another instance): an anonymous id names a
+    /// connection on the instance that gave it out, and the same id here is somebody else.
+    Verified,
+}
+
+/// One disconnect (and ban), as the endpoint or another instance asked for it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Disconnect<'a> {
+    pub room: &'a str,
+    pub user: &'a str,
+    /// The close frame's reason, at most `MAX_REASON_BYTES`.
+    pub reason: &'a str,
+    pub ban: Option<Duration>,
+    pub scope: Scope,
+}
+
+/// Bans the user from the room (with a ban), then closes its connections there with `4003`
+/// and the reason: the one path of both the endpoint and the commands other instances send
+/// through Redis. Returns how many it closed; a full ban list refuses the ban and closes
+/// nothing.
+///
+/// The ban first: a reconnect racing the close below is refused, or removed as it joins (see
+/// `connection::run`).
+pub(crate) fn enforce(
+    hub: &Hub,
+    users: &Users,
+    events: &Events,
+    order: &Disconnect<'_>,
+) -> Result<usize, BansFull> {
+    if let Some(ban) = order.ban {
+        users.ban(order.room, order.user, ban, Instant::now())?;
+    }
+    Ok(close_user(hub, events, order))
+}
+
+/// Closes the user's connections in the room with `4003` and the reason, leaving its ban
+/// list alone; returns how many.
+pub(crate) fn close_user(hub: &Hub, events: &Events, order: &Disconnect<'_>) -> usize {
+    // Collected under the hub's lock, closed after it: closing sends and shuts sockets down.
+    let mut targets: Vec<Arc<Client>> = Vec::new();
+    hub.for_each_member(order.room, |client| {
+        let is_named = match order.scope {
+            Scope::Any => *client.identity.id == *order.user,
+            Scope::Verified => client.identity.user().is_some_and(|id| **id == *order.user),
+        };
+        // A client already closing (it left, or was closed) is not disconnected again.
+        if is_named && !client.is_closing() {
+            targets.push(client.clone());
+        }
+    });
+    let mut disconnected = 0;
+    for client in &targets {
+        if client.remove_by_moderator(order.reason) {
+            disconnected += 1;
+            // The close may not all have left at once; the broadcaster retries a backlog.
+            if client.has_backlog() {
+                events.hand_over_backlog(client);
+            }
+        }
+    }
+    disconnected
+}
+
+/// Answers `POST /api/rooms/<room>/disconnect`: here at once, and with `--redis` on every
+/// other instance through Redis (`backplane::cluster`), without waiting for it.
 pub(crate) fn disconnect(shared: &Shared, room: &str, body: &[u8]) -> Response {
     let request = match parse(body) {
         Ok(request) => request,
@@ -83,50 +157,53 @@ pub(crate) fn disconnect(shared: &Shared, room: &str, body: &[u8]) -> Response {
             "bans need join tokens: start roomcast with a token secret (ROOMCAST_TOKEN_SECRET)\n",
         );
     }
-    // The ban first: a reconnect racing the close below is refused, or removed as it joins
-    // (see `connection::run`).
-    if let Some(ban) = request.ban {
-        if shared
-            .users
-            .ban(room, &request.user, ban, Instant::now())
-            .is_err()
-        {
-            return Response::status(503).with_body(format!(
-                "the ban list is full ({} bans); retry when some have expired\n",
-                crate::relay::users::MAX_BANS
-            ));
-        }
-    }
-    // Collected under the hub's lock, closed after it: closing sends and shuts sockets down.
-    let mut targets: Vec<Arc<Client>> = Vec::new();
-    shared.hub.for_each_member(room, |client| {
-        // A client already closing (it left, or was closed) is not disconnected again.
-        if *client.identity.id == *request.user && !client.is_closing() {
-            targets.push(client.clone());
-        }
+    let order = Disconnect {
+        room,
+        user: &request.user,
+        reason: &request.reason,
+        ban: request.ban,
+        scope: Scope::Any,
+    };
+    let enforced = enforce(&shared.hub, &shared.users, &shared.events, &order);
+    let Ok(disconnected) = enforced else {
+        return Response::status(503).with_body(format!(
+            "the ban list is full ({} bans); retry when some have expired\n",
+            crate::relay::users::MAX_BANS
+        ));
+    };
+    // The other instances do the same when their subscribers get the command, within a Redis
+    // round trip; this reply does not wait for them.
+    let cluster = shared.backplane.as_ref().map(|backplane| {
+        let command = crate::backplane::cluster::Command {
+            origin: backplane.origin,
+            room: room.to_string(),
+            user: request.user.clone(),
+            reason: request.reason.clone(),
+            ban_until_ms: request.ban.map(|ban| {
+                let ban_ms = u64::try_from(ban.as_millis()).unwrap_or(u64::MAX);
+                crate::backplane::cluster::unix_ms_now().saturating_add(ban_ms)
+            }),
+        };
+        backplane.moderation.offer(command, backplane.is_up())
     });
-    let mut disconnected = 0;
-    for client in &targets {
-        if client.remove_by_moderator(&request.reason) {
-            disconnected += 1;
-            // The close may not all have left at once; the broadcaster retries a backlog.
-            if client.has_backlog() {
-                shared.events.hand_over_backlog(client);
-            }
-        }
-    }
     info!(
-        "moderation: room {room}: user {:?} disconnected from {disconnected} connections{}",
+        "moderation: room {room}: user {:?} disconnected from {disconnected} connections{}{}",
         request.user,
         request.ban.map_or(String::new(), |ban| format!(
             ", banned for {}s",
             ban.as_secs()
-        ))
+        )),
+        match cluster {
+            Some(true) => ", and handed to the other instances",
+            Some(false) => ", on this instance only",
+            None => "",
+        }
     );
-    Response::ok(
-        crate::http::JSON,
-        format!("{{\"disconnected\":{disconnected}}}"),
-    )
+    let body = match cluster {
+        Some(cluster) => format!("{{\"disconnected\":{disconnected},\"cluster\":{cluster}}}"),
+        None => format!("{{\"disconnected\":{disconnected}}}"),
+    };
+    Response::ok(crate::http::JSON, body)
 }
 
 #[cfg(test)]

@@ -901,6 +901,21 @@ impl Broadcaster {
         }
     }
 
+    /// A room's counts here, plus, with Redis, the other instances' as of their last
+    /// heartbeat: what `presence` frames and welcomes show.
+    fn with_remote(&self, name: &str, local: Presence) -> Presence {
+        match &self.backplane {
+            Some(backplane) => {
+                let remote = backplane.remote_presence(name);
+                Presence {
+                    clients: local.clients + remote.clients,
+                    users: local.users + remote.users,
+                }
+            }
+            None => local,
+        }
+    }
+
     /// Messages a room retains: `--history`, unless the history budget is 0 (off).
     fn history_limit(&self) -> usize {
         if self.config.history_budget > 0 {
@@ -1031,7 +1046,7 @@ impl Broadcaster {
             crate::v1::codec::Backlog {
                 history: &history,
                 recovered,
-                presence: self.hub.presence(&client.room),
+                presence: self.with_remote(&client.room, self.hub.presence(&client.room)),
                 reactions: &reactions,
             },
         );
@@ -1085,6 +1100,7 @@ impl Broadcaster {
                     counts = Some(members.presence());
                 }
             });
+            let counts = counts.map(|local| self.with_remote(&name, local));
             let (Some(counts), Some(room)) = (counts, self.rooms.get_mut(&name)) else {
                 self.live_rooms.remove(&name);
                 continue;

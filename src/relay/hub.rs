@@ -162,6 +162,16 @@ impl Hub {
             .collect()
     }
 
+    /// Every room with its clients and distinct users, for the presence heartbeat that
+    /// tells the other instances (with `--redis`).
+    pub fn presences(&self) -> Vec<(String, Presence)> {
+        self.rooms
+            .read()
+            .iter()
+            .map(|(name, room)| (name.to_string(), room.presence()))
+            .collect()
+    }
+
     /// Clients in all rooms.
     pub fn client_count(&self) -> usize {
         self.rooms.read().values().map(Room::len).sum()

@@ -10,6 +10,8 @@ mod burst;
 mod capacity;
 mod cgroup;
 #[cfg(feature = "redis")]
+mod cluster_moderation;
+#[cfg(feature = "redis")]
 mod cluster_v1;
 mod endpoints;
 mod flags;
