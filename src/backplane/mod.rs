@@ -90,8 +90,9 @@ pub const MAX_ORIGINS: usize = 1024;
 /// What the publish queue carries: an event for the broadcaster, on its way through Redis.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// A room message: numbered by Redis and published, so every instance relays it.
-    Message(Message),
+    /// A room message: numbered by Redis and published, so every instance relays it. The
+    /// sender, if given, is told the `seq` it got (the publish endpoint answers with it).
+    Message(Message, Option<Sender<u64>>),
     /// Any other event (a server-initiated close): it never leaves this instance, but a marker
     /// on the control channel keeps its place behind the messages queued before it.
     Local(Event),
@@ -111,7 +112,7 @@ impl Outgoing {
     /// The bytes it counts against the publish queue's bound.
     pub fn payload_len(&self) -> usize {
         match self {
-            Outgoing::Message(message) => message.payload.len(),
+            Outgoing::Message(message, _) => message.payload.len(),
             Outgoing::Local(_) | Outgoing::Reactions { .. } | Outgoing::Snapshot { .. } => 0,
         }
     }
@@ -140,16 +141,21 @@ impl Arrival {
     /// else is a forgery under this instance's origin, and the held event goes as it is.
     fn answers(&self, held: &Outgoing) -> bool {
         match (self, held) {
-            (Arrival::Message(arrived), Outgoing::Message(held)) => arrived.room == held.room,
+            (Arrival::Message(arrived), Outgoing::Message(held, _)) => arrived.room == held.room,
             (Arrival::Totals { room, .. }, Outgoing::Reactions { room: held, .. }) => room == held,
             (Arrival::Snapshot { room, .. }, Outgoing::Snapshot { room: held, .. }) => room == held,
             _ => false,
         }
     }
 
-    fn deliver(self, events: &Events) -> Result<(), crate::relay::broadcaster::Stopped> {
+    /// Hands it to the broadcaster; a message's sender (`numbered`) is told its `seq` there.
+    fn deliver(
+        self,
+        events: &Events,
+        numbered: Option<Sender<u64>>,
+    ) -> Result<(), crate::relay::broadcaster::Stopped> {
         match self {
-            Arrival::Message(message) => events.send_message(message, None),
+            Arrival::Message(message) => events.send_message(message, numbered),
             Arrival::Totals {
                 room,
                 epoch,
@@ -175,8 +181,8 @@ impl From<Event> for Outgoing {
             Event::Message {
                 message,
                 permit: _,
-                numbered: _,
-            } => Outgoing::Message(message),
+                numbered,
+            } => Outgoing::Message(message, numbered),
             other => Outgoing::Local(other),
         }
     }
@@ -188,7 +194,7 @@ impl Outgoing {
     /// Its local form: what this instance's members get when Redis did not bring it back.
     fn deliver(self, events: &Events) -> Result<(), crate::relay::broadcaster::Stopped> {
         match self {
-            Outgoing::Message(message) => events.send_message(message, None),
+            Outgoing::Message(message, numbered) => events.send_message(message, numbered),
             Outgoing::Local(event) => events.send(event),
             Outgoing::Reactions { room, taps } => events.send(Event::Tally { room, taps }),
             Outgoing::Snapshot { room, .. } => events.send(Event::Snapshot {
@@ -492,8 +498,11 @@ impl Backplane {
         ledger.delivered += 1;
         self.queued_bytes
             .fetch_sub(held.payload_len(), Ordering::SeqCst);
-        drop(held);
-        let _ = arrived.deliver(events);
+        let numbered = match held {
+            Outgoing::Message(_, numbered) => numbered,
+            _ => None,
+        };
+        let _ = arrived.deliver(events, numbered);
         self.ledger_drained.notify_all();
         Ok(before + 1)
     }
@@ -617,7 +626,7 @@ impl Backplane {
 /// thread reading, which lets TCP flow control push back on the sender.
 pub(crate) fn relay(backplane: Option<&Backplane>, events: &Events, message: Message) -> Relayed {
     match backplane {
-        Some(backplane) => backplane.publish(Outgoing::Message(message)),
+        Some(backplane) => backplane.publish(Outgoing::Message(message, None)),
         None => match events.send_message(message, None) {
             Ok(()) => Relayed::Queued,
             Err(_) => Relayed::Stopped,
@@ -1034,7 +1043,7 @@ mod tests {
     }
 
     fn message(text: &str) -> Outgoing {
-        Outgoing::Message(self::text("r", text))
+        Outgoing::Message(self::text("r", text), None)
     }
 
     /// What the broadcaster received, as texts (closes as "close").
@@ -1238,11 +1247,14 @@ mod tests {
     fn a_full_queue_drops_and_counts_and_says_so() {
         let (backplane, outgoing) = new_backplane();
         let large = || {
-            Outgoing::Message(Message {
-                kind: MessageKind::Binary,
-                payload: Bytes::from(vec![0; 1024 * 1024]),
-                ..text("r", "")
-            })
+            Outgoing::Message(
+                Message {
+                    kind: MessageKind::Binary,
+                    payload: Bytes::from(vec![0; 1024 * 1024]),
+                    ..text("r", "")
+                },
+                None,
+            )
         };
         let results: Vec<Relayed> = (0..20).map(|_| backplane.publish(large())).collect();
         assert_eq!(outgoing.len(), 16, "bounded by bytes");

@@ -37,8 +37,7 @@ use redis::{Client, Connection, RedisResult};
 use crate::backplane::cluster::{self, Local};
 use crate::backplane::{
     self, keys, Arrival, Backplane, Dropped, Origins, Outgoing, Sequence, Side,
-    INSTANCE_KEY_PREFIX,
-    MAX_HELD_EVENTS,
+    INSTANCE_KEY_PREFIX, MAX_HELD_EVENTS,
 };
 use crate::error::Error;
 use crate::relay::broadcaster::Events;
@@ -358,7 +357,7 @@ impl Pipeline {
         let mut messages = 0;
         for (seq, event) in (first..).zip(batch) {
             match event {
-                Outgoing::Message(message) => {
+                Outgoing::Message(message, _) => {
                     messages += 1;
                     commands.arg("M").arg(seq).arg(&*message.room).arg(
                         backplane::encode_sequenced(
@@ -662,7 +661,7 @@ fn forward_totals(
         backplane.count_drop(Dropped::Duplicate);
         return true;
     }
-    arrived.deliver(events).is_ok()
+    arrived.deliver(events, None).is_ok()
 }
 
 /// A message in the plain form (a backend's `PUBLISH`) or the bare sequenced one: outside

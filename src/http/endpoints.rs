@@ -291,20 +291,20 @@ fn publish(shared: &Shared, request: &Request, room: &str, body: Vec<u8>) -> Res
         from: None,
         order: crate::relay::broadcaster::Order::Here,
     };
-    // Without Redis, the broadcaster numbers the message and says so; with Redis the message
-    // is numbered where it is relayed, after this response.
+    // The broadcaster says which `seq` the message got: without Redis as it takes it from
+    // its channel, with Redis once Redis has numbered it and it came back.
     let (numbered, seq) = crossbeam_channel::bounded(1);
-    let relayed = match shared.backplane {
-        Some(_) => shared.relay(message),
+    let relayed = match &shared.backplane {
+        Some(backplane) => {
+            backplane.publish(crate::backplane::Outgoing::Message(message, Some(numbered)))
+        }
         None => match shared.events.send_message(message, Some(numbered)) {
             Ok(()) => crate::backplane::Relayed::Queued,
             Err(_) => crate::backplane::Relayed::Stopped,
         },
     };
     let seq = match relayed {
-        crate::backplane::Relayed::Queued if shared.backplane.is_none() => {
-            seq.recv_timeout(SEQ_WAIT).ok()
-        }
+        crate::backplane::Relayed::Queued => seq.recv_timeout(SEQ_WAIT).ok(),
         _ => None,
     };
     match relayed {
@@ -336,8 +336,9 @@ fn publish(shared: &Shared, request: &Request, room: &str, body: Vec<u8>) -> Res
 }
 
 /// How long the publish endpoint waits for the broadcaster to number its message. It does so
-/// as it takes the message from its channel, so only a broadcaster far behind takes long; the
-/// `202` then goes without its `seq` rather than keep the backend waiting.
+/// as it takes the message from its channel (with Redis: a round trip later), so only a
+/// broadcaster or a Redis far behind takes long; the `202` then goes without its `seq`
+/// rather than keep the backend waiting.
 const SEQ_WAIT: Duration = Duration::from_secs(1);
 /// How long the history endpoint waits, with Redis, for the room's history to be Redis's:
 /// longer than the broadcaster waits for a snapshot, so it is told either way.

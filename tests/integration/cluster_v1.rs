@@ -93,8 +93,8 @@ fn history_api(server: &TestServer, room: &str, query: &str) -> Value {
     serde_json::from_slice(&response.body).unwrap()
 }
 
-/// A backend's `POST /api/rooms/<room>/messages` with a JSON body: `202`.
-fn post_json(server: &TestServer, room: &str, body: &Value) {
+/// A backend's `POST /api/rooms/<room>/messages` with a JSON body: `202`; returns its body.
+fn post_json(server: &TestServer, room: &str, body: &Value) -> Value {
     let bearer = bearer();
     let headers = [
         ("Authorization", bearer.as_str()),
@@ -109,6 +109,7 @@ fn post_json(server: &TestServer, room: &str, body: &Value) {
         body.to_string().as_bytes(),
     );
     assert_eq!(response.status, 202, "{}", response.text());
+    serde_json::from_slice(&response.body).unwrap()
 }
 
 /// `PUBLISH channel payload` as a raw Redis client would, whoever subscribes.
@@ -728,4 +729,23 @@ fn the_history_api_of_a_later_instance_reads_redis_and_creates_no_room() {
     // Asked twice, still nothing: the first request created no state in Redis.
     let again = http(a.addr, "GET", "/api/rooms/nobody-here/history", &auth, b"");
     assert_eq!(again.status, 404, "{}", again.text());
+}
+
+/// The `202` of a backend publish through any instance carries the `seq` Redis gave the
+/// message, the one every instance's members see.
+#[test]
+fn a_backend_publish_through_any_instance_answers_with_the_clusters_seq() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = (instance(&redis), instance(&redis));
+    let mut on_a = a.connect_v1("news", "");
+    let mut on_b = b.connect_v1("news", "");
+    for (n, server) in [&a, &b, &b, &a].into_iter().enumerate() {
+        let answer = post_json(server, "news", &json!({ "n": n }));
+        let seen_a = on_a.next_message();
+        let seen_b = on_b.next_message();
+        assert_eq!(seen_a, seen_b);
+        assert_eq!(answer["seq"], seen_a["seq"], "{answer}");
+    }
 }
