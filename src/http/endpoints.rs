@@ -230,7 +230,7 @@ fn respond(shared: &Shared, request: &Request, resource: &Resource<'_>, body: Ve
             // pulled every instance because Redis is down would turn degraded into down.
             Response::ok(
                 TEXT,
-                "degraded: redis unreachable, relaying to this instance's clients only\n",
+                "degraded: redis unreachable, relaying to this instance's clients only; roomcast.v1 rooms numbered here under a local epoch (seq above 2^40) until redis is back\n",
             )
         }
         Resource::Health => Response::ok(TEXT, "ok\n"),
