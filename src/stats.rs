@@ -131,6 +131,9 @@ pub struct Stats {
     /// (the joins were answered from this instance's state).
     pub snapshots_requested: AtomicU64,
     pub snapshots_missed: AtomicU64,
+    /// With Redis: v1 members sent a second `welcome` because their room's epoch changed
+    /// under them (see `Broadcaster::rewelcome`).
+    pub rewelcomes: AtomicU64,
 }
 
 impl Stats {

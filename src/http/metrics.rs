@@ -181,6 +181,12 @@ pub(crate) fn render(shared: &Shared) -> String {
         ],
     );
     metric(
+        "roomcast_rewelcomes_total",
+        "counter",
+        "With --redis: v1 clients sent a new welcome because their room's epoch changed under them (Redis came back, or started empty).",
+        &[(None, load(&stats.rewelcomes))],
+    );
+    metric(
         "roomcast_redis_unsequenced_total",
         "counter",
         "With --redis: messages published to Redis outside roomcast's sequence (raw PUBLISH): relayed to plain members only.",

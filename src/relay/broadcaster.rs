@@ -648,6 +648,14 @@ impl Broadcaster {
         };
         let history_ttl = self.config.history_ttl;
         let with_redis = self.backplane.is_some();
+        if let Order::Redis(stamp) = &order {
+            match follow_stamp(self.room(&name, now), stamp) {
+                // Already relayed in this epoch: a second copy cannot take a place again.
+                Followed::Duplicate => return 0,
+                Followed::Adopted => self.rewelcome(&name),
+                Followed::Next => {}
+            }
+        }
         let room = self.room(&name, now);
         let (seq, ts_ms) = match order {
             Order::Here => {
@@ -666,10 +674,7 @@ impl Broadcaster {
                 (Some(room.state.next_seq()), ts_ms)
             }
             Order::Redis(stamp) => {
-                if !follow_stamp(room, &stamp) {
-                    // Already relayed in this epoch: a second copy cannot take a place again.
-                    return 0;
-                }
+                room.state.set_seq(stamp.seq);
                 (Some(stamp.seq), stamp.ts_ms)
             }
             Order::Unsequenced => (None, 0),
@@ -860,6 +865,7 @@ impl Broadcaster {
         if let Some(snapshot) = snapshot {
             let (limit, ttl) = (self.history_limit(), self.config.history_ttl);
             let room = self.room(&name, Instant::now());
+            let adopted = *room.state.epoch() != *snapshot.epoch || room.state.seq() > snapshot.seq;
             room.state.replace(
                 &snapshot.epoch,
                 snapshot.seq,
@@ -870,8 +876,36 @@ impl Broadcaster {
             );
             room.source = Source::Redis { complete: true };
             room.join_history = None;
+            if adopted {
+                self.rewelcome(&name);
+            }
         }
         self.answer_sync(&name);
+    }
+
+    /// The room's state now follows another life of it (Redis came back after this instance
+    /// numbered it alone, or Redis started empty): its welcomed v1 members hold an epoch and
+    /// a `seq` that no longer lead anywhere, and would take the new life's lower numbers for
+    /// messages they have seen. Each gets a new `welcome` (`recovered: false`), as a join
+    /// would, before the new life's first message; what was gathered before goes out first.
+    fn rewelcome(&mut self, name: &Arc<str>) {
+        self.fan_out(name);
+        let mut members = Vec::new();
+        self.hub.with_room(name, |room| {
+            members.extend(room.v1.iter().filter(|c| c.is_welcomed()).cloned());
+        });
+        if !members.is_empty() {
+            debug!(
+                "room {name}: a new epoch from redis, {} members welcomed again",
+                members.len()
+            );
+            self.stats
+                .rewelcomes
+                .fetch_add(members.len() as u64, Ordering::Relaxed);
+        }
+        for client in members {
+            self.welcome_now(client, None);
+        }
     }
 
     /// Answers what waits for `name`'s snapshot, from what this instance has now.
@@ -934,12 +968,16 @@ impl Broadcaster {
         totals: BTreeMap<String, u64>,
     ) {
         let room = self.room(name, Instant::now());
-        if room.source == Source::Own || *room.state.epoch() != *epoch {
+        let adopted = room.source == Source::Own || *room.state.epoch() != *epoch;
+        if adopted {
             room.state.adopt(epoch, seq);
             room.source = Source::Redis { complete: seq == 0 };
             room.join_history = None;
         }
         room.state.reactions.lock().set_totals(totals);
+        if adopted {
+            self.rewelcome(name);
+        }
     }
 
     /// With Redis: hands each room's taps since the last time to Redis, which adds them to the
@@ -1389,28 +1427,45 @@ impl Broadcaster {
 /// A Vec grown by doubling may own nearly twice what it holds, and every outbox that holds the
 /// chunk keeps the whole allocation alive: the slack is given back first, so the outbox bound
 /// (which counts what is held) is also what memory it costs.
-/// Brings a room's state up to a message Redis numbered; false when the message is already
-/// part of it (a second copy). A stamp from another life of the room (its epoch) is adopted:
-/// the state follows Redis from it on, complete only when it is that life's first message. A
-/// gap (messages this instance never received) leaves the history incomplete: a later join
-/// asks Redis for a snapshot rather than offer a resume it cannot serve.
-fn follow_stamp(room: &mut Room, stamp: &Stamp) -> bool {
+/// What a message Redis numbered did to its room's state.
+#[derive(Debug, PartialEq, Eq)]
+enum Followed {
+    /// The next message of the life the state follows.
+    Next,
+    /// The first one seen of another life of the room (another epoch): the state now
+    /// follows that one.
+    Adopted,
+    /// Already part of the state: a second copy.
+    Duplicate,
+}
+
+/// Brings a room's state up to a message Redis numbered. A stamp from another life of the
+/// room (its epoch) is adopted: the state follows Redis from it on, complete only when it is
+/// that life's first message. A gap (messages this instance never received) leaves the
+/// history incomplete: a later join asks Redis for a snapshot rather than offer a resume it
+/// cannot serve.
+fn follow_stamp(room: &mut Room, stamp: &Stamp) -> Followed {
     let state = &room.state;
-    if room.source == Source::Own || *state.epoch() != *stamp.epoch {
+    let followed = if room.source == Source::Own || *state.epoch() != *stamp.epoch {
         state.adopt(&stamp.epoch, stamp.seq - 1);
         room.source = Source::Redis {
             complete: stamp.seq == 1,
         };
-        room.join_history = None;
+        Followed::Adopted
     } else if stamp.seq <= state.seq() {
-        return false;
+        return Followed::Duplicate;
     } else if stamp.seq != state.seq() + 1 {
         state.clear_history();
         room.source = Source::Redis { complete: false };
-        room.join_history = None;
-    }
-    state.set_seq(stamp.seq);
-    true
+        Followed::Next
+    } else {
+        Followed::Next
+    };
+    room.join_history = None;
+    // The `seq` itself is taken when the message is (`gather`): a member welcomed again now
+    // must be told the one before it.
+    state.set_seq(stamp.seq - 1);
+    followed
 }
 
 /// What waits for a room's snapshot.

@@ -602,6 +602,15 @@ fn redis_killed_and_restarted_mid_run() {
     assert_consecutive(&after, "messages after the outage");
     assert_eq!(seq_of(&after[0]), seq_of(&fresh.welcome) + 1);
     assert!(seq_of(after.last().unwrap()) < LOCAL_SEQ_FLOOR);
+    // The members welcomed before the outage hold an epoch and seqs that lead nowhere now: each
+    // is welcomed again into Redis's new epoch before its first message, so a client that
+    // dedupes by seq does not take the new, lower numbers for messages it has seen.
+    for (member, name) in [(&mut on_a, "A's member"), (&mut on_b, "B's member")] {
+        let again = member.next_of("welcome");
+        assert_eq!(again["epoch"], new_epoch.as_str(), "{name}: {again}");
+        assert_eq!(again["recovered"], false, "{name}: {again}");
+        assert!(seq_of(&again) < seq_of(&after[0]), "{name}: {again}");
+    }
     assert_eq!(messages(&mut on_a, 3), after, "A's member");
     // B's member got none of A's local messages: the next it sees are these.
     assert_eq!(messages(&mut on_b, 3), after, "B's member");
