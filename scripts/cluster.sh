@@ -4,6 +4,7 @@
 #
 #   scripts/cluster.sh            # start everything, print how to connect, stop on Ctrl-C
 #   scripts/cluster.sh --bench    # measure the Redis hop and 3 instances against 1, then stop
+#   scripts/cluster.sh --bench stream   # only the stream rows (a live stream's room on v1)
 #
 # Ports (override with the environment): nginx ROOMCAST_CLUSTER_PORT (9000), Redis
 # ROOMCAST_CLUSTER_REDIS_PORT (6390), instances ROOMCAST_CLUSTER_PORT+11..+13.
@@ -12,7 +13,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bench=""
-[ "${1:-}" = "--bench" ] && bench=1
+only_stream=""
+case "${1:-}" in
+"") ;;
+--bench)
+    bench=1
+    case "${2:-}" in
+    "") ;;
+    stream) only_stream=1 ;;
+    *) echo "usage: scripts/cluster.sh [--bench [stream]]" >&2 && exit 2 ;;
+    esac
+    ;;
+*) echo "usage: scripts/cluster.sh [--bench [stream]]" >&2 && exit 2 ;;
+esac
 
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
@@ -164,22 +177,109 @@ measure() {
     results+=("$name|$*|$(echo "$out" | grep "^RESULT" | tail -n 1 | sed 's/^RESULT //')|${cpu%, }")
 }
 light=(fanout --clients 100 --publishers 1 --rate 100 --size 64 --duration 10)
+
+# A live stream's room on roomcast.v1, at a size this 2-core box runs beside nginx, Redis and
+# the instances: 3,000 viewers, 50 chat messages/s of 200 B from 30 chatters, 1,000 reaction
+# taps/s from 150 tappers (6.7/s each, under the default bucket of 20/s), for 15 s. Each
+# viewer checks the chat (loss, order, seq, corruption, latency) and that its last reaction
+# totals equal the taps sent, which across instances needs cluster-wide totals.
+stream_load=(stream --v1 --viewers 3000 --chatters 30 --chat-rate 50 --size 200
+    --tappers 150 --tap-rate 1000 --duration 15)
+stream_results=()
+stream_failed=0
+
+# metric_sum COUNT NAME: NAME summed over every label set and over instances 1..COUNT, read
+# from each instance's /metrics directly (the load tool reads one through nginx, which is
+# whichever instance round robin picks).
+metric_sum() {
+    local count=$1 name=$2 i total=0 value
+    for ((i = 1; i <= count; i++)); do
+        value=$({ get $((port + 10 + i)) /metrics || true; } | awk -v name="$name" '
+            $1 == name || index($1, name "{") == 1 { sum += $2 } END { printf "%.0f", sum }')
+        total=$((total + ${value:-0}))
+    done
+    echo "$total"
+}
+
+# redis_counters: "PUBLISH calls, EVAL/EVALSHA calls, bytes in, bytes out" from INFO, or
+# "0 0 0 0" when no Redis runs. Bytes out include every copy Redis sent to a subscriber.
+redis_counters() {
+    { redis-cli -p "$redis_port" info all 2>/dev/null || true; } | tr -d '\r' | awk -F'[:,=]' '
+        $1 == "cmdstat_publish" { publish = $3 }
+        $1 == "cmdstat_eval" || $1 == "cmdstat_evalsha" { eval += $3 }
+        $1 == "total_net_input_bytes" { bytes_in = $2 }
+        $1 == "total_net_output_bytes" { bytes_out = $2 }
+        END { printf "%d %d %d %d\n", publish, eval, bytes_in, bytes_out }'
+}
+
+# field KEY RESULT: the value of KEY=value in a load tool RESULT line.
+field() {
+    grep -o "\b$1=[^ ]*" <<<"$2" | head -n 1 | cut -d= -f2
+}
+
+# measure_stream NAME COUNT USES_REDIS: one stream run through nginx on COUNT instances. Beside
+# the load tool's chat latency and checks, it records what the instances counted and what
+# went through Redis, and the CPU each process spent over the whole load tool run (the ramp
+# and the settling after the workload included, hence its wall time beside it). A run that is not clean is recorded
+# (its exit status is in the table) rather than stopping the bench.
+measure_stream() {
+    local name=$1 count=$2 uses_redis=$3
+    local before=() pid i out status=0 cpu="" result redis_before redis_after started wall
+    local taps_before published_before received_before
+    echo "cluster: $name, stream: load ${stream_load[*]}" >&2
+    for pid in "${pids[@]}"; do before+=("$(cpu_seconds "$pid")"); done
+    taps_before=$(metric_sum "$count" roomcast_reactions_total)
+    published_before=$(metric_sum "$count" roomcast_redis_published_total)
+    received_before=$(metric_sum "$count" roomcast_redis_received_total)
+    redis_before=$(redis_counters)
+    started=$(date +%s.%N)
+    out=$(timeout 120 ./target/release/examples/load "${stream_load[@]}" --addr "127.0.0.1:$port" 2>&1) || status=$?
+    redis_after=$(redis_counters)
+    wall=$(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    for i in "${!pids[@]}"; do
+        pid=${pids[i]}
+        cpu+="$(ps -o comm= -p "$pid") $(awk -v a="${before[i]}" -v b="$(cpu_seconds "$pid")" 'BEGIN { printf "%.1f", b - a }')s, "
+    done
+    echo "$out" | grep -v "^RESULT" | sed 's/^/    /' >&2
+    [ "$status" = 0 ] || stream_failed=1
+    result=$(echo "$out" | grep "^RESULT" | tail -n 1 | sed 's/^RESULT //')
+    # One instance's /metrics through nginx says nothing of the cluster: counted taps are summed
+    # from every instance below instead.
+    result=$(sed -E 's/ server_taps_(counted|dropped)=[0-9]+//g' <<<"$result")
+    local latency checks viewer redis="no Redis"
+    latency="$(awk -v a="$(field chat_p50_us "$result")" -v b="$(field chat_p99_us "$result")" 'BEGIN { printf "%.1f / %.1f", a / 1000, b / 1000 }')"
+    checks="lost $(field chat_lost "$result"), reordered $(field chat_reordered "$result"), corrupted $(field chat_corrupted "$result"), closed $(field viewers_closed "$result"), failures $(field failures "$result"); totals exact: $(field totals_exact "$result") ($(field totals_settle_ms "$result") ms); taps $(field taps_sent "$result") sent, $(($(metric_sum "$count" roomcast_reactions_total) - taps_before)) counted by the instances"
+    viewer="$(field deliveries_per_second "$result") deliveries/s, $(field viewer_kib_per_s "$result") KiB/s"
+    if [ "$uses_redis" = 1 ]; then
+        read -r -a redis_before <<<"$redis_before"
+        read -r -a redis_after <<<"$redis_after"
+        redis="PUBLISH $((redis_after[0] - redis_before[0])), EVAL $((redis_after[1] - redis_before[1])); $((redis_after[2] - redis_before[2])) B in, $((redis_after[3] - redis_before[3])) B out; instances published $(($(metric_sum "$count" roomcast_redis_published_total) - published_before)), received $(($(metric_sum "$count" roomcast_redis_received_total) - received_before))"
+    fi
+    stream_results+=("$name|${stream_load[*]}|$latency|$checks|$viewer|$redis|${cpu%, } in ${wall} s|$status")
+}
+
 # bench SETUP INSTANCES [roomcast flags...]: start the instances, measure (one instance also
 # directly, without nginx, to isolate nginx's share), then stop everything.
 bench() {
-    local setup="$1" count="$2"
+    local setup="$1" count="$2" uses_redis=0
     shift 2
+    [ "${1:-}" = --redis ] && uses_redis=1
     start_instances "$count" --rate 0 "$@"
-    if [ "$count" = 1 ]; then
-        target=$((port + 11))
-        measure "$setup, direct (no nginx), light" "${light[@]}"
+    if [ -z "$only_stream" ]; then
+        if [ "$count" = 1 ]; then
+            target=$((port + 11))
+            measure "$setup, direct (no nginx), light" "${light[@]}"
+        fi
+        target=$port
+        start_nginx "$count"
+        # Light load: the latency here is mostly the path itself, so the Redis hop shows.
+        measure "$setup, light" "${light[@]}"
+        measure "$setup, loaded" fanout --clients 1000 --publishers 4 --rate 50 --size 64 --duration 10
+        measure "$setup, throughput" fanout --clients 1000 --publishers 4 --window 16 --size 64 --duration 10
+    else
+        start_nginx "$count"
     fi
-    target=$port
-    start_nginx "$count"
-    # Light load: the latency here is mostly the path itself, so the Redis hop shows.
-    measure "$setup, light" "${light[@]}"
-    measure "$setup, loaded" fanout --clients 1000 --publishers 4 --rate 50 --size 64 --duration 10
-    measure "$setup, throughput" fanout --clients 1000 --publishers 4 --window 16 --size 64 --duration 10
+    measure_stream "$setup" "$count" "$uses_redis"
     stop_all
 }
 
@@ -189,4 +289,8 @@ bench "1 instance + Redis" 1 --redis "$redis_url"
 start_redis
 bench "3 instances + Redis" 3 --redis "$redis_url"
 
-markdown_table "setup|load tool arguments|result|CPU seconds during the run" "${results[@]}"
+if [ -z "$only_stream" ]; then
+    markdown_table "setup|load tool arguments|result|CPU seconds during the run" "${results[@]}"
+fi
+markdown_table "setup|load tool arguments|chat p50 / p99 ms|checks|to the viewers|through Redis|CPU seconds during the run|exit" "${stream_results[@]}"
+exit "$stream_failed"
