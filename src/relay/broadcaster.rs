@@ -1633,6 +1633,48 @@ mod tests {
         }
     }
 
+    fn stamped(epoch: &str, seq: u64) -> Message {
+        Message {
+            order: Order::Redis(Stamp {
+                epoch: epoch.into(),
+                seq,
+                ts_ms: 1_764_230_000_000 + seq,
+            }),
+            ..text("r")
+        }
+    }
+
+    /// A room's state follows Redis's numbers: consecutive stamps extend a complete history,
+    /// a second copy takes no place, a gap leaves the history incomplete (a join then asks for
+    /// a snapshot), another epoch is adopted.
+    #[test]
+    fn a_rooms_state_follows_the_stamps_redis_gives_its_messages() {
+        let (mut broadcaster, room_states) = broadcaster_without_members(Config::default());
+        assert_eq!(broadcaster.gather(stamped("e1", 1)), 1);
+        assert_eq!(broadcaster.gather(stamped("e1", 2)), 2);
+        let state = room_states.get("r").unwrap();
+        let source = |b: &Broadcaster| b.rooms["r"].source;
+        assert_eq!((&*state.epoch(), state.seq()), ("e1", 2));
+        assert_eq!(source(&broadcaster), Source::Redis { complete: true });
+        assert_eq!(broadcaster.gather(stamped("e1", 2)), 0, "a second copy");
+        let now = Instant::now();
+        let ttl = Duration::from_secs(60);
+        assert_eq!(state.with_history(now, ttl, |h| h.len()), 2);
+
+        assert_eq!(broadcaster.gather(stamped("e1", 5)), 5, "after a gap");
+        assert_eq!(source(&broadcaster), Source::Redis { complete: false });
+        assert_eq!(state.with_history(now, ttl, |h| h.len()), 1);
+
+        // Another life of the room (Redis started empty): adopted, from its first message.
+        assert_eq!(broadcaster.gather(stamped("e2", 1)), 1);
+        assert_eq!((&*state.epoch(), state.seq()), ("e2", 1));
+        assert_eq!(source(&broadcaster), Source::Redis { complete: true });
+
+        // Without Redis a message numbered here simply follows, in the same epoch.
+        assert_eq!(broadcaster.gather(text("r")), 2);
+        assert_eq!(&*state.epoch(), "e2");
+    }
+
     /// A client cycling through room names makes a state per name, but never more than
     /// `MAX_ROOM_STATES` stay, and those without members go once their TTL is over.
     #[test]
