@@ -350,8 +350,7 @@ fn start_redis_link(
     shutdown: &Shutdown,
 ) -> Result<Vec<JoinHandle<()>>, Error> {
     match (&shared.config.redis, &shared.backplane, outgoing) {
-        (Some(url), Some(backplane), Some(outgoing)) => crate::backplane::redis_link::start(
-            url,
+        (Some(_), Some(backplane), Some(outgoing)) => crate::backplane::redis_link::start(
             &shared.config,
             backplane.clone(),
             outgoing,

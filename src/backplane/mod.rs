@@ -285,6 +285,9 @@ pub struct Backplane {
     sides: Mutex<(bool, bool)>,
     /// Both sides connected: messages go through Redis. Read on every message.
     up: AtomicBool,
+    /// When the subscriber last heard from Redis, in ms after `born`.
+    last_heard_ms: AtomicU64,
+    born: Instant,
     /// A queue overflow was logged and not yet followed by a successful publish.
     overflow_logged: AtomicBool,
     /// Other instances' clients and users per room, summed, from the last presence heartbeat.
@@ -299,6 +302,9 @@ pub struct Backplane {
     pub dropped_too_large: AtomicU64,
     /// Messages from Redis outside any room's sequence (a raw `PUBLISH`): plain members only.
     pub unsequenced: AtomicU64,
+    /// Events the sequencing script could not run (a room's key overwritten with another
+    /// type, say): skipped by Redis, delivered here only.
+    pub script_failures: AtomicU64,
     /// This instance's `--max-message-bytes`: larger messages from Redis are dropped.
     pub max_message_bytes: usize,
     /// Heartbeat period and the TTL of the presence hash (three heartbeats).
@@ -329,6 +335,8 @@ impl Backplane {
             ledger_drained: Condvar::new(),
             sides: Mutex::new((false, false)),
             up: AtomicBool::new(false),
+            last_heard_ms: AtomicU64::new(0),
+            born: Instant::now(),
             overflow_logged: AtomicBool::new(false),
             remote_rooms: RwLock::new(HashMap::new()),
             remote_instances: AtomicUsize::new(0),
@@ -340,6 +348,7 @@ impl Backplane {
             dropped_duplicate: AtomicU64::new(0),
             dropped_too_large: AtomicU64::new(0),
             unsequenced: AtomicU64::new(0),
+            script_failures: AtomicU64::new(0),
             max_message_bytes,
             heartbeat: presence_ttl / 3,
             presence_ttl,
@@ -370,7 +379,10 @@ impl Backplane {
 
     /// Records that one side connected or lost its connection; logs and counts the change of
     /// the link as a whole.
-    pub fn set_side(&self, side: Side, connected: bool) {
+    ///
+    /// Returns whether the link just came up: the caller then tells the broadcaster
+    /// (`Event::StreamBroken`), whose rooms may have missed messages while it was down.
+    pub fn set_side(&self, side: Side, connected: bool) -> bool {
         let mut sides = self.sides.lock();
         let was_up = sides.0 && sides.1;
         match side {
@@ -385,6 +397,21 @@ impl Backplane {
         } else if !was_up && is_up {
             info!("redis link up: relaying through redis");
         }
+        !was_up && is_up
+    }
+
+    /// The subscriber heard from Redis (a message, or a reply to its ping).
+    pub fn heard_from_redis(&self) {
+        self.last_heard_ms
+            .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the subscriber has heard from Redis since `since`: the publisher reconnects
+    /// only then, so a Redis that accepts connections but answers nothing (hung, or behind a
+    /// black hole) costs it no reply timeout while it has local deliveries to make.
+    pub fn heard_from_redis_since(&self, since: Instant) -> bool {
+        let since_ms = since.saturating_duration_since(self.born).as_millis() as u64;
+        self.last_heard_ms.load(Ordering::Relaxed) >= since_ms
     }
 
     /// Queues a message for the publisher without blocking. A full queue drops it, counted and
@@ -412,6 +439,8 @@ impl Backplane {
 
     /// Queues an event of the broadcaster's own (taps, a snapshot request) without blocking;
     /// gives it back when the queue has no room.
+    // Large only when given back (a full queue), which is rare: not worth a box per event.
+    #[allow(clippy::result_large_err)]
     pub fn try_publish(&self, outgoing: Outgoing) -> Result<(), Outgoing> {
         self.queue
             .try_send(outgoing)
@@ -420,6 +449,7 @@ impl Backplane {
 
     /// Queues a server-initiated close behind everything queued before it, without blocking.
     /// Gives it back when the queue has no room or the publisher has ended.
+    #[allow(clippy::result_large_err)]
     pub fn queue_close(&self, close: Event) -> Result<(), Event> {
         self.queue
             .try_send(Outgoing::Local(close))
@@ -483,15 +513,16 @@ impl Backplane {
         let Some(arrived) = arrived.filter(|_| due > 0) else {
             return Ok(self.deliver(&mut ledger, due, events));
         };
-        let before = self.deliver(&mut ledger, due - 1, events);
         if !ledger
             .held
-            .front()
+            .get(due - 1)
             .is_some_and(|held| arrived.answers(held))
         {
-            self.count_drop(Dropped::Malformed);
-            return Ok(before + self.deliver(&mut ledger, 1, events));
+            // Not what this instance sent under that number: a forgery. Nothing is delivered
+            // for it; the real one, or a marker, still comes.
+            return Err(NeverNumbered);
         }
+        let before = self.deliver(&mut ledger, due - 1, events);
         let Some(held) = ledger.held.pop_front() else {
             return Ok(before);
         };
@@ -543,6 +574,15 @@ impl Backplane {
         self.published.fetch_add(messages as u64, Ordering::Relaxed);
         if self.overflow_logged.swap(false, Ordering::Relaxed) {
             info!("redis publish queue has room again");
+        }
+    }
+
+    /// The script skipped `failed` events of a batch; said once, then counted.
+    pub fn count_script_failures(&self, failed: u64) {
+        if self.script_failures.fetch_add(failed, Ordering::Relaxed) == 0 {
+            warn!(
+                "the redis sequencing script could not run {failed} events (a room key of another type?); counted in roomcast_redis_script_failures_total"
+            );
         }
     }
 
@@ -864,9 +904,10 @@ fn counted_pieces(mut wire: &[u8]) -> Option<Vec<&[u8]>> {
     while !wire.is_empty() {
         let colon = wire.iter().take(21).position(|&b| b == b':')?;
         let len = usize::try_from(number(std::str::from_utf8(&wire[..colon]).ok()?)?).ok()?;
-        let piece = wire.get(colon + 1..colon + 1 + len)?;
+        let end = colon.checked_add(1)?.checked_add(len)?;
+        let piece = wire.get(colon + 1..end)?;
         pieces.push(piece);
-        wire = &wire[colon + 1 + len..];
+        wire = &wire[end..];
     }
     Some(pieces)
 }
@@ -880,7 +921,9 @@ pub fn decode_stamped(wire: Vec<u8>) -> Option<(Stamp, Decoded)> {
     };
     let stamp = Stamp {
         epoch: Some(epoch).filter(|e| is_epoch(e))?.into(),
-        seq: number(seq).filter(|&seq| seq > 0)?,
+        // Redis's numbers stay below the ones instances give themselves while it is away.
+        seq: number(seq)
+            .filter(|seq| (1..crate::relay::room_state::LOCAL_SEQ_BASE).contains(seq))?,
         ts_ms: number(ts_ms)?,
     };
     let decoded = decode_bytes(Bytes::from(wire).slice(body..))?;
@@ -1063,6 +1106,7 @@ mod tests {
                 Event::Totals { .. } => "totals".into(),
                 Event::Snapshot { .. } => "snapshot".into(),
                 Event::Sync { .. } => "sync".into(),
+                Event::StreamBroken => "stream broken".into(),
             })
             .collect()
     }

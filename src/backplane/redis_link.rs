@@ -40,7 +40,7 @@ use crate::backplane::{
     INSTANCE_KEY_PREFIX, MAX_HELD_EVENTS,
 };
 use crate::error::Error;
-use crate::relay::broadcaster::Events;
+use crate::relay::broadcaster::{Event, Events};
 use crate::relay::broadcaster::{Message, Order};
 use crate::relay::hub::is_valid_room_name;
 use crate::shutdown::Shutdown;
@@ -63,9 +63,9 @@ const MAX_PIPELINE_BYTES: usize = 1024 * 1024;
 /// has a hash and still counts as an instance.
 const ALIVE_FIELD: &str = "@alive";
 
-/// Starts the three threads. They stop on `shutdown`; the caller joins them.
+/// Starts the three threads, on `config.redis`. They stop on `shutdown`; the caller joins
+/// them.
 pub(crate) fn start(
-    url: &str,
     config: &crate::Config,
     backplane: Arc<Backplane>,
     outgoing: Receiver<Outgoing>,
@@ -74,6 +74,7 @@ pub(crate) fn start(
     supervisor: &Arc<Supervisor>,
     shutdown: &Shutdown,
 ) -> Result<Vec<JoinHandle<()>>, Error> {
+    let url = config.redis.as_deref().unwrap_or_default();
     let client = Client::open(url).map_err(|err| {
         Error::Config(crate::ConfigError {
             flag: "--redis".into(),
@@ -176,10 +177,12 @@ fn publish(
     events: &Events,
     shutdown: &Shutdown,
 ) {
-    let _down = OnExit(|| backplane.set_side(Side::Publisher, false));
+    let _down = OnExit(|| {
+        backplane.set_side(Side::Publisher, false);
+    });
     let mut link = PublisherLink::new();
     while !shutdown.is_triggered() {
-        link.reconnect_if_due(client, backplane);
+        link.reconnect_if_due(client, backplane, events);
         if !backplane.is_up() {
             // Degraded: Redis will not bring held events back, so this instance's members
             // get them now, in order.
@@ -225,6 +228,9 @@ struct PublisherLink {
     con: Option<Connection>,
     /// The sequencing script's SHA1, from `SCRIPT LOAD` when the connection was made.
     script: Option<String>,
+    /// When the connection last failed: the next is made only once the subscriber has heard
+    /// from Redis since (see `Backplane::heard_from_redis_since`).
+    failed_at: Option<Instant>,
     backoff: Backoff,
     retry_at: Instant,
     last_reply: Instant,
@@ -235,6 +241,7 @@ impl PublisherLink {
         PublisherLink {
             con: None,
             script: None,
+            failed_at: None,
             backoff: Backoff::new("publisher"),
             retry_at: Instant::now(),
             last_reply: Instant::now(),
@@ -244,10 +251,13 @@ impl PublisherLink {
     /// Connects when due, and only once the subscriber is connected: that proves Redis
     /// reachable, so an unreachable Redis costs the publisher no connect timeouts while it
     /// delivers locally (the subscriber, which then has nothing to deliver, pays them).
-    fn reconnect_if_due(&mut self, client: &Client, backplane: &Backplane) {
+    fn reconnect_if_due(&mut self, client: &Client, backplane: &Backplane, events: &Events) {
         if self.con.is_some()
             || Instant::now() < self.retry_at
             || !backplane.is_connected(Side::Subscriber)
+            || !self
+                .failed_at
+                .is_none_or(|at| backplane.heard_from_redis_since(at))
         {
             return;
         }
@@ -261,7 +271,10 @@ impl PublisherLink {
                 self.script = Some(script);
                 self.last_reply = Instant::now();
                 self.backoff.succeeded();
-                backplane.set_side(Side::Publisher, true);
+                self.failed_at = None;
+                if backplane.set_side(Side::Publisher, true) {
+                    let _ = events.send(Event::StreamBroken);
+                }
             }
             Err(err) => self.failed(&err, backplane),
         }
@@ -269,6 +282,7 @@ impl PublisherLink {
 
     fn failed(&mut self, err: &redis::RedisError, backplane: &Backplane) {
         self.con = None;
+        self.failed_at = Some(Instant::now());
         backplane.set_side(Side::Publisher, false);
         self.retry_at = Instant::now() + self.backoff.pause_after(err);
     }
@@ -276,21 +290,29 @@ impl PublisherLink {
     /// One batch, one round trip. A failed write on a connection Redis closed since its last
     /// use sent nothing, so the batch is retried once on a fresh connection before the link
     /// counts as down. When part of the first attempt did reach Redis, the retry carries it
-    /// again under the same numbers, and every instance relays only the first copy.
+    /// again under the same numbers, and the script runs only what it has not run yet.
     fn publish(&mut self, client: &Client, backplane: &Backplane, pipeline: &Pipeline) {
         let Some(con) = self.con.as_mut() else {
             return;
         };
-        let result = pipeline.run(con).or_else(|_| {
+        let result = pipeline.run(con).or_else(|err| {
+            if err.is_timeout() {
+                // Redis is slow or gone, not a closed connection: a retry would only wait as
+                // long again before the link is called down.
+                return Err(err);
+            }
             let mut fresh = connect(client)?;
-            pipeline.run(&mut fresh)?;
+            let failed = pipeline.run(&mut fresh)?;
             *con = fresh;
-            Ok(())
+            Ok(failed)
         });
         match result {
-            Ok(()) => {
+            Ok(failed) => {
                 self.last_reply = Instant::now();
                 backplane.count_published(pipeline.messages);
+                if failed > 0 {
+                    backplane.count_script_failures(failed);
+                }
             }
             Err(err) => self.failed(&err, backplane),
         }
@@ -322,6 +344,11 @@ impl PublisherLink {
     }
 }
 
+/// Bounds of the history bytes one snapshot carries. Redis closes a subscriber whose output
+/// buffer passes 32 MiB (8 MiB for a minute) by default; several snapshots in flight at once
+/// stay well under that.
+const MIN_SNAPSHOT_BYTES: usize = 256 * 1024;
+const MAX_SNAPSHOT_BYTES: usize = 4 * 1024 * 1024;
 /// The sequencing script (see its header): one run per batch.
 const SEQUENCE_SCRIPT: &str = include_str!("sequence.lua");
 
@@ -353,7 +380,8 @@ impl Pipeline {
             .arg(settings.room_ttl_ms)
             .arg(backplane.control_channel())
             .arg(last)
-            .arg(crate::relay::room_state::MAX_ROOM_REACTION_KEYS);
+            .arg(crate::relay::room_state::MAX_ROOM_REACTION_KEYS)
+            .arg(settings.snapshot_bytes);
         let mut messages = 0;
         for (seq, event) in (first..).zip(batch) {
             match event {
@@ -391,13 +419,14 @@ impl Pipeline {
 impl Pipeline {
     /// Runs the script. A Redis that lost its script cache (restarted, or `SCRIPT FLUSH`)
     /// gets it again, under the same SHA1, and the batch runs once.
-    fn run(&self, con: &mut Connection) -> RedisResult<()> {
-        match self.commands.exec(con) {
+    /// Returns how many of its events the script could not run (see `sequence.lua`).
+    fn run(&self, con: &mut Connection) -> RedisResult<u64> {
+        match self.commands.query(con) {
             Err(err)
                 if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
                 load_script(con)?;
-                self.commands.exec(con)
+                self.commands.query(con)
             }
             done => done,
         }
@@ -417,6 +446,9 @@ struct ScriptSettings {
     history: usize,
     history_ttl_ms: u64,
     room_ttl_ms: u64,
+    /// History bytes a snapshot carries at most: what a welcome here can show (half an
+    /// outbox), and never so much that Redis closes the subscriber for its output buffer.
+    snapshot_bytes: usize,
 }
 
 impl ScriptSettings {
@@ -430,6 +462,8 @@ impl ScriptSettings {
             },
             history_ttl_ms: ms(config.history_ttl),
             room_ttl_ms: ms(config.room_ttl),
+            snapshot_bytes: (config.effective_outbox_bytes() / 2)
+                .clamp(MIN_SNAPSHOT_BYTES, MAX_SNAPSHOT_BYTES),
         }
     }
 }
@@ -457,7 +491,9 @@ fn subscribe(
     local: &Local,
     shutdown: &Shutdown,
 ) {
-    let _down = OnExit(|| backplane.set_side(Side::Subscriber, false));
+    let _down = OnExit(|| {
+        backplane.set_side(Side::Subscriber, false);
+    });
     let mut reconnect = Backoff::new("subscriber");
     let mut origins = Origins::default();
     while !shutdown.is_triggered() {
@@ -472,7 +508,13 @@ fn subscribe(
             // After subscribing: a ban published while this connection was away is in the
             // hash now, and one published from now on comes through the channel.
             cluster::load_bans(&mut connect(client)?, backplane, local)?;
-            backplane.set_side(Side::Subscriber, true);
+            // Ahead of everything this connection brings: what Redis published while there
+            // was none never reached this instance.
+            let _ = events.send(Event::StreamBroken);
+            backplane.heard_from_redis();
+            if backplane.set_side(Side::Subscriber, true) {
+                let _ = events.send(Event::StreamBroken);
+            }
             reconnect.succeeded();
             listen(
                 &mut pubsub,
@@ -486,6 +528,7 @@ fn subscribe(
         backplane.set_side(Side::Subscriber, false);
         // What this connection has not brought back it never will: deliver it here, in order.
         backplane.deliver_all(events);
+        let _ = events.send(Event::StreamBroken);
         if let Err(err) = result {
             reconnect.failed(&err, shutdown);
         }
@@ -508,6 +551,7 @@ fn listen(
         match pubsub.get_message() {
             Ok(message) => {
                 last_heard = Instant::now();
+                backplane.heard_from_redis();
                 if !forward(&message, backplane, events, local, origins) {
                     return Ok(()); // the broadcaster has stopped
                 }
@@ -520,7 +564,10 @@ fn listen(
         if last_ping.elapsed() >= backplane.heartbeat {
             last_ping = Instant::now();
             match pubsub.ping::<redis::Value>() {
-                Ok(_) => last_heard = Instant::now(),
+                Ok(_) => {
+                    last_heard = Instant::now();
+                    backplane.heard_from_redis();
+                }
                 Err(err) if err.is_timeout() => {}
                 Err(err) => return Err(err),
             }
@@ -917,7 +964,9 @@ mod tests {
         let joined = thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    let _down = OnExit(|| backplane.set_side(Side::Publisher, false));
+                    let _down = OnExit(|| {
+                        backplane.set_side(Side::Publisher, false);
+                    });
                     backplane.set_side(Side::Publisher, true);
                     assert!(backplane.is_up());
                     panic!("a bug in the publisher");

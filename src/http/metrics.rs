@@ -187,6 +187,18 @@ pub(crate) fn render(shared: &Shared) -> String {
         &[(None, load(&stats.rewelcomes))],
     );
     metric(
+        "roomcast_redis_script_failures_total",
+        "counter",
+        "With --redis: events the sequencing script could not run (a room key of another type in Redis); delivered on this instance only.",
+        &[(
+            None,
+            shared
+                .backplane
+                .as_ref()
+                .map_or(0, |b| b.script_failures.load(Ordering::Relaxed)),
+        )],
+    );
+    metric(
         "roomcast_redis_unsequenced_total",
         "counter",
         "With --redis: messages published to Redis outside roomcast's sequence (raw PUBLISH): relayed to plain members only.",

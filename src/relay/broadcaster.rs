@@ -254,6 +254,9 @@ pub enum Event {
     /// `done` is told once the room's history here is Redis's (the history endpoint waits for
     /// it), or once it is clear it cannot be soon.
     Sync { room: Arc<str>, done: Sender<()> },
+    /// The Redis subscriber's connection ended, or a new one began: whatever Redis published
+    /// in between never reached this instance, so no room's history here is known complete.
+    StreamBroken,
     /// A frame for one client only (a v1 `error`), sent this way rather than queued by the
     /// connection thread so it keeps its place: behind the welcome and behind the messages
     /// the client sent before the frame it answers.
@@ -571,6 +574,7 @@ impl Broadcaster {
                 }
             }
             Event::Snapshot { room, snapshot } => self.snapshot_arrived(room, snapshot),
+            Event::StreamBroken => self.stream_broken(),
             Event::Sync { room, done } => {
                 if !self.park_for_snapshot(&room, Parked::Waiter(done.clone())) {
                     let _ = done.send(());
@@ -648,11 +652,27 @@ impl Broadcaster {
         };
         let history_ttl = self.config.history_ttl;
         let with_redis = self.backplane.is_some();
+        let link_down = self.backplane.as_ref().is_some_and(|b| !b.is_up());
+        let order = match order {
+            // This instance numbers the room alone while it cannot publish (Redis still
+            // reaching its subscriber): other instances' messages take its numbers too, rather
+            // than the room's state flipping between its epoch and Redis's at every message.
+            Order::Redis(_)
+                if link_down
+                    && self
+                        .rooms
+                        .get(&name)
+                        .is_some_and(|room| room.source == Source::Own) =>
+            {
+                Order::Here
+            }
+            order => order,
+        };
         if let Order::Redis(stamp) = &order {
             match follow_stamp(self.room(&name, now), stamp) {
                 // Already relayed in this epoch: a second copy cannot take a place again.
                 Followed::Duplicate => return 0,
-                Followed::Adopted => self.rewelcome(&name),
+                Followed::Adopted => self.rejoin(&name),
                 Followed::Next => {}
             }
         }
@@ -800,11 +820,66 @@ impl Broadcaster {
         // Messages gathered before the join go out first, without this client.
         self.fan_out(&client.room);
         let room = client.room.clone();
+        if self.backplane.as_ref().is_some_and(|b| !b.is_up()) {
+            // Redis is out of reach: what this instance holds of the room may lag it by any
+            // number of messages, so it cannot answer for Redis's epoch. The room goes on
+            // under an epoch of its own (a resume across the outage is then not recovered).
+            if let Some(state) = self.rooms.get_mut(&room) {
+                if state.source != Source::Own {
+                    state.state.start_local_epoch();
+                    state.source = Source::Own;
+                    state.join_history = None;
+                }
+            }
+        }
         if let Err(Parked::Welcome(client, resume)) =
             self.park_for_snapshot_or_give_back(&room, Parked::Welcome(client, resume))
         {
             self.welcome_now(client, resume);
         }
+    }
+
+    /// The subscriber's stream broke (see `Event::StreamBroken`): every room that followed
+    /// Redis may have missed messages. Joins ask for a snapshot from now on; rooms with
+    /// welcomed v1 members ask for one now, so those members are brought up to date (with the
+    /// messages they missed, in a new welcome) as soon as the link is back.
+    fn stream_broken(&mut self) {
+        let Some(backplane) = self.backplane.clone() else {
+            return;
+        };
+        let mut requested = 0;
+        for (name, room) in &mut self.rooms {
+            let Source::Redis { .. } = room.source else {
+                continue;
+            };
+            room.source = Source::Redis { complete: false };
+            room.join_history = None;
+            if !backplane.is_up()
+                || !self.live_rooms.contains(name)
+                || self.syncs.contains_key(name)
+            {
+                continue;
+            }
+            let request = Outgoing::Snapshot {
+                room: name.clone(),
+                create: false,
+            };
+            if backplane.try_publish(request).is_err() {
+                continue;
+            }
+            requested += 1;
+            self.syncs.insert(
+                name.clone(),
+                PendingSync {
+                    deadline: Instant::now() + SNAPSHOT_WAIT,
+                    welcomes: Vec::new(),
+                    waiters: Vec::new(),
+                },
+            );
+        }
+        self.stats
+            .snapshots_requested
+            .fetch_add(requested, Ordering::Relaxed);
     }
 
     /// With Redis, a room whose history here may not be all Redis retains (this instance
@@ -866,6 +941,11 @@ impl Broadcaster {
             let (limit, ttl) = (self.history_limit(), self.config.history_ttl);
             let room = self.room(&name, Instant::now());
             let adopted = *room.state.epoch() != *snapshot.epoch || room.state.seq() > snapshot.seq;
+            // Members who saw up to `seen` of this same life missed what came after it.
+            let seen = (!adopted && snapshot.seq > room.state.seq()).then(|| Resume {
+                since: room.state.seq(),
+                epoch: snapshot.epoch.clone(),
+            });
             room.state.replace(
                 &snapshot.epoch,
                 snapshot.seq,
@@ -877,7 +957,9 @@ impl Broadcaster {
             room.source = Source::Redis { complete: true };
             room.join_history = None;
             if adopted {
-                self.rewelcome(&name);
+                self.rewelcome(&name, None);
+            } else if seen.is_some() {
+                self.rewelcome(&name, seen);
             }
         }
         self.answer_sync(&name);
@@ -888,7 +970,11 @@ impl Broadcaster {
     /// a `seq` that no longer lead anywhere, and would take the new life's lower numbers for
     /// messages they have seen. Each gets a new `welcome` (`recovered: false`), as a join
     /// would, before the new life's first message; what was gathered before goes out first.
-    fn rewelcome(&mut self, name: &Arc<str>) {
+    ///
+    /// With `resume`, the members missed messages of the same life (the subscriber's stream
+    /// broke): their new welcome resumes them from what they saw, so it holds exactly the
+    /// missed messages (`recovered: true`) while the room retains them.
+    fn rewelcome(&mut self, name: &Arc<str>, resume: Option<Resume>) {
         self.fan_out(name);
         let mut members = Vec::new();
         self.hub.with_room(name, |room| {
@@ -904,7 +990,33 @@ impl Broadcaster {
                 .fetch_add(members.len() as u64, Ordering::Relaxed);
         }
         for client in members {
-            self.welcome_now(client, None);
+            self.welcome_now(client, resume.clone());
+        }
+    }
+
+    /// The room's state just took another life of it from a message or totals, knowing none
+    /// of that life's history: its welcomed v1 members join it again, as new joiners do (they
+    /// wait, unwelcomed, for the room's snapshot, and are welcomed with its history), or are
+    /// welcomed again at once when no snapshot can be asked for.
+    fn rejoin(&mut self, name: &Arc<str>) {
+        self.fan_out(name);
+        let mut members = Vec::new();
+        self.hub.with_room(name, |room| {
+            members.extend(room.v1.iter().filter(|c| c.is_welcomed()).cloned());
+        });
+        if members.is_empty() {
+            return;
+        }
+        self.stats
+            .rewelcomes
+            .fetch_add(members.len() as u64, Ordering::Relaxed);
+        for client in members {
+            client.mark_unwelcomed();
+            if let Err(Parked::Welcome(client, resume)) =
+                self.park_for_snapshot_or_give_back(name, Parked::Welcome(client, None))
+            {
+                self.welcome_now(client, resume);
+            }
         }
     }
 
@@ -976,7 +1088,7 @@ impl Broadcaster {
         }
         room.state.reactions.lock().set_totals(totals);
         if adopted {
-            self.rewelcome(name);
+            self.rejoin(name);
         }
     }
 
@@ -988,6 +1100,13 @@ impl Broadcaster {
         let Some(backplane) = self.backplane.clone() else {
             return;
         };
+        if !backplane.is_up() {
+            // Kept until Redis can sum them (see `react`).
+            if !self.tapped.is_empty() {
+                self.taps_due = Some(now + self.config.reaction_interval / 2);
+            }
+            return;
+        }
         for name in std::mem::take(&mut self.tapped) {
             let Some(room) = self.rooms.get_mut(&name) else {
                 continue;
@@ -1100,10 +1219,16 @@ impl Broadcaster {
         let now = Instant::now();
         let every = self.config.reaction_interval / 2;
         let with_redis = self.backplane.is_some();
+        let link_down = self.backplane.as_ref().is_some_and(|b| !b.is_up());
         let room = self.room(&name, now);
         let added = if with_redis {
-            // Counted here, summed in Redis (see `send_taps`).
+            // Counted here, summed in Redis (see `send_taps`). While Redis is out of reach the
+            // tap shows in this instance's totals at once and waits to be summed when it is
+            // back, so the totals do not fall back when Redis's arrive.
             if room.taps.len() < MAX_ROOM_REACTION_KEYS || room.taps.contains_key(key) {
+                if link_down {
+                    let _ = room.state.reactions.lock().add(key, 1);
+                }
                 *room.taps.entry(key.to_string()).or_default() += 1;
                 self.tapped.insert(name);
                 self.taps_due.get_or_insert(now + every);

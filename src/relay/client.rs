@@ -125,6 +125,12 @@ impl Client {
         self.welcomed.load(Ordering::Acquire)
     }
 
+    /// Its room's state is about to become another (see `Broadcaster::rejoin`): room
+    /// messages wait for its next welcome. Only the broadcaster calls this.
+    pub(crate) fn mark_unwelcomed(&self) {
+        self.welcomed.store(false, Ordering::Release);
+    }
+
     pub(crate) fn mark_welcomed(&self) {
         self.welcomed.store(true, Ordering::Release);
     }

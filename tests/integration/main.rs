@@ -12,6 +12,8 @@ mod cgroup;
 #[cfg(feature = "redis")]
 mod cluster_moderation;
 #[cfg(feature = "redis")]
+mod cluster_outage;
+#[cfg(feature = "redis")]
 mod cluster_v1;
 mod endpoints;
 mod flags;
