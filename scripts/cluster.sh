@@ -76,9 +76,11 @@ wait_for() {
     exit 1
 }
 
+redis_pid=""
 start_redis() {
     redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
-        --loglevel warning >"$work/redis.log" 2>&1 &
+        --loglevel warning >>"$work/redis.log" 2>&1 &
+    redis_pid=$!
     pids+=($!)
     for _ in $(seq 100); do
         [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = PONG ] && return 0
@@ -133,15 +135,21 @@ roomcast cluster running (logs in $work):
 Try it:
     open http://127.0.0.1:$port/ in two browser tabs: each reload may land on another
     instance, and they still share the room
-    get  http://127.0.0.1:$port/api/rooms       cluster-wide counts
-    get  http://127.0.0.1:$((port + 11))/healthz         one instance's health ("degraded" without Redis)
+    curl http://127.0.0.1:$port/api/rooms                cluster-wide counts
+    curl http://127.0.0.1:$((port + 11))/healthz              one instance's health
+    an outage: kill $redis_pid (Redis), watch /healthz say "degraded", then bring
+    Redis back, empty, with
+        redis-server --port $redis_port --bind 127.0.0.1 --save "" --appendonly no &
 
-Press Ctrl-C to stop everything.
+Press Ctrl-C to stop everything (a Redis started by hand too: stop it yourself).
 EOF
     # `wait` (unlike a foreground sleep) returns as soon as a trapped signal arrives. It also
-    # returns if any process of the cluster dies, which stops the rest.
+    # returns if an instance or nginx dies, which stops the rest; Redis may come and go (that
+    # is what degraded mode is for).
     status=0
-    wait -n "${pids[@]}" || status=$?
+    watched=()
+    for pid in "${pids[@]}"; do [ "$pid" = "$redis_pid" ] || watched+=("$pid"); done
+    wait -n "${watched[@]}" || status=$?
     echo "cluster: a process exited (status $status); stopping the rest (logs in $work)" >&2
     exit 1
 fi

@@ -353,7 +353,8 @@ mod with_redis {
     use crate::backplane::{keys, Backplane, Dropped};
 
     /// Records a ban in `keys::BANS_KEY` unless a later end is there already, and only while
-    /// the hash holds fewer than `ARGV[3]` entries (a new one past that is refused: 0).
+    /// the hash holds fewer than `ARGV[3]` entries once the ended ones are deleted (a new one
+    /// past that is refused: 0).
     const RECORD_BAN: &str = r"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current then
@@ -364,7 +365,19 @@ if current then
   return 1
 end
 if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
-  return 0
+  -- Full: the bans that have ended go first (rare, so one walk of the hash is affordable).
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local fields = redis.call('HGETALL', KEYS[1])
+  for f = 1, #fields, 2 do
+    local ends = tonumber(fields[f + 1])
+    if ends == nil or ends <= now then
+      redis.call('HDEL', KEYS[1], fields[f])
+    end
+  end
+  if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+    return 0
+  end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1

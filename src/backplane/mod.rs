@@ -400,6 +400,16 @@ impl Backplane {
         !was_up && is_up
     }
 
+    /// A side's thread ends at shutdown: the link goes down without counting as an outage.
+    pub fn leave(&self, side: Side) {
+        let mut sides = self.sides.lock();
+        match side {
+            Side::Publisher => sides.0 = false,
+            Side::Subscriber => sides.1 = false,
+        }
+        self.up.store(false, Ordering::SeqCst);
+    }
+
     /// The subscriber heard from Redis (a message, or a reply to its ping).
     pub fn heard_from_redis(&self) {
         self.last_heard_ms

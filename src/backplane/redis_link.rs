@@ -177,8 +177,12 @@ fn publish(
     events: &Events,
     shutdown: &Shutdown,
 ) {
-    let _down = OnExit(|| {
-        backplane.set_side(Side::Publisher, false);
+    // At shutdown the link simply closes; otherwise (a panic) it is an outage.
+    let _down = OnExit(|| match shutdown.is_triggered() {
+        true => backplane.leave(Side::Publisher),
+        false => {
+            backplane.set_side(Side::Publisher, false);
+        }
     });
     let mut link = PublisherLink::new();
     while !shutdown.is_triggered() {
@@ -491,8 +495,11 @@ fn subscribe(
     local: &Local,
     shutdown: &Shutdown,
 ) {
-    let _down = OnExit(|| {
-        backplane.set_side(Side::Subscriber, false);
+    let _down = OnExit(|| match shutdown.is_triggered() {
+        true => backplane.leave(Side::Subscriber),
+        false => {
+            backplane.set_side(Side::Subscriber, false);
+        }
     });
     let mut reconnect = Backoff::new("subscriber");
     let mut origins = Origins::default();
@@ -525,10 +532,16 @@ fn subscribe(
                 shutdown,
             )
         });
-        backplane.set_side(Side::Subscriber, false);
+        if shutdown.is_triggered() {
+            backplane.leave(Side::Subscriber);
+        } else {
+            backplane.set_side(Side::Subscriber, false);
+        }
         // What this connection has not brought back it never will: deliver it here, in order.
         backplane.deliver_all(events);
-        let _ = events.send(Event::StreamBroken);
+        if !shutdown.is_triggered() {
+            let _ = events.send(Event::StreamBroken);
+        }
         if let Err(err) = result {
             reconnect.failed(&err, shutdown);
         }

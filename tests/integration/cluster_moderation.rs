@@ -441,3 +441,33 @@ fn the_heartbeat_keeps_a_rooms_state_in_redis_alive_while_it_has_members() {
         assert!(pttl(&empty) <= 5000, "{empty} was extended");
     }
 }
+
+/// A bans hash full of bans that have ended does not refuse a new one: the ended ones go
+/// first. Before, a long-running cluster stopped recording bans for later instances once
+/// 100,000 had ever been issued.
+#[test]
+fn a_full_bans_hash_of_ended_bans_makes_room_for_a_new_one() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let a = instance(&redis);
+    let fill = format!(
+        "for i = 1, {} do redis.call('HSET', KEYS[1], 'old' .. i .. '\\n' .. 'u', 1) end",
+        roomcast::relay::users::MAX_BANS
+    );
+    redis.command(&[b"EVAL", fill.as_bytes(), b"1", b"roomcast:bans"]);
+    let (status, body) = disconnect(&a, "stage", json!({"user": "late", "ban_secs": 600}));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"disconnected":0,"cluster":true}"#)
+    );
+    assert!(
+        wait_until(LINK_WAIT, || redis.command(&[
+            b"HEXISTS",
+            b"roomcast:bans",
+            b"stage\nlate"
+        ]) == ":1"),
+        "the new ban was not recorded"
+    );
+    assert_eq!(redis.command(&[b"HLEN", b"roomcast:bans"]), ":1");
+}
