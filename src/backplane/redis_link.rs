@@ -945,6 +945,11 @@ impl Backoff {
     /// the one after.
     fn pause_after(&mut self, err: &redis::RedisError) -> Duration {
         let pause = self.pause;
+        // A timed-out read says "Resource temporarily unavailable": say what it means.
+        let err = match err.is_timeout() {
+            true => format!("no reply within {IO_TIMEOUT:?}"),
+            false => err.to_string(),
+        };
         if pause == BACKOFF_MIN {
             warn!("redis {}: {err}; reconnecting with backoff", self.side);
         } else {
