@@ -7,17 +7,22 @@
 //!
 //! ```text
 //!  conn thread ─► publish queue (bounded, never blocks) ─► redis-publisher: number it,
-//!                                      hold it in the ledger, PUBLISH roomcast:room:<room>
+//!                          hold it in the ledger, run sequence.lua (one EVALSHA per batch)
 //!                                                     │
-//!                                                   Redis (orders each room's messages)
+//!              Redis: the room's next seq, its capped history, PUBLISH roomcast:room:<room>
 //!                                                     │
 //!  broadcaster ◄── events channel ◄── redis-subscriber: PSUBSCRIBE roomcast:room:*
-//!                                     (this instance's own messages come out of the ledger)
+//!                          (this instance's own messages take their held place in the ledger)
 //! ```
 //!
-//! Redis is thus the one point that orders a room's messages, so members on different
-//! instances see the same order. The price is one round trip to Redis per message, even for
-//! members on the sender's own instance.
+//! Redis is thus the one point that orders and numbers a room's messages, so members on
+//! different instances see the same order and the same `seq` (`Order::Redis`), and a room's
+//! epoch, history and reaction totals live there too (`keys`). The price is one round trip to
+//! Redis per batch, even for members on the sender's own instance. Every instance mirrors
+//! each room from the stream it subscribes to, so joins are answered without asking Redis,
+//! except where the mirror may have a hole: then the script publishes a snapshot of the room
+//! on the asking instance's control channel, where it arrives at its exact place among the
+//! room's messages (`Arrival::Snapshot`, `Broadcaster::park_for_snapshot`).
 //!
 //! # One sender's order, whatever the link does
 //!
@@ -26,9 +31,10 @@
 //! ahead of it. The publisher numbers each event and holds it in the *ledger* until it is
 //! handed to the broadcaster, which happens exactly once, in number order, by one of two
 //! paths:
-//! - the subscriber, when Redis brings one of our messages back (messages carry their origin
-//!   instance and number, see `encode_sequenced`): that message, and before it any held one
-//!   Redis did not bring back;
+//! - the subscriber, when Redis brings one of our events back (messages carry their origin
+//!   instance and number, see `encode_sequenced`): what Redis made of it (`Arrival`: the
+//!   message with its `seq`, the totals with our taps added, the snapshot asked for) in its
+//!   place, and before it any held one Redis did not bring back;
 //! - local delivery of everything held, when the link is degraded: by the publisher (its
 //!   pipeline failed, or the subscriber is down) or by the subscriber as its connection ends.
 //!

@@ -2,15 +2,18 @@
 //! connection so none waits behind another:
 //!
 //! - **redis-publisher** takes events off the bounded publish queue, numbers them into the
-//!   backplane's ledger, and sends them as pipelined `PUBLISH`es, one round trip per batch:
-//!   messages to their room's channel, a marker for anything else (a close) to this
-//!   instance's control channel. While the link is degraded it delivers them to the local
-//!   broadcaster instead, in the same order.
+//!   backplane's ledger, and runs the sequencing script (`sequence.lua`) on each batch, one
+//!   round trip: messages get their room's next `seq` and history entry and go to their
+//!   room's channel, taps are added to the room's totals, snapshot requests are answered on
+//!   this instance's control channel, and anything else (a close) gets a marker there. While
+//!   the link is degraded it delivers them to the local broadcaster instead, in the same
+//!   order.
 //! - **redis-subscriber** holds a `PSUBSCRIBE roomcast:room:*` and a `SUBSCRIBE` of this
 //!   instance's control channel, and feeds every message, from every instance, into the
 //!   broadcaster's channel: other instances' messages as they come (each once), this
 //!   instance's own out of the ledger. This is the only way a room message reaches the
-//!   broadcaster while the link is up. It also `SUBSCRIBE`s the moderation channel and acts
+//!   broadcaster while the link is up. Each time its connection begins or ends it tells the
+//!   broadcaster (`Event::StreamBroken`): what Redis published in between never arrived. It also `SUBSCRIBE`s the moderation channel and acts
 //!   on other instances' disconnects and bans, and loads the bans kept in Redis each time it
 //!   connects (`cluster`).
 //! - **redis-presence** writes this instance's room counts (clients and users) to its
