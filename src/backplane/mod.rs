@@ -112,6 +112,10 @@ pub enum Outgoing {
     /// a snapshot on this instance's control channel, at its place among the room's messages.
     /// A join creates the room's state when Redis has none (`create`); a request does not.
     Snapshot { room: Arc<str>, create: bool },
+    /// Redis went back in time under a room's epoch (restored from an older dump): the room
+    /// gets a new one, if it still has `epoch`, so no resume takes the rewound numbers for the
+    /// ones its client saw.
+    NewEpoch { room: Arc<str>, epoch: Arc<str> },
 }
 
 impl Outgoing {
@@ -119,7 +123,10 @@ impl Outgoing {
     pub fn payload_len(&self) -> usize {
         match self {
             Outgoing::Message(message, _) => message.payload.len(),
-            Outgoing::Local(_) | Outgoing::Reactions { .. } | Outgoing::Snapshot { .. } => 0,
+            Outgoing::Local(_)
+            | Outgoing::Reactions { .. }
+            | Outgoing::Snapshot { .. }
+            | Outgoing::NewEpoch { .. } => 0,
         }
     }
 }
@@ -207,6 +214,8 @@ impl Outgoing {
                 room,
                 snapshot: None,
             }),
+            // Only Redis can change a room's epoch for every instance.
+            Outgoing::NewEpoch { .. } => Ok(()),
         }
     }
 }
@@ -1123,6 +1132,7 @@ mod tests {
                 Event::Snapshot { .. } => "snapshot".into(),
                 Event::Sync { .. } => "sync".into(),
                 Event::StreamBroken => "stream broken".into(),
+                Event::LinkUp => "link up".into(),
             })
             .collect()
     }

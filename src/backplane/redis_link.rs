@@ -235,8 +235,8 @@ struct PublisherLink {
     con: Option<Connection>,
     /// The sequencing script's SHA1, from `SCRIPT LOAD` when the connection was made.
     script: Option<String>,
-    /// When the connection last failed: the next is made only once the subscriber has heard
-    /// from Redis since (see `Backplane::heard_from_redis_since`).
+    /// When the connection last went unanswered: the next is made only once the subscriber
+    /// has heard from Redis since (see `Backplane::heard_from_redis_since`).
     failed_at: Option<Instant>,
     backoff: Backoff,
     retry_at: Instant,
@@ -280,7 +280,7 @@ impl PublisherLink {
                 self.backoff.succeeded();
                 self.failed_at = None;
                 if backplane.set_side(Side::Publisher, true) {
-                    let _ = events.send(Event::StreamBroken);
+                    let _ = events.send(Event::LinkUp);
                 }
             }
             Err(err) => self.failed(&err, backplane),
@@ -289,7 +289,11 @@ impl PublisherLink {
 
     fn failed(&mut self, err: &redis::RedisError, backplane: &Backplane) {
         self.con = None;
-        self.failed_at = Some(Instant::now());
+        // A Redis that did not answer may accept a connection and answer nothing again; one
+        // that closed the connection or refused it says so at once.
+        if err.is_timeout() {
+            self.failed_at = Some(Instant::now());
+        }
         backplane.set_side(Side::Publisher, false);
         self.retry_at = Instant::now() + self.backoff.pause_after(err);
     }
@@ -413,6 +417,9 @@ impl Pipeline {
                         commands.arg(key.as_str()).arg(*taps);
                     }
                 }
+                Outgoing::NewEpoch { room, epoch } => {
+                    commands.arg("E").arg(seq).arg(&**room).arg(&**epoch);
+                }
                 Outgoing::Snapshot { room, create } => {
                     let op = if *create { "S" } else { "Q" };
                     commands.arg(op).arg(seq).arg(&**room);
@@ -523,7 +530,7 @@ fn subscribe(
             let _ = events.send(Event::StreamBroken);
             backplane.heard_from_redis();
             if backplane.set_side(Side::Subscriber, true) {
-                let _ = events.send(Event::StreamBroken);
+                let _ = events.send(Event::LinkUp);
             }
             reconnect.succeeded();
             listen(

@@ -12,6 +12,8 @@
 --   R n room count k1 c1 ...   reaction taps: added to the totals, the sums published
 --   S n room                   a snapshot of the room, published on the control channel
 --   Q n room                   the same, but a room without state gets none (an empty one)
+--   E n room epoch             a new epoch for the room, if it still has `epoch` (Redis was
+--                              restored from an older dump: its seqs went back)
 -- An event numbered at or below the origin's last run one is skipped: the publisher's retry of
 -- a batch that reached Redis before its connection failed runs nothing twice. An event that
 -- fails (a room key someone overwrote with another type) is skipped and counted, not left to
@@ -63,13 +65,15 @@ ops.M = function(number, at)
   local room, body = ARGV[at], ARGV[at + 1]
   local epoch = epoch_of(room)
   local state, history = keys(room)
-  local seq = redis.call('HINCRBY', state, 'seq', 1)
+  -- The seq is taken only once the entry is retained: a write that fails leaves no hole.
+  local seq = tonumber(redis.call('HGET', state, 'seq')) + 1
   local entry = string.format('%d %d\n', seq, now) .. body
   if history_limit > 0 then
     redis.call('RPUSH', history, entry)
     redis.call('LTRIM', history, -history_limit, -1)
     redis.call('PEXPIRE', history, history_ttl)
   end
+  redis.call('HSET', state, 'seq', seq)
   redis.call('PUBLISH', 'roomcast:room:' .. room, 'V' .. epoch .. ' ' .. entry)
 end
 
@@ -130,6 +134,15 @@ local function snapshot(number, room, create)
   redis.call('PUBLISH', control, table.concat(out))
 end
 
+ops.E = function(number, at)
+  local room, stale = ARGV[at], ARGV[at + 1]
+  local state = keys(room)
+  if redis.call('HGET', state, 'epoch') == stale then
+    redis.call('HSET', state, 'epoch', fresh_epoch)
+    epochs[room] = nil
+  end
+end
+
 ops.S = function(number, at)
   snapshot(number, ARGV[at], true)
 end
@@ -144,6 +157,8 @@ local function width(op, at)
     return 2
   elseif op == 'R' then
     return 2 + 2 * tonumber(ARGV[at + 1])
+  elseif op == 'E' then
+    return 2
   elseif op == 'K' then
     return 0
   else

@@ -27,7 +27,7 @@ use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::frame::Frame;
 use tungstenite::Bytes;
 
-use crate::backplane::{Backplane, Outgoing, Relayed};
+use crate::backplane::{Backplane, Outgoing};
 use crate::config::Config;
 use crate::relay::budget::{Budget, Permit};
 use crate::relay::client::{encode, Client};
@@ -70,6 +70,11 @@ const SHARED_PAYLOAD_BYTES: usize = 4096;
 /// this instance has. Redis answers in a round trip; this is for a Redis that stopped
 /// answering without the link noticing yet.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
+/// Snapshots asked for and not yet arrived, at most. Each carries up to a welcome's worth of
+/// history, and all of them land in this instance's subscriber buffer in Redis at once: a few
+/// MiB, well under the 8 MiB Redis lets a subscriber hold for long. The next goes as one
+/// arrives, so a thousand rooms re-sync in a few hundred round trips.
+const MAX_SNAPSHOTS_IN_FLIGHT: usize = 8;
 /// How often backlogged clients are retried. Short, because a healthy client that briefly
 /// filled its socket buffer should not wait long; long enough that a thousand stalled clients
 /// cost a thousand failing `sendmsg` calls 100 times a second, not once per batch.
@@ -169,6 +174,9 @@ struct Room {
     /// With Redis: reaction taps counted here and not yet sent to Redis, which sums every
     /// instance's (see `Broadcaster::send_taps`).
     taps: BTreeMap<String, u64>,
+    /// With Redis: the room's `seq` when the subscriber's stream last broke, while its
+    /// welcomed members may have missed what came after it (see `stream_broken`).
+    seen_before_break: Option<u64>,
 }
 
 /// Whose epoch and `seq` a room's state holds.
@@ -188,6 +196,12 @@ enum Source {
 struct PendingSync {
     /// When they are answered from what this instance has, snapshot or not.
     deadline: Instant,
+    /// Whether the snapshot has been asked for (at most `MAX_SNAPSHOTS_IN_FLIGHT` are at
+    /// once; the rest wait their turn in `Broadcaster::sync_queue`).
+    requested: bool,
+    /// A join's snapshot creates the room's state in Redis; a history request's or a
+    /// catch-up's does not.
+    create: bool,
     welcomes: Vec<(Arc<Client>, Option<Resume>)>,
     waiters: Vec<Sender<()>>,
 }
@@ -257,6 +271,8 @@ pub enum Event {
     /// The Redis subscriber's connection ended, or a new one began: whatever Redis published
     /// in between never reached this instance, so no room's history here is known complete.
     StreamBroken,
+    /// The Redis link is up again: snapshots waiting for it can be asked for.
+    LinkUp,
     /// A frame for one client only (a v1 `error`), sent this way rather than queued by the
     /// connection thread so it keeps its place: behind the welcome and behind the messages
     /// the client sent before the frame it answers.
@@ -412,6 +428,10 @@ pub struct Broadcaster {
     backplane: Option<Arc<Backplane>>,
     /// Rooms waiting for a snapshot from Redis, with the joins waiting for it.
     syncs: HashMap<Arc<str>, PendingSync>,
+    /// Rooms in `syncs` whose snapshot is not asked for yet, oldest first.
+    sync_queue: std::collections::VecDeque<Arc<str>>,
+    /// Snapshots asked for and not yet arrived.
+    snapshots_in_flight: usize,
     /// With Redis: rooms with taps not yet sent, and when they go next.
     tapped: HashSet<Arc<str>>,
     taps_due: Option<Instant>,
@@ -462,6 +482,8 @@ impl Broadcaster {
             draining,
             backplane,
             syncs: HashMap::new(),
+            sync_queue: std::collections::VecDeque::new(),
+            snapshots_in_flight: 0,
             tapped: HashSet::new(),
             taps_due: None,
             #[cfg(test)]
@@ -575,6 +597,7 @@ impl Broadcaster {
             }
             Event::Snapshot { room, snapshot } => self.snapshot_arrived(room, snapshot),
             Event::StreamBroken => self.stream_broken(),
+            Event::LinkUp => self.link_up(),
             Event::Sync { room, done } => {
                 if !self.park_for_snapshot(&room, Parked::Waiter(done.clone())) {
                     let _ = done.send(());
@@ -617,6 +640,7 @@ impl Broadcaster {
                 join_history: None,
                 source: Source::Own,
                 taps: BTreeMap::new(),
+                seen_before_break: None,
             }
         });
         room.last_active = now;
@@ -670,9 +694,18 @@ impl Broadcaster {
         };
         if let Order::Redis(stamp) = &order {
             match follow_stamp(self.room(&name, now), stamp) {
-                // Already relayed in this epoch: a second copy cannot take a place again.
-                Followed::Duplicate => return 0,
-                Followed::Adopted => self.rejoin(&name),
+                Followed::Adopted => self.rejoin(&name, None),
+                Followed::Rewound => {
+                    self.ask_for_new_epoch(&name, &stamp.epoch);
+                    self.rejoin(&name, None);
+                }
+                Followed::Gap { seen } => {
+                    let resume = Resume {
+                        since: seen,
+                        epoch: stamp.epoch.to_string(),
+                    };
+                    self.rejoin(&name, Some(resume));
+                }
                 Followed::Next => {}
             }
         }
@@ -840,46 +873,45 @@ impl Broadcaster {
     }
 
     /// The subscriber's stream broke (see `Event::StreamBroken`): every room that followed
-    /// Redis may have missed messages. Joins ask for a snapshot from now on; rooms with
-    /// welcomed v1 members ask for one now, so those members are brought up to date (with the
-    /// messages they missed, in a new welcome) as soon as the link is back.
+    /// Redis may have missed messages. Joins ask for a snapshot from now on. Rooms with
+    /// welcomed v1 members remember the `seq` their members saw, and ask for one as soon as
+    /// the link is up (`link_up`), so those members are caught up with exactly what they
+    /// missed, in a new welcome.
     fn stream_broken(&mut self) {
-        let Some(backplane) = self.backplane.clone() else {
+        if self.backplane.is_none() {
             return;
-        };
-        let mut requested = 0;
+        }
         for (name, room) in &mut self.rooms {
             let Source::Redis { .. } = room.source else {
                 continue;
             };
             room.source = Source::Redis { complete: false };
             room.join_history = None;
-            if !backplane.is_up()
-                || !self.live_rooms.contains(name)
-                || self.syncs.contains_key(name)
-            {
-                continue;
+            if self.live_rooms.contains(name) && room.seen_before_break.is_none() {
+                room.seen_before_break = Some(room.state.seq());
             }
-            let request = Outgoing::Snapshot {
-                room: name.clone(),
-                create: false,
-            };
-            if backplane.try_publish(request).is_err() {
-                continue;
-            }
-            requested += 1;
-            self.syncs.insert(
-                name.clone(),
-                PendingSync {
-                    deadline: Instant::now() + SNAPSHOT_WAIT,
-                    welcomes: Vec::new(),
-                    waiters: Vec::new(),
-                },
-            );
         }
-        self.stats
-            .snapshots_requested
-            .fetch_add(requested, Ordering::Relaxed);
+        self.link_up();
+    }
+
+    /// The link is up (again): rooms whose members wait to be caught up get in line for a
+    /// snapshot, and what waits in line is asked for.
+    fn link_up(&mut self) {
+        if !self.backplane.as_ref().is_some_and(|b| b.is_up()) {
+            return;
+        }
+        let waiting: Vec<Arc<str>> = self
+            .rooms
+            .iter()
+            .filter(|(name, room)| {
+                room.seen_before_break.is_some() && !self.syncs.contains_key(*name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in waiting {
+            self.queue_sync(&name, false);
+        }
+        self.request_snapshots();
     }
 
     /// With Redis, a room whose history here may not be all Redis retains (this instance
@@ -905,32 +937,63 @@ impl Broadcaster {
         if complete || !backplane.is_up() {
             return Err(what);
         }
-        if !self.syncs.contains_key(name) {
-            let request = Outgoing::Snapshot {
-                room: name.clone(),
-                create: matches!(what, Parked::Welcome(..)),
-            };
-            if backplane.publish(request) != Relayed::Queued {
-                return Err(what);
-            }
-            self.stats
-                .snapshots_requested
-                .fetch_add(1, Ordering::Relaxed);
-            self.syncs.insert(
-                name.clone(),
-                PendingSync {
-                    deadline: Instant::now() + SNAPSHOT_WAIT,
-                    welcomes: Vec::new(),
-                    waiters: Vec::new(),
-                },
-            );
-        }
-        let pending = self.syncs.get_mut(name).expect("inserted above if missing");
+        let create = matches!(what, Parked::Welcome(..));
+        self.queue_sync(name, create);
+        let pending = self.syncs.get_mut(name).expect("queued above if missing");
+        pending.create |= create;
         match what {
             Parked::Welcome(client, resume) => pending.welcomes.push((client, resume)),
             Parked::Waiter(done) => pending.waiters.push(done),
         }
         Ok(())
+    }
+
+    /// Puts `name` in line for a snapshot, unless it is already, and asks for what fits.
+    fn queue_sync(&mut self, name: &Arc<str>, create: bool) {
+        if !self.syncs.contains_key(name) {
+            self.syncs.insert(
+                name.clone(),
+                PendingSync {
+                    deadline: Instant::now() + SNAPSHOT_WAIT,
+                    requested: false,
+                    create,
+                    welcomes: Vec::new(),
+                    waiters: Vec::new(),
+                },
+            );
+            self.sync_queue.push_back(name.clone());
+        }
+        self.request_snapshots();
+    }
+
+    /// Asks Redis for the next snapshots in line, while fewer than `MAX_SNAPSHOTS_IN_FLIGHT`
+    /// are on their way and the publish queue takes them.
+    fn request_snapshots(&mut self) {
+        let Some(backplane) = self.backplane.clone() else {
+            return;
+        };
+        while self.snapshots_in_flight < MAX_SNAPSHOTS_IN_FLIGHT && backplane.is_up() {
+            let Some(name) = self.sync_queue.pop_front() else {
+                return;
+            };
+            let Some(pending) = self.syncs.get_mut(&name).filter(|p| !p.requested) else {
+                continue; // answered meanwhile
+            };
+            let request = Outgoing::Snapshot {
+                room: name.clone(),
+                create: pending.create,
+            };
+            if backplane.try_publish(request).is_err() {
+                self.sync_queue.push_front(name);
+                return;
+            }
+            pending.requested = true;
+            pending.deadline = Instant::now() + SNAPSHOT_WAIT;
+            self.snapshots_in_flight += 1;
+            self.stats
+                .snapshots_requested
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// A room's snapshot from Redis (or word that none will come): the state here becomes
@@ -940,7 +1003,8 @@ impl Broadcaster {
         if let Some(snapshot) = snapshot {
             let (limit, ttl) = (self.history_limit(), self.config.history_ttl);
             let room = self.room(&name, Instant::now());
-            let adopted = *room.state.epoch() != *snapshot.epoch || room.state.seq() > snapshot.seq;
+            let rewound = *room.state.epoch() == *snapshot.epoch && room.state.seq() > snapshot.seq;
+            let adopted = *room.state.epoch() != *snapshot.epoch || rewound;
             // Members who saw up to `seen` of this same life missed what came after it.
             let seen = (!adopted && snapshot.seq > room.state.seq()).then(|| Resume {
                 since: room.state.seq(),
@@ -954,8 +1018,15 @@ impl Broadcaster {
                 ttl,
                 snapshot.totals,
             );
-            room.source = Source::Redis { complete: true };
+            // A snapshot behind what this instance saw of the same life: Redis went back in
+            // time (see `Followed::Rewound`). Not a life to resume in: a new epoch is asked for.
+            room.source = Source::Redis { complete: !rewound };
             room.join_history = None;
+            // Whatever its members missed while the stream was broken is in this snapshot.
+            room.seen_before_break = None;
+            if rewound {
+                self.ask_for_new_epoch(&name, &snapshot.epoch);
+            }
             if adopted {
                 self.rewelcome(&name, None);
             } else if seen.is_some() {
@@ -998,7 +1069,10 @@ impl Broadcaster {
     /// of that life's history: its welcomed v1 members join it again, as new joiners do (they
     /// wait, unwelcomed, for the room's snapshot, and are welcomed with its history), or are
     /// welcomed again at once when no snapshot can be asked for.
-    fn rejoin(&mut self, name: &Arc<str>) {
+    ///
+    /// With `resume` (a gap in the same life) they are welcomed as resuming from what they
+    /// saw: the snapshot, which follows the gap in Redis's order, holds what they missed.
+    fn rejoin(&mut self, name: &Arc<str>, resume: Option<Resume>) {
         self.fan_out(name);
         let mut members = Vec::new();
         self.hub.with_room(name, |room| {
@@ -1012,10 +1086,26 @@ impl Broadcaster {
             .fetch_add(members.len() as u64, Ordering::Relaxed);
         for client in members {
             client.mark_unwelcomed();
+            let parked = Parked::Welcome(client, resume.clone());
             if let Err(Parked::Welcome(client, resume)) =
-                self.park_for_snapshot_or_give_back(name, Parked::Welcome(client, None))
+                self.park_for_snapshot_or_give_back(name, parked)
             {
                 self.welcome_now(client, resume);
+            }
+        }
+    }
+
+    /// Redis went back in time under `epoch` (restored from an older dump): the room needs a
+    /// new epoch there, so no client resumes with numbers Redis has given out twice. Every
+    /// instance that notices asks; the first one's request makes it.
+    fn ask_for_new_epoch(&mut self, name: &Arc<str>, epoch: &str) {
+        if let Some(backplane) = &self.backplane {
+            let request = Outgoing::NewEpoch {
+                room: name.clone(),
+                epoch: epoch.into(),
+            };
+            if backplane.try_publish(request).is_ok() {
+                debug!("room {name}: redis went back in time; asked for a new epoch");
             }
         }
     }
@@ -1025,12 +1115,16 @@ impl Broadcaster {
         let Some(pending) = self.syncs.remove(name) else {
             return;
         };
+        if pending.requested {
+            self.snapshots_in_flight -= 1;
+        }
         for (client, resume) in pending.welcomes {
             self.welcome_now(client, resume);
         }
         for done in pending.waiters {
             let _ = done.send(());
         }
+        self.request_snapshots();
     }
 
     /// Joins whose snapshot is overdue are answered without it.
@@ -1079,7 +1173,21 @@ impl Broadcaster {
         seq: u64,
         totals: BTreeMap<String, u64>,
     ) {
+        let link_down = self.backplane.as_ref().is_some_and(|b| !b.is_up());
         let room = self.room(name, Instant::now());
+        let mut totals = totals;
+        if link_down {
+            // This instance's own taps wait to be summed (see `react`): they still count here.
+            for (key, taps) in &room.taps {
+                *totals.entry(key.clone()).or_default() += taps;
+            }
+            if room.source == Source::Own {
+                // Numbered here until this instance can publish again (see `gather`): the
+                // totals are news, the epoch they come with is not yet this room's.
+                room.state.reactions.lock().set_totals(totals);
+                return;
+            }
+        }
         let adopted = room.source == Source::Own || *room.state.epoch() != *epoch;
         if adopted {
             room.state.adopt(epoch, seq);
@@ -1088,7 +1196,7 @@ impl Broadcaster {
         }
         room.state.reactions.lock().set_totals(totals);
         if adopted {
-            self.rejoin(name);
+            self.rejoin(name, None);
         }
     }
 
@@ -1152,6 +1260,9 @@ impl Broadcaster {
         let history_budget =
             (outbox / 2).saturating_sub(WELCOME_ENVELOPE_BYTES + reactions_json.len());
         let (epoch, seq) = (state.epoch(), state.seq());
+        // A room that follows Redis with a possible hole here (its snapshot did not come in
+        // time, or could not be asked for) may be behind Redis: no resume is recovered from it.
+        let can_recover = room.source != Source::Redis { complete: false };
         // A crowd joining a quiet room shares one encoding of its history.
         let cached = room
             .join_history
@@ -1165,7 +1276,9 @@ impl Broadcaster {
             .map(|c| c.json.clone());
         let (history, recovered) = state.with_history(now, ttl, |retained| {
             let wanted = resume.as_ref().filter(|resume| {
-                *resume.epoch == *epoch && retained.covers(resume.since, seq, now, ttl)
+                can_recover
+                    && *resume.epoch == *epoch
+                    && retained.covers(resume.since, seq, now, ttl)
             });
             if let Some(resume) = wanted {
                 // If the missed messages do not all fit, it is a normal join after all.
@@ -1560,8 +1673,12 @@ enum Followed {
     /// The first one seen of another life of the room (another epoch): the state now
     /// follows that one.
     Adopted,
-    /// Already part of the state: a second copy.
-    Duplicate,
+    /// After a gap: the members saw up to `seen`, and missed what came between.
+    Gap { seen: u64 },
+    /// At or below the state's `seq` in the same epoch, which no copy can be (the ledger and
+    /// `Origins` drop those before they get here): Redis went back in time (restored from an
+    /// older dump). The state follows it as a new life.
+    Rewound,
 }
 
 /// Brings a room's state up to a message Redis numbered. A stamp from another life of the
@@ -1578,11 +1695,14 @@ fn follow_stamp(room: &mut Room, stamp: &Stamp) -> Followed {
         };
         Followed::Adopted
     } else if stamp.seq <= state.seq() {
-        return Followed::Duplicate;
+        state.adopt(&stamp.epoch, stamp.seq - 1);
+        room.source = Source::Redis { complete: false };
+        Followed::Rewound
     } else if stamp.seq != state.seq() + 1 {
+        let seen = state.seq();
         state.clear_history();
         room.source = Source::Redis { complete: false };
-        Followed::Next
+        Followed::Gap { seen }
     } else {
         Followed::Next
     };
@@ -1770,8 +1890,8 @@ mod tests {
     }
 
     /// A room's state follows Redis's numbers: consecutive stamps extend a complete history,
-    /// a second copy takes no place, a gap leaves the history incomplete (a join then asks for
-    /// a snapshot), another epoch is adopted.
+    /// a gap leaves the history incomplete (a join then asks for a snapshot), and so does a
+    /// seq that went back (Redis restored from an older dump), another epoch is adopted.
     #[test]
     fn a_rooms_state_follows_the_stamps_redis_gives_its_messages() {
         let (mut broadcaster, room_states) = broadcaster_without_members(Config::default());
@@ -1781,7 +1901,6 @@ mod tests {
         let source = |b: &Broadcaster| b.rooms["r"].source;
         assert_eq!((&*state.epoch(), state.seq()), ("e1", 2));
         assert_eq!(source(&broadcaster), Source::Redis { complete: true });
-        assert_eq!(broadcaster.gather(stamped("e1", 2)), 0, "a second copy");
         let now = Instant::now();
         let ttl = Duration::from_secs(60);
         assert_eq!(state.with_history(now, ttl, |h| h.len()), 2);
@@ -1789,6 +1908,12 @@ mod tests {
         assert_eq!(broadcaster.gather(stamped("e1", 5)), 5, "after a gap");
         assert_eq!(source(&broadcaster), Source::Redis { complete: false });
         assert_eq!(state.with_history(now, ttl, |h| h.len()), 1);
+
+        // Back below its seq in the same epoch: Redis went back in time. The state follows
+        // it, and knows its history incomplete.
+        assert_eq!(broadcaster.gather(stamped("e1", 3)), 3, "rewound");
+        assert_eq!((&*state.epoch(), state.seq()), ("e1", 3));
+        assert_eq!(source(&broadcaster), Source::Redis { complete: false });
 
         // Another life of the room (Redis started empty): adopted, from its first message.
         assert_eq!(broadcaster.gather(stamped("e2", 1)), 1);

@@ -340,3 +340,190 @@ fn a_join_to_a_room_with_a_huge_history_does_not_cost_the_link() {
     assert_eq!(metric(&b, "roomcast_redis_outages_total"), 0);
     assert_eq!(health(&b), "ok\n");
 }
+
+/// A backend's publish through `server`, as text.
+fn post_text(server: &TestServer, room: &str, text: &str) -> u16 {
+    let bearer = format!("Bearer {API_TOKEN}");
+    let headers = [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "text/plain"),
+    ];
+    let path = format!("/api/rooms/{room}/messages");
+    http(server.addr, "POST", &path, &headers, text.as_bytes()).status
+}
+
+/// B's stream comes back while A keeps publishing: the first message B sees after the break
+/// leaves a gap, and B's member that stayed is caught up with exactly what it missed (a
+/// welcome resuming it), and gets every message once. Before, it jumped the gap silently.
+#[test]
+fn a_member_caught_up_under_traffic_misses_nothing_and_sees_nothing_twice() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let cutter = Cutter::start(redis.port);
+    let a = linked(config(redis.url()));
+    let b = linked(config(cutter.url()));
+    let mut stayed = b.connect_v1("show", "name=stayed");
+    for n in 0..3 {
+        assert_eq!(post_text(&a, "show", &format!("m{n}")), 202);
+    }
+    let _ = messages(&mut stayed, 3);
+    cutter.set_cut(true);
+    assert!(wait_until(LINK_WAIT, || health(&b).starts_with("degraded")));
+    for n in 3..6 {
+        assert_eq!(post_text(&a, "show", &format!("m{n}")), 202);
+    }
+    // Traffic goes on while B comes back, and a little after.
+    cutter.set_cut(false);
+    let started = std::time::Instant::now();
+    let mut n = 6;
+    while health(&b) != "ok\n" || started.elapsed() < Duration::from_millis(1000) {
+        assert_eq!(post_text(&a, "show", &format!("m{n}")), 202);
+        n += 1;
+        thread::sleep(Duration::from_millis(2));
+        assert!(started.elapsed() < LINK_WAIT, "B never came back");
+    }
+    assert_eq!(post_text(&a, "show", "last"), 202);
+    let mut seen: Vec<u64> = vec![1, 2, 3];
+    loop {
+        let frame = stayed.next_frame();
+        match frame["type"].as_str() {
+            Some("message") => {
+                seen.push(seq_of(&frame));
+                if frame["text"] == "last" {
+                    break;
+                }
+            }
+            Some("welcome") => {
+                assert_eq!(frame["recovered"], true, "{frame}");
+                seen.extend(frame["history"].as_array().unwrap().iter().map(seq_of));
+            }
+            _ => {}
+        }
+    }
+    let expected: Vec<u64> = (1..=*seen.last().unwrap()).collect();
+    assert_eq!(seen, expected, "every seq once, in order");
+}
+
+/// A redis-server on a port of its own with a data directory, so it can be restarted from
+/// the dump it saved; killed when dropped.
+struct PersistentRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PersistentRedis {
+    fn start() -> Option<PersistentRedis> {
+        // RedisServer::start says why it skips, and fails where redis-server is required.
+        drop(RedisServer::start()?);
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("roomcast-redis-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = PersistentRedis {
+            port,
+            dir,
+            child: None,
+        };
+        redis.spawn();
+        Some(redis)
+    }
+
+    fn spawn(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        assert!(
+            wait_until(Duration::from_secs(10), || self.command("PING") == "+PONG"),
+            "redis-server did not start"
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// One inline command; the first line of its reply.
+    fn command(&self, command: &str) -> String {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return String::new();
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = stream.write_all(format!("{command}\r\n").as_bytes());
+        let mut reply = [0u8; 256];
+        let n = stream.read(&mut reply).unwrap_or(0);
+        String::from_utf8_lossy(&reply[..n]).trim_end().to_string()
+    }
+
+    /// Killed at once (SIGKILL), then started again from its last `SAVE`.
+    fn crash_and_restore(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PersistentRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Redis restarts from a dump older than its last writes (an RDB, or an AOF written every
+/// second, after a crash): the room's epoch is the same and its seq lower. Plain members get
+/// every message after it, and a v1 client that saw the lost numbers is never told it
+/// recovered: the room gets a new epoch. Before, messages numbered at or below the old seq
+/// were dropped as second copies, for plain members too.
+#[test]
+fn redis_restored_from_an_older_dump_starts_a_new_epoch_and_drops_nothing() {
+    let Some(mut redis) = PersistentRedis::start() else {
+        return;
+    };
+    let a = linked(config(redis.url()));
+    let mut plain = a.connect("show");
+    let mut watcher = a.connect_v1("show", "name=watcher");
+    let epoch = watcher.welcome["epoch"].as_str().unwrap().to_string();
+    for n in 1..=3 {
+        assert_eq!(post_text(&a, "show", &format!("m{n}")), 202);
+        assert_eq!(next_text(&mut plain), format!("m{n}"));
+    }
+    assert_eq!(redis.command("SAVE"), "+OK");
+    for n in 4..=8 {
+        assert_eq!(post_text(&a, "show", &format!("m{n}")), 202);
+        assert_eq!(next_text(&mut plain), format!("m{n}"));
+    }
+    let seen = messages(&mut watcher, 8);
+    drop(watcher);
+    redis.crash_and_restore();
+    assert!(wait_until(LINK_WAIT, || health(&a) == "ok\n"));
+    for n in 9..=14 {
+        assert_eq!(post_text(&a, "show", &format!("m{n}")), 202);
+    }
+    for n in 9..=14 {
+        assert_eq!(next_text(&mut plain), format!("m{n}"));
+    }
+    let since = seq_of(&seen[5]);
+    let back = a.connect_v1("show", &format!("since={since}&epoch={epoch}"));
+    assert_eq!(back.welcome["recovered"], false, "{}", back.welcome);
+    assert_ne!(back.welcome["epoch"], epoch.as_str(), "{}", back.welcome);
+}
