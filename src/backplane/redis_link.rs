@@ -159,6 +159,16 @@ pub(crate) fn start(
     Ok(threads.into_iter().flatten().collect())
 }
 
+/// A side's connection is gone: at shutdown the link simply closes; otherwise (a failure, a
+/// panic) it is an outage, logged and counted.
+fn side_down(backplane: &Backplane, side: Side, shutdown: &Shutdown) {
+    if shutdown.is_triggered() {
+        backplane.leave(side);
+    } else {
+        backplane.set_side(side, false);
+    }
+}
+
 /// Runs its closure when dropped: at the end of a thread's body, and also while a panic
 /// unwinds it. The panic still reaches the joiner (`JoinHandle::join` returns it).
 struct OnExit<F: FnMut()>(F);
@@ -180,13 +190,7 @@ fn publish(
     events: &Events,
     shutdown: &Shutdown,
 ) {
-    // At shutdown the link simply closes; otherwise (a panic) it is an outage.
-    let _down = OnExit(|| match shutdown.is_triggered() {
-        true => backplane.leave(Side::Publisher),
-        false => {
-            backplane.set_side(Side::Publisher, false);
-        }
-    });
+    let _down = OnExit(|| side_down(backplane, Side::Publisher, shutdown));
     let mut link = PublisherLink::new();
     while !shutdown.is_triggered() {
         link.reconnect_if_due(client, backplane, events);
@@ -505,12 +509,7 @@ fn subscribe(
     local: &Local,
     shutdown: &Shutdown,
 ) {
-    let _down = OnExit(|| match shutdown.is_triggered() {
-        true => backplane.leave(Side::Subscriber),
-        false => {
-            backplane.set_side(Side::Subscriber, false);
-        }
-    });
+    let _down = OnExit(|| side_down(backplane, Side::Subscriber, shutdown));
     let mut reconnect = Backoff::new("subscriber");
     let mut origins = Origins::default();
     while !shutdown.is_triggered() {
@@ -542,11 +541,7 @@ fn subscribe(
                 shutdown,
             )
         });
-        if shutdown.is_triggered() {
-            backplane.leave(Side::Subscriber);
-        } else {
-            backplane.set_side(Side::Subscriber, false);
-        }
+        side_down(backplane, Side::Subscriber, shutdown);
         // What this connection has not brought back it never will: deliver it here, in order.
         backplane.deliver_all(events);
         if !shutdown.is_triggered() {

@@ -28,32 +28,14 @@ fn redis_config(redis: &RedisServer) -> Config {
     }
 }
 
-fn health(server: &TestServer) -> String {
-    http(server.addr, "GET", "/healthz", &[], b"").text()
-}
-
 /// Starts an instance and waits until its link is up (publisher and subscriber connected).
 fn instance(config: Config) -> TestServer {
-    let server = start(config);
-    assert!(
-        wait_until(LINK_WAIT, || health(&server) == "ok\n"),
-        "link never came up: {}",
-        health(&server)
-    );
-    server
+    start_linked(config)
 }
 
-/// The value of one sample on `/metrics`, named as it appears there: `name` or
-/// `name{reason="..."}`.
+/// One sample on `/metrics` (redis_config sets an API token, and with one /metrics needs it).
 fn metric(server: &TestServer, sample: &str) -> u64 {
-    // redis_config sets an API token, and with one /metrics needs it.
-    let auth = [("Authorization", "Bearer secret")];
-    let page = http(server.addr, "GET", "/metrics", &auth, b"").text();
-    page.lines()
-        .find_map(|line| line.strip_prefix(&format!("{sample} ")))
-        .unwrap_or_else(|| panic!("no {sample} in /metrics"))
-        .parse()
-        .unwrap()
+    metric_sample(server, "secret", sample)
 }
 
 /// The cluster-wide member count of `room`, as `/api/rooms/<room>` reports it.

@@ -47,19 +47,9 @@ fn cluster_config(redis: &RedisServer) -> Config {
     }
 }
 
-fn health(server: &TestServer) -> String {
-    http(server.addr, "GET", "/healthz", &[], b"").text()
-}
-
 /// Starts an instance and waits until its link is up (so its subscriber listens).
 fn instance(redis: &RedisServer) -> TestServer {
-    let server = start(cluster_config(redis));
-    assert!(
-        wait_until(LINK_WAIT, || health(&server) == "ok\n"),
-        "link never came up: {}",
-        health(&server)
-    );
-    server
+    start_linked(cluster_config(redis))
 }
 
 /// `POST /api/rooms/<room>/disconnect` with `body`; the status and the body.
@@ -102,22 +92,8 @@ fn room_details(server: &TestServer, room: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
-/// The value of one sample on `/metrics`.
 fn metric(server: &TestServer, sample: &str) -> u64 {
-    let bearer = format!("Bearer {API_TOKEN}");
-    let page = http(
-        server.addr,
-        "GET",
-        "/metrics",
-        &[("Authorization", bearer.as_str())],
-        b"",
-    )
-    .text();
-    page.lines()
-        .find_map(|line| line.strip_prefix(&format!("{sample} ")))
-        .unwrap_or_else(|| panic!("no {sample} in /metrics"))
-        .parse()
-        .unwrap()
+    metric_sample(server, API_TOKEN, sample)
 }
 
 /// Waits until the `clients` of `room` on every one of `servers` is `clients`: each has heard

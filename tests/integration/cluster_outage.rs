@@ -137,18 +137,8 @@ fn config(url: String) -> Config {
     }
 }
 
-fn health(server: &TestServer) -> String {
-    http(server.addr, "GET", "/healthz", &[], b"").text()
-}
-
 fn linked(config: Config) -> TestServer {
-    let server = start(config);
-    assert!(
-        wait_until(LINK_WAIT, || health(&server) == "ok\n"),
-        "link never came up: {}",
-        health(&server)
-    );
-    server
+    start_linked(config)
 }
 
 fn seq_of(frame: &Value) -> u64 {
@@ -160,20 +150,7 @@ fn messages(client: &mut V1Client, n: usize) -> Vec<Value> {
 }
 
 fn metric(server: &TestServer, sample: &str) -> u64 {
-    let bearer = format!("Bearer {API_TOKEN}");
-    let page = http(
-        server.addr,
-        "GET",
-        "/metrics",
-        &[("Authorization", bearer.as_str())],
-        b"",
-    )
-    .text();
-    page.lines()
-        .find_map(|line| line.strip_prefix(&format!("{sample} ")))
-        .unwrap_or_else(|| panic!("no {sample} in /metrics"))
-        .parse()
-        .unwrap()
+    metric_sample(server, API_TOKEN, sample)
 }
 
 /// While B cannot reach Redis it cannot know how far the room has gone: a resume there is

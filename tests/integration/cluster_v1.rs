@@ -43,35 +43,17 @@ fn cluster_config(redis: &RedisServer) -> Config {
     }
 }
 
-fn health(server: &TestServer) -> String {
-    http(server.addr, "GET", "/healthz", &[], b"").text()
-}
-
 /// Starts an instance and waits until its link is up (publisher and subscriber connected).
 fn instance(redis: &RedisServer) -> TestServer {
-    let server = start(cluster_config(redis));
-    assert!(
-        wait_until(LINK_WAIT, || health(&server) == "ok\n"),
-        "link never came up: {}",
-        health(&server)
-    );
-    server
+    start_linked(cluster_config(redis))
 }
 
 fn bearer() -> String {
     format!("Bearer {API_TOKEN}")
 }
 
-/// The value of one sample on `/metrics`: `name` or `name{reason="..."}`.
 fn metric(server: &TestServer, sample: &str) -> u64 {
-    let bearer = bearer();
-    let auth = [("Authorization", bearer.as_str())];
-    let page = http(server.addr, "GET", "/metrics", &auth, b"").text();
-    page.lines()
-        .find_map(|line| line.strip_prefix(&format!("{sample} ")))
-        .unwrap_or_else(|| panic!("no {sample} in /metrics"))
-        .parse()
-        .unwrap()
+    metric_sample(server, API_TOKEN, sample)
 }
 
 const MALFORMED: &str = r#"roomcast_redis_dropped_total{reason="malformed"}"#;

@@ -874,3 +874,43 @@ pub fn response_head(addr: SocketAddr, request: &str) -> String {
     }
     String::from_utf8_lossy(&head).into_owned()
 }
+
+/// `/healthz`'s body: `ok`, or what is degraded.
+pub fn health(server: &TestServer) -> String {
+    http(server.addr, "GET", "/healthz", &[], b"").text()
+}
+
+/// How long a Redis link may take to come up, go down or come back (reconnect backoff peaks
+/// at 5 s).
+pub const REDIS_LINK_WAIT: Duration = Duration::from_secs(20);
+
+/// Starts an instance with `--redis` and waits until its link is up (publisher and
+/// subscriber connected).
+pub fn start_linked(config: Config) -> TestServer {
+    let server = start(config);
+    assert!(
+        wait_until(REDIS_LINK_WAIT, || health(&server) == "ok\n"),
+        "link never came up: {}",
+        health(&server)
+    );
+    server
+}
+
+/// The value of one sample on `/metrics` (named as it appears there: `name` or
+/// `name{reason="..."}`), fetched with the API token `api_token`.
+pub fn metric_sample(server: &TestServer, api_token: &str, sample: &str) -> u64 {
+    let bearer = format!("Bearer {api_token}");
+    let page = http(
+        server.addr,
+        "GET",
+        "/metrics",
+        &[("Authorization", bearer.as_str())],
+        b"",
+    )
+    .text();
+    page.lines()
+        .find_map(|line| line.strip_prefix(&format!("{sample} ")))
+        .unwrap_or_else(|| panic!("no {sample} in /metrics"))
+        .parse()
+        .unwrap()
+}
