@@ -891,6 +891,26 @@ fn decode_bytes(wire: Bytes) -> Option<Decoded> {
     })
 }
 
+/// Bounds of the history bytes one snapshot carries. Redis closes a subscriber whose output
+/// buffer passes 32 MiB (8 MiB for a minute) by default.
+const MIN_SNAPSHOT_BYTES: usize = 256 * 1024;
+const MAX_SNAPSHOT_BYTES: usize = 4 * 1024 * 1024;
+/// History bytes all the snapshots in flight carry at most, together: well under the 8 MiB
+/// Redis lets a subscriber's buffer hold for long.
+const SNAPSHOT_BYTES_IN_FLIGHT: usize = 4 * 1024 * 1024;
+
+/// History bytes a snapshot carries at most: what a welcome here can show (half an outbox),
+/// within the bounds above.
+pub fn snapshot_bytes(config: &crate::Config) -> usize {
+    (config.effective_outbox_bytes() / 2).clamp(MIN_SNAPSHOT_BYTES, MAX_SNAPSHOT_BYTES)
+}
+
+/// Snapshots one instance has in flight at most: 1 to 8, as many as fit
+/// `SNAPSHOT_BYTES_IN_FLIGHT`.
+pub fn snapshots_in_flight(config: &crate::Config) -> usize {
+    (SNAPSHOT_BYTES_IN_FLIGHT / snapshot_bytes(config)).clamp(1, 8)
+}
+
 /// The longest header before the first newline in the formats the sequencing script
 /// publishes (an epoch and four numbers, or a room name: 128 bytes at most).
 const MAX_SCRIPT_HEADER: usize = 256;

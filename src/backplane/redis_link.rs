@@ -225,10 +225,13 @@ fn publish(
             .filter(|_| backplane.is_up())
             .map(|script| Pipeline::for_batch(backplane, settings, script, &batch));
         backplane.hold(batch);
+        let published = pipeline.is_some();
         if let Some(pipeline) = pipeline {
             link.publish(client, backplane, &pipeline);
         }
-        if !backplane.is_up() {
+        // A batch Redis never saw (the link was down as it was taken, even if it came up
+        // since) is this instance's to deliver, as is any once the link is down.
+        if !published || !backplane.is_up() {
             backplane.deliver_all(events);
         }
     }
@@ -359,11 +362,6 @@ impl PublisherLink {
     }
 }
 
-/// Bounds of the history bytes one snapshot carries. Redis closes a subscriber whose output
-/// buffer passes 32 MiB (8 MiB for a minute) by default; several snapshots in flight at once
-/// stay well under that.
-const MIN_SNAPSHOT_BYTES: usize = 256 * 1024;
-const MAX_SNAPSHOT_BYTES: usize = 4 * 1024 * 1024;
 /// The sequencing script (see its header): one run per batch.
 const SEQUENCE_SCRIPT: &str = include_str!("sequence.lua");
 
@@ -480,8 +478,7 @@ impl ScriptSettings {
             },
             history_ttl_ms: ms(config.history_ttl),
             room_ttl_ms: ms(config.room_ttl),
-            snapshot_bytes: (config.effective_outbox_bytes() / 2)
-                .clamp(MIN_SNAPSHOT_BYTES, MAX_SNAPSHOT_BYTES),
+            snapshot_bytes: backplane::snapshot_bytes(config),
         }
     }
 }

@@ -70,11 +70,7 @@ const SHARED_PAYLOAD_BYTES: usize = 4096;
 /// this instance has. Redis answers in a round trip; this is for a Redis that stopped
 /// answering without the link noticing yet.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
-/// Snapshots asked for and not yet arrived, at most. Each carries up to a welcome's worth of
-/// history, and all of them land in this instance's subscriber buffer in Redis at once: a few
-/// MiB, well under the 8 MiB Redis lets a subscriber hold for long. The next goes as one
-/// arrives, so a thousand rooms re-sync in a few hundred round trips.
-const MAX_SNAPSHOTS_IN_FLIGHT: usize = 8;
+
 /// How often backlogged clients are retried. Short, because a healthy client that briefly
 /// filled its socket buffer should not wait long; long enough that a thousand stalled clients
 /// cost a thousand failing `sendmsg` calls 100 times a second, not once per batch.
@@ -196,14 +192,25 @@ enum Source {
 struct PendingSync {
     /// When they are answered from what this instance has, snapshot or not.
     deadline: Instant,
-    /// Whether the snapshot has been asked for (at most `MAX_SNAPSHOTS_IN_FLIGHT` are at
-    /// once; the rest wait their turn in `Broadcaster::sync_queue`).
+    /// Whether the snapshot has been asked for (at most `backplane::snapshots_in_flight` are
+    /// at once; the rest wait their turn in `Broadcaster::sync_queue`).
     requested: bool,
     /// A join's snapshot creates the room's state in Redis; a history request's or a
     /// catch-up's does not.
     create: bool,
     welcomes: Vec<(Arc<Client>, Option<Resume>)>,
+    /// Frames for parked clients (`error` replies), sent after their welcomes.
+    replies: Vec<(Arc<Client>, Bytes)>,
     waiters: Vec<Sender<()>>,
+}
+
+impl PendingSync {
+    /// Whether its deadline counts: once asked for, or while someone waits. A catch-up
+    /// nobody waits for (see `Broadcaster::stream_broken`) waits its turn in line however
+    /// long it takes: its clock starts when it is asked for.
+    fn can_be_overdue(&self) -> bool {
+        self.requested || !self.welcomes.is_empty() || !self.waiters.is_empty()
+    }
 }
 
 /// A room's join history as last encoded, and what it depends on.
@@ -513,7 +520,13 @@ impl Broadcaster {
             if let Some(taps) = self.taps_due {
                 due = due.min(taps);
             }
-            if let Some(deadline) = self.syncs.values().map(|p| p.deadline).min() {
+            if let Some(deadline) = self
+                .syncs
+                .values()
+                .filter(|p| p.can_be_overdue())
+                .map(|p| p.deadline)
+                .min()
+            {
                 due = due.min(deadline);
             }
             let wait = due.saturating_duration_since(Instant::now());
@@ -616,6 +629,18 @@ impl Broadcaster {
             }
             Event::Backlogged(client) => self.backlog.push(client),
             Event::Reply { client, frame } => {
+                // A client waiting for its welcome (its room's snapshot) gets the reply after it.
+                let parked = self.syncs.get_mut(&client.room).filter(|pending| {
+                    !client.is_welcomed()
+                        && pending
+                            .welcomes
+                            .iter()
+                            .any(|(c, _)| Arc::ptr_eq(c, &client))
+                });
+                if let Some(pending) = parked {
+                    pending.replies.push((client, frame));
+                    return;
+                }
                 self.fan_out(&client.room);
                 if let Push::Queued { .. } = client.queue_or_evict(frame) {
                     self.dirty.push(client);
@@ -941,6 +966,10 @@ impl Broadcaster {
         self.queue_sync(name, create);
         let pending = self.syncs.get_mut(name).expect("queued above if missing");
         pending.create |= create;
+        if !pending.can_be_overdue() {
+            // A catch-up waiting its turn: the clock starts for this join now.
+            pending.deadline = Instant::now() + SNAPSHOT_WAIT;
+        }
         match what {
             Parked::Welcome(client, resume) => pending.welcomes.push((client, resume)),
             Parked::Waiter(done) => pending.waiters.push(done),
@@ -958,6 +987,7 @@ impl Broadcaster {
                     requested: false,
                     create,
                     welcomes: Vec::new(),
+                    replies: Vec::new(),
                     waiters: Vec::new(),
                 },
             );
@@ -972,7 +1002,12 @@ impl Broadcaster {
         let Some(backplane) = self.backplane.clone() else {
             return;
         };
-        while self.snapshots_in_flight < MAX_SNAPSHOTS_IN_FLIGHT && backplane.is_up() {
+        // Each carries up to a welcome's worth of history, and all of them can land in this
+        // instance's subscriber buffer in Redis at once: bounded in bytes
+        // (`backplane::snapshots_in_flight`). The next goes as one arrives, so a thousand
+        // rooms re-sync in a few hundred round trips.
+        let most = crate::backplane::snapshots_in_flight(&self.config);
+        while self.snapshots_in_flight < most && backplane.is_up() {
             let Some(name) = self.sync_queue.pop_front() else {
                 return;
             };
@@ -1000,6 +1035,12 @@ impl Broadcaster {
     /// Redis's as of this point of the room's stream, and the joins waiting for it are
     /// answered.
     fn snapshot_arrived(&mut self, name: Arc<str>, snapshot: Option<Snapshot>) {
+        if snapshot.is_none() {
+            // Redis has no state for the room (or could not answer): nothing to catch up from.
+            if let Some(room) = self.rooms.get_mut(&name) {
+                room.seen_before_break = None;
+            }
+        }
         if let Some(snapshot) = snapshot {
             let (limit, ttl) = (self.history_limit(), self.config.history_ttl);
             let room = self.room(&name, Instant::now());
@@ -1121,6 +1162,11 @@ impl Broadcaster {
         for (client, resume) in pending.welcomes {
             self.welcome_now(client, resume);
         }
+        for (client, frame) in pending.replies {
+            if let Push::Queued { .. } = client.queue_or_evict(frame) {
+                self.dirty.push(client);
+            }
+        }
         for done in pending.waiters {
             let _ = done.send(());
         }
@@ -1132,13 +1178,18 @@ impl Broadcaster {
         let overdue: Vec<Arc<str>> = self
             .syncs
             .iter()
-            .filter(|(_, pending)| now >= pending.deadline)
+            .filter(|(_, pending)| pending.can_be_overdue() && now >= pending.deadline)
             .map(|(name, _)| name.clone())
             .collect();
+        if overdue.is_empty() {
+            return;
+        }
         for name in overdue {
             self.stats.snapshots_missed.fetch_add(1, Ordering::Relaxed);
             self.answer_sync(&name);
         }
+        // Catch-ups whose snapshot did not come get in line again.
+        self.link_up();
     }
 
     /// A room's counts here, plus, with Redis, the other instances' as of their last
@@ -1176,17 +1227,15 @@ impl Broadcaster {
         let link_down = self.backplane.as_ref().is_some_and(|b| !b.is_up());
         let room = self.room(name, Instant::now());
         let mut totals = totals;
-        if link_down {
-            // This instance's own taps wait to be summed (see `react`): they still count here.
-            for (key, taps) in &room.taps {
-                *totals.entry(key.clone()).or_default() += taps;
-            }
-            if room.source == Source::Own {
-                // Numbered here until this instance can publish again (see `gather`): the
-                // totals are news, the epoch they come with is not yet this room's.
-                room.state.reactions.lock().set_totals(totals);
-                return;
-            }
+        // This instance's taps not yet sent to Redis (see `react`) still count here.
+        for (key, taps) in &room.taps {
+            *totals.entry(key.clone()).or_default() += taps;
+        }
+        if link_down && room.source == Source::Own {
+            // Numbered here until this instance can publish again (see `gather`): the totals
+            // are news, the epoch they come with is not yet this room's.
+            room.state.reactions.lock().set_totals(totals);
+            return;
         }
         let adopted = room.source == Source::Own || *room.state.epoch() != *epoch;
         if adopted {
