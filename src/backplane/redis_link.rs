@@ -204,14 +204,14 @@ fn publish(
             // would only grow the ledger: the queue fills and drops instead. A marker still
             // goes out, so held events Redis will never bring back (it lost them) are
             // released when the marker returns, rather than parking the publisher for good.
-            link.keep_alive(backplane);
+            link.keep_alive(client, backplane);
             backplane.wait_for_ledger_room(POLL);
             continue;
         }
         let first = match outgoing.recv_timeout(POLL) {
             Ok(event) => event,
             Err(RecvTimeoutError::Timeout) => {
-                link.keep_alive(backplane);
+                link.keep_alive(client, backplane);
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -341,20 +341,34 @@ impl PublisherLink {
     /// cannot, as far as we know: this is a safety net). Otherwise an idle connection is
     /// pinged, so a Redis that went away is noticed (and reported) now rather than when the
     /// next message fails.
-    fn keep_alive(&mut self, backplane: &Backplane) {
+    ///
+    /// Like a batch, a command that fails on a connection Redis closed since its last use (a
+    /// Redis restarted while this connection sat idle) is tried once on a fresh one before
+    /// the link counts as down.
+    fn keep_alive(&mut self, client: &Client, backplane: &Backplane) {
         let Some(con) = self.con.as_mut() else {
             return;
         };
-        let result = if backplane.is_up() && backplane.held() > 0 {
-            redis::cmd("PUBLISH")
+        let command = if backplane.is_up() && backplane.held() > 0 {
+            let mut marker = redis::cmd("PUBLISH");
+            marker
                 .arg(backplane.control_channel())
-                .arg(backplane::encode_marker(backplane.last_numbered()))
-                .exec(con)
+                .arg(backplane::encode_marker(backplane.last_numbered()));
+            marker
         } else if self.last_reply.elapsed() >= backplane.heartbeat {
-            redis::cmd("PING").exec(con)
+            redis::cmd("PING")
         } else {
             return;
         };
+        let result = command.exec(con).or_else(|err| {
+            if err.is_timeout() {
+                return Err(err);
+            }
+            let mut fresh = connect(client)?;
+            command.exec(&mut fresh)?;
+            *con = fresh;
+            Ok(())
+        });
         match result {
             Ok(()) => self.last_reply = Instant::now(),
             Err(err) => self.failed(&err, backplane),

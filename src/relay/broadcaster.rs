@@ -198,6 +198,8 @@ struct PendingSync {
     /// A join's snapshot creates the room's state in Redis; a history request's or a
     /// catch-up's does not.
     create: bool,
+    /// Whether the request on its way is a join's (it creates the state).
+    requested_create: bool,
     welcomes: Vec<(Arc<Client>, Option<Resume>)>,
     /// Frames for parked clients (`error` replies), sent after their welcomes.
     replies: Vec<(Arc<Client>, Bytes)>,
@@ -986,6 +988,7 @@ impl Broadcaster {
                     deadline: Instant::now() + SNAPSHOT_WAIT,
                     requested: false,
                     create,
+                    requested_create: false,
                     welcomes: Vec::new(),
                     replies: Vec::new(),
                     waiters: Vec::new(),
@@ -1023,6 +1026,7 @@ impl Broadcaster {
                 return;
             }
             pending.requested = true;
+            pending.requested_create = pending.create;
             pending.deadline = Instant::now() + SNAPSHOT_WAIT;
             self.snapshots_in_flight += 1;
             self.stats
@@ -1035,6 +1039,9 @@ impl Broadcaster {
     /// Redis's as of this point of the room's stream, and the joins waiting for it are
     /// answered.
     fn snapshot_arrived(&mut self, name: Arc<str>, snapshot: Option<Snapshot>) {
+        if snapshot.is_none() && self.retry_as_join(&name) {
+            return;
+        }
         if snapshot.is_none() {
             // Redis has no state for the room (or could not answer): nothing to catch up from.
             if let Some(room) = self.rooms.get_mut(&name) {
@@ -1149,6 +1156,26 @@ impl Broadcaster {
                 debug!("room {name}: redis went back in time; asked for a new epoch");
             }
         }
+    }
+
+    /// A request that creates no state (a catch-up's, a history request's) came back empty
+    /// while a join had come to wait for it: the join's request, which does create the room's
+    /// state in Redis, is asked for instead. Returns whether it was.
+    fn retry_as_join(&mut self, name: &str) -> bool {
+        let Some((name, pending)) = self.syncs.get_key_value(name) else {
+            return false;
+        };
+        if !pending.requested || pending.requested_create || !pending.create {
+            return false;
+        }
+        let name = name.clone();
+        let pending = self.syncs.get_mut(&name).expect("found above");
+        pending.requested = false;
+        pending.deadline = Instant::now() + SNAPSHOT_WAIT;
+        self.snapshots_in_flight -= 1;
+        self.sync_queue.push_front(name);
+        self.request_snapshots();
+        true
     }
 
     /// Answers what waits for `name`'s snapshot, from what this instance has now.

@@ -784,5 +784,10 @@ fn the_welcome_comes_before_the_error_even_when_the_join_waits_for_a_snapshot() 
             "attempt {attempt}"
         );
     }
-    assert!(metric(&server, r#"roomcast_room_snapshots_total{reason="requested"}"#) >= 10);
+    assert!(
+        metric(
+            &server,
+            r#"roomcast_room_snapshots_total{reason="requested"}"#
+        ) >= 10
+    );
 }
