@@ -914,3 +914,40 @@ pub fn metric_sample(server: &TestServer, api_token: &str, sample: &str) -> u64 
         .parse()
         .unwrap()
 }
+
+/// Upgrades to roomcast.v1 on `path` with `text` sent in the same write as the request, and
+/// returns the first `count` JSON frames the server sends, presence and reactions frames left
+/// out (they may come between any two others).
+pub fn v1_frames_after_upgrade_with(
+    addr: SocketAddr,
+    path: &str,
+    text: &[u8],
+    count: usize,
+) -> Vec<serde_json::Value> {
+    let mut request = upgrade_request(path);
+    request.insert_str(request.len() - 2, "Sec-WebSocket-Protocol: roomcast.v1\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend(client_frame(true, 0, 0x1, text, true));
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    stream.write_all(&bytes).unwrap();
+    let mut received = Vec::new();
+    loop {
+        let mut buf = [0u8; 4096];
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early");
+        received.extend_from_slice(&buf[..n]);
+        let Some(head) = received.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let frames: Vec<serde_json::Value> = parse_frames(&received[head + 4..])
+            .into_iter()
+            .filter(|f| f.opcode == 0x1)
+            .map(|f| serde_json::from_slice::<serde_json::Value>(&f.payload).unwrap())
+            .filter(|f| !matches!(f["type"].as_str(), Some("presence" | "reactions")))
+            .collect();
+        if frames.len() >= count {
+            return frames;
+        }
+    }
+}

@@ -258,37 +258,9 @@ fn deeply_nested_data_is_refused_and_does_not_overflow_a_connection_threads_stac
 /// together with its upgrade: the error reply goes through the broadcaster, behind it.
 #[test]
 fn the_welcome_comes_before_the_error_for_a_frame_sent_with_the_upgrade() {
-    use std::io::{Read, Write};
     let server = start(test_config());
     for attempt in 0..30 {
-        let mut request = upgrade_request("/ws/r");
-        request.insert_str(request.len() - 2, "Sec-WebSocket-Protocol: roomcast.v1\r\n");
-        let mut bytes = request.into_bytes();
-        bytes.extend(client_frame(true, 0, 0x1, br#"{"type":"nope"}"#, true));
-        let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
-        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-        stream.write_all(&bytes).unwrap();
-        let mut received = Vec::new();
-        let texts = loop {
-            let mut buf = [0u8; 4096];
-            let n = stream.read(&mut buf).unwrap();
-            assert!(n > 0, "closed early");
-            received.extend_from_slice(&buf[..n]);
-            let Some(head) = received.windows(4).position(|w| w == b"\r\n\r\n") else {
-                continue;
-            };
-            // Presence and reactions frames may come between: the order asked of is the
-            // welcome's and the error's.
-            let frames: Vec<serde_json::Value> = parse_frames(&received[head + 4..])
-                .into_iter()
-                .filter(|f| f.opcode == 0x1)
-                .map(|f| serde_json::from_slice::<serde_json::Value>(&f.payload).unwrap())
-                .filter(|f| !matches!(f["type"].as_str(), Some("presence" | "reactions")))
-                .collect();
-            if frames.len() >= 2 {
-                break frames;
-            }
-        };
+        let texts = v1_frames_after_upgrade_with(server.addr, "/ws/r", br#"{"type":"nope"}"#, 2);
         let (first, second) = (&texts[0], &texts[1]);
         assert_eq!(
             (first["type"].as_str(), second["type"].as_str()),
