@@ -688,7 +688,7 @@ fn forward_stamped(
         kind: decoded.kind,
         payload: decoded.payload,
         from: decoded.from,
-        order: Order::Redis(stamp),
+        order: Order::Redis(Box::new(stamp)),
     };
     if sequence.origin == backplane.origin {
         match backplane.deliver_through(sequence.seq, Some(Arrival::Message(message)), events) {

@@ -133,8 +133,9 @@ pub enum Order {
     #[default]
     Here,
     /// Redis numbered it (`backplane`'s sequencing script): every instance shows the same
-    /// `seq` and `ts` for it.
-    Redis(Stamp),
+    /// `seq` and `ts` for it. Boxed: every event on the broadcaster's channel is as large as
+    /// its largest kind, and a message without Redis should not pay for the stamp.
+    Redis(Box<Stamp>),
     /// Published to Redis by something other than roomcast, outside any room's sequence: plain
     /// members get it as always, v1 members cannot (a v1 `message` needs a `seq`).
     Unsequenced,
@@ -1956,11 +1957,11 @@ mod tests {
 
     fn stamped(epoch: &str, seq: u64) -> Message {
         Message {
-            order: Order::Redis(Stamp {
+            order: Order::Redis(Box::new(Stamp {
                 epoch: epoch.into(),
                 seq,
                 ts_ms: 1_764_230_000_000 + seq,
-            }),
+            })),
             ..text("r")
         }
     }
